@@ -1,0 +1,101 @@
+"""The `alignkit` command: main(argv) -> exit status. Heavy libraries are imported inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+RUN_EXAMPLES = """examples:
+  alignkit run recipes/tiny.yaml
+  alignkit run recipes/tiny.yaml output_dir=/tmp/run stages.ppo.trainer.learning_rate=1e-5
+  alignkit run recipes/tiny.yaml --only reward      # just the reward stage (its upstream must exist)
+  alignkit run recipes/tiny.yaml --from reward      # reward and everything after it
+  alignkit run recipes/tiny.yaml --force            # retrain even the stages that are up to date
+
+A stage whose config, data and upstream stages are unchanged is reused; an interrupted pretrain, sft or reward
+stage resumes from its last checkpoint when the same command runs again."""
+
+VALIDATE_EXAMPLES = """examples:
+  alignkit validate recipes/tiny.yaml
+  alignkit validate recipes/tiny.yaml stages.sft.trainer.learning_rate=2e-5
+
+Checks the recipe with the same loader as `run` (every trainer block against TRL's config class) and reads every
+stage's local dataset; loads no model and downloads nothing."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .recipe import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="alignkit", description="Pretrain -> SFT -> reward model -> PPO from one YAML recipe, on Hugging Face TRL.",
+        epilog="run 'alignkit COMMAND --help' for a command's options and examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a recipe's stages", epilog=RUN_EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Run the recipe's stages in order, reusing those that are up to date.")
+    run.add_argument("recipe", help="the recipe YAML file")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key by its dotted path")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--only", choices=STAGES, metavar="STAGE", help="run this stage alone")
+    which.add_argument("--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the later ones")
+    run.add_argument("--force", action="store_true", help="retrain the chosen stages even if they are up to date")
+
+    validate = commands.add_parser("validate", help="check a recipe and its data without training",
+                                   epilog=VALIDATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Check a recipe as `run` would, without loading any model.")
+    validate.add_argument("recipe", help="the recipe YAML file")
+    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key by its dotted path")
+    return parser
+
+
+def cmd_run(args) -> int:
+    from . import pipeline
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = pipeline.run(recipe, only=args.only, start=args.start, force=args.force)
+    for stage, info in summary.items():
+        print(f"{stage:9s} {info['status']:8s} {info['seconds']:8.1f}s  {os.path.join(recipe.output_dir, stage)}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from . import pipeline
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    pipeline.check_data(recipe, list(recipe.stages))
+    print(f"{args.recipe}: ok ({' -> '.join(recipe.stages)}; output in {recipe.output_dir})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return {"run": cmd_run, "validate": cmd_validate}[args.command](args)
+    except UserError as e:
+        print(f"alignkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alignkit: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Keep TRL's and transformers' advisory chatter out of the way of alignkit's own log lines."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*experimental.*", category=UserWarning)

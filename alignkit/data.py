@@ -1,0 +1,292 @@
+"""Datasets: read local files or Hub datasets, convert the formats people have into TRL's, check every row.
+
+Each stage gets rows in one of TRL's formats, plain or conversational:
+  pretrain: text;  sft: text | prompt+completion | messages;  reward: [prompt+]chosen+rejected;  ppo: prompt.
+Converters turn Alpaca (instruction/input/output), ShareGPT (conversations of from/value) and Anthropic HH
+transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") into those. Errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+from .errors import DataError
+from .recipe import DATA_SUFFIXES, Dataset as DatasetSpec, Recipe
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+NEEDS = {
+    "pretrain": "a 'text' column",
+    "sft": "'messages', 'prompt' and 'completion', or 'text' columns, or Alpaca / ShareGPT data",
+    "reward": "'chosen' and 'rejected' columns (with an optional 'prompt'), or Anthropic HH transcripts",
+    "ppo": "a 'prompt' column, or 'messages', Alpaca, ShareGPT or HH data to take the prompts from",
+}
+
+
+def load(spec: DatasetSpec, stage: str, recipe: Recipe):
+    """The stage's dataset as a `datasets.Dataset` in TRL's format for that stage, every row checked."""
+    ds, locate = _read(spec, recipe)
+    if spec.max_rows is not None:
+        ds = ds.select(range(min(spec.max_rows, len(ds))))
+    for want, have in spec.columns.items():
+        if have not in ds.column_names:
+            raise DataError(f"{locate(None)}: stages.{stage}.dataset.columns.{want}: no column {have!r}; "
+                            f"the columns are {', '.join(ds.column_names)}")
+        if want in ds.column_names and want != have:
+            ds = ds.remove_columns(want)
+        ds = ds.rename_column(have, want)
+    if len(ds) == 0:
+        raise DataError(f"{locate(None)}: no rows")
+    fmt = spec.format if spec.format != "auto" else detect_format(ds.column_names, ds[0])
+
+    def convert(row, i):
+        try:
+            return shape_for_stage(stage, convert_row(row, fmt))
+        except DataError as e:
+            raise DataError(f"{locate(i)}: {e}") from None
+
+    out = ds.map(convert, with_indices=True, remove_columns=ds.column_names, load_from_cache_file=False,
+                 desc=f"{stage}: checking {fmt} rows")
+    return out
+
+
+def _read(spec: DatasetSpec, recipe: Recipe):
+    """Load rows and return (dataset, locate) where locate(i) names the file and line of row i."""
+    import datasets
+
+    local = recipe.resolve(spec.path)
+    if local.is_file():
+        kind = DATA_SUFFIXES.get(local.suffix)
+        if kind is None:
+            raise DataError(f"{spec.path}: unsupported file type {local.suffix!r}; use "
+                            f"{', '.join(DATA_SUFFIXES)}")
+        if kind == "json":
+            rows, lines = _read_json(local, spec.path)
+            try:
+                ds = datasets.Dataset.from_list(rows)
+            except Exception as e:  # pyarrow refuses mixed types across rows
+                raise DataError(f"{spec.path}: the rows do not share one shape ({e}); a column must hold the same "
+                                "kind of value (text, or a list of messages) in every row") from None
+            return ds, lambda i: spec.path if i is None else f"{spec.path}:{lines[i]}"
+        ds = datasets.Dataset.from_csv(str(local)) if kind == "csv" else datasets.Dataset.from_parquet(str(local))
+        if kind == "csv":
+            return ds, lambda i: spec.path if i is None else f"{spec.path}:{i + 2}"
+        return ds, lambda i: spec.path if i is None else f"{spec.path}: row {i + 1}"
+    try:
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
+    except Exception as e:
+        raise DataError(f"{spec.path}: cannot load this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "check the id and split, your network (HF_HUB_OFFLINE), or point dataset.path at a "
+                        "local file") from None
+    return ds, lambda i: f"{spec.path} [{spec.split}]" + ("" if i is None else f" row {i}")
+
+
+def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
+    """Rows of a JSON Lines file or a JSON array, with the line each row starts on."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{shown}:{e.lineno}: not valid JSON: {e.msg}") from None
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(f"{shown}: element {i + 1} of the array is {type(row).__name__}, expected an object")
+        return data, _array_lines(text, len(data))
+    rows, lines = [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{shown}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be one "
+                            "JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{shown}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        lines.append(n)
+    return rows, lines
+
+
+def _array_lines(text: str, count: int) -> list[int]:
+    """Line on which each top-level object of a JSON array starts (best effort; the row number otherwise)."""
+    decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
+    for _ in range(count):
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = decoder.raw_decode(text, pos)
+    return lines
+
+
+def detect_format(columns: list[str], first: dict) -> str:
+    cols = set(columns)
+    if "conversations" in cols:
+        return "sharegpt"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"chosen", "rejected"} <= cols and "prompt" not in cols and isinstance(first.get("chosen"), str) \
+            and HH_TURN.search(first["chosen"]):
+        return "hh"
+    return "trl"
+
+
+# --- converters: each takes one row and returns TRL-format columns ------------------------------------------------
+
+
+def convert_row(row: dict, fmt: str) -> dict:
+    if fmt == "alpaca":
+        return from_alpaca(row)
+    if fmt == "sharegpt":
+        return from_sharegpt(row)
+    if fmt == "hh":
+        return from_hh(row)
+    return {k: v for k, v in row.items() if k in ("text", "prompt", "completion", "messages", "chosen", "rejected")}
+
+
+def from_alpaca(row: dict) -> dict:
+    instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get("output")
+    if not isinstance(instruction, str) or not isinstance(output, str):
+        raise DataError("Alpaca rows need 'instruction' and 'output' text")
+    prompt = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
+    return {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": output}]}
+
+
+def from_sharegpt(row: dict) -> dict:
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError("ShareGPT rows need 'conversations': a list of {from, value}")
+    messages = []
+    for n, turn in enumerate(turns):
+        who = turn.get("from") if isinstance(turn, dict) else None
+        if who not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+            raise DataError(f"conversations[{n}]: expected {{from: human|gpt|system, value: text}}, got {turn!r}")
+        messages.append({"role": SHAREGPT_ROLES[who], "content": turn["value"]})
+    return {"messages": messages}
+
+
+def parse_hh(transcript: str) -> list[dict]:
+    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{user: hi}, {assistant: hello}]."""
+    parts = HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError("an HH transcript must start with '\\n\\nHuman: ' and alternate Human/Assistant turns")
+    return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+            for who, text in zip(parts[1::2], parts[2::2])]
+
+
+def from_hh(row: dict) -> dict:
+    chosen, rejected = parse_hh(row.get("chosen") or ""), parse_hh(row.get("rejected") or "")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise DataError("an HH transcript must end with an Assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError("'chosen' and 'rejected' differ before their last Assistant turn; HH pairs share the dialogue "
+                        "and differ only in the final answer")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+def shape_for_stage(stage: str, row: dict) -> dict:
+    """Pick and check the columns the stage's trainer takes; raise DataError naming what is missing."""
+    for key in ("prompt", "completion", "messages", "chosen", "rejected"):
+        if key in row and row[key] is not None:
+            _check_content(row[key], key)
+    has = {k for k, v in row.items() if v is not None}
+    if stage == "pretrain" and "text" in has:
+        return {"text": row["text"]}
+    if stage == "sft":
+        if "messages" in has:
+            return {"messages": row["messages"]}
+        if {"prompt", "completion"} <= has:
+            _same_kind(row, "prompt", "completion")
+            return {"prompt": row["prompt"], "completion": row["completion"]}
+        if {"prompt", "chosen"} <= has:  # comparisons: learn from the preferred answer
+            _same_kind(row, "prompt", "chosen")
+            return {"prompt": row["prompt"], "completion": row["chosen"]}
+        if "text" in has:
+            return {"text": row["text"]}
+    if stage == "reward" and {"chosen", "rejected"} <= has:
+        out = {"chosen": row["chosen"], "rejected": row["rejected"]}
+        _same_kind(row, "chosen", "rejected")
+        if "prompt" in has:
+            _same_kind(row, "prompt", "chosen")
+            out = {"prompt": row["prompt"], **out}
+        return out
+    if stage == "ppo":
+        if "prompt" in has:
+            return {"prompt": row["prompt"]}
+        if "messages" in has:
+            messages = row["messages"]
+            if messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+            if messages and messages[-1]["role"] == "user":
+                return {"prompt": messages}
+            raise DataError("'messages' has no user turn to use as a prompt")
+    raise DataError(f"the {stage} stage needs {NEEDS[stage]}; this row has {', '.join(sorted(has)) or 'nothing'}. "
+                    "Rename columns with dataset.columns, or set dataset.format")
+
+
+def _check_content(value, key: str) -> None:
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value:
+        raise DataError(f"'{key}' must be text or a non-empty list of messages, got {type(value).__name__}")
+    for n, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"'{key}'[{n}] must be {{role: system|user|assistant, content: text}}, got {m!r}")
+
+
+def _same_kind(row: dict, a: str, b: str) -> None:
+    if isinstance(row[a], str) != isinstance(row[b], str):
+        raise DataError(f"'{a}' and '{b}' must both be text or both be message lists")
+
+
+def is_conversational(row: dict) -> bool:
+    return any(isinstance(row.get(k), list) for k in ("prompt", "messages", "chosen"))
+
+
+# --- lengths and fingerprints ------------------------------------------------------------------------------------
+
+
+def render(row: dict, tokenizer, add_generation_prompt: bool = False) -> str:
+    """The text the model sees for a row: its columns joined, through the chat template when conversational."""
+    parts = [row[k] for k in ("prompt", "completion", "messages", "chosen") if row.get(k) is not None] or [row["text"]]
+    if isinstance(parts[0], list):
+        messages = [m for p in parts for m in p]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return "".join(parts)
+
+
+def check_lengths(ds, tokenizer, limit: int, stage: str, policy: str, what: str = "rows",
+                  measure: Callable[[dict], int] | None = None) -> int:
+    """Count rows longer than `limit` tokens; warn (policy 'truncate') or raise (policy 'error'). Returns the count."""
+    from .log import log
+
+    measure = measure or (lambda row: len(tokenizer(render(row, tokenizer), add_special_tokens=False).input_ids))
+    too_long = [i for i, row in enumerate(ds) if measure(row) > limit]
+    if too_long and policy == "error":
+        raise DataError(f"stages.{stage}: {len(too_long)} of {len(ds)} {what} are longer than {limit} tokens "
+                        f"(rows {', '.join(str(i + 1) for i in too_long[:5])}{', ...' if len(too_long) > 5 else ''}); "
+                        f"shorten them, or set stages.{stage}.overlength: truncate")
+    if too_long:
+        log(stage, f"warning: {len(too_long)} of {len(ds)} {what} are longer than {limit} tokens and are "
+                   f"{'dropped (a pair cut short compares answers that lost their ends)' if stage == 'reward' else 'truncated'}")
+    return len(too_long)
+
+
+def fingerprint(spec: DatasetSpec, recipe: Recipe) -> str:
+    """Content hash of a local file, or the Hub coordinates of a remote dataset."""
+    local = recipe.resolve(spec.path)
+    if local.is_file():
+        h = hashlib.sha256()
+        with open(local, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
+    return f"hub:{spec.path}:{spec.name}:{spec.split}:{spec.revision}"

@@ -1,0 +1,34 @@
+"""Errors caused by the user's input: the CLI prints them and exits with status 2, without a traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UserError(Exception):
+    """Bad input (recipe, data, missing upstream output): the message names where, what was expected, and the fix."""
+
+
+@dataclass
+class Problem:
+    key: str
+    message: str
+    where: str | None = None  # "line 12", "command line", or None before it is known
+
+
+class RecipeError(UserError):
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source, self.problems = source, problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        out = [f"{self.source}: {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}:"]
+        for p in self.problems:
+            where = f"{self.source}:{p.where.removeprefix('line ')}" if p.where and p.where.startswith("line") else (
+                p.where or self.source)
+            out.append(f"  {where}: {p.key + ': ' if p.key else ''}{p.message}")
+        return "\n".join(out)
+
+
+class DataError(UserError):
+    """A problem in a dataset file; the message starts with `file:line` where one is known."""

@@ -1,0 +1,155 @@
+"""Models and tokenizers: load or build them, fix GPT-2's pitfalls up front, LoRA / 4-bit settings, save outputs.
+
+GPT-2 has no pad token and no chat template. Padding with EOS hides EOS from the loss (the model never learns to stop),
+makes TRL's PPO read the reward before EOS, and makes it treat EOS as padding. So alignkit gives every tokenizer a pad
+token of its own and a chat template that ends each assistant turn with EOS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+from .log import log
+from .recipe import Recipe
+
+PAD_TOKEN = "<|pad|>"
+# Ends every assistant turn with EOS, and marks the answer for TRL's assistant_only_loss. A newline (not a space)
+# follows "Assistant:", so the prompt's tokens are a prefix of prompt + answer under byte-level BPE.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}\n\n"
+    "{%- elif message['role'] == 'user' -%}User: {{ message['content'] }}\n"
+    "{%- elif message['role'] == 'assistant' -%}Assistant:\n"
+    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:\n{%- endif -%}"
+)
+
+
+def _where(recipe: Recipe, path: str) -> str:
+    return str(recipe.resolve(path))
+
+
+def load_tokenizer(recipe: Recipe, source: str | None = None):
+    """The tokenizer of an upstream stage folder, or of the recipe's base model, with pad token and chat template."""
+    from transformers import AutoTokenizer
+
+    path = source or recipe.model.tokenizer or recipe.model.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_where(recipe, path), revision=None if source else recipe.model.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer {path!r}: {str(e).splitlines()[0]}\n"
+                        "  fix model.tokenizer / model.name_or_path (a local folder, or a Hub id reachable from here; "
+                        "HF_HUB_OFFLINE=1 forbids downloads)") from None
+    return prepare_tokenizer(tokenizer, recipe)
+
+
+def prepare_tokenizer(tokenizer, recipe: Recipe):
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of {recipe.model.tokenizer or recipe.model.name_or_path} has no EOS token; "
+                        "alignkit needs one to end answers")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if PAD_TOKEN in tokenizer.get_vocab():
+            tokenizer.pad_token = PAD_TOKEN
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        log("", f"tokenizer: added pad token {PAD_TOKEN!r} (id {tokenizer.pad_token_id}), distinct from EOS")
+    if not tokenizer.chat_template:
+        template = recipe.model.chat_template
+        if template and "{" not in template:
+            template = recipe.resolve(template).read_text(encoding="utf-8")
+        tokenizer.chat_template = template or DEFAULT_CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def context_length(config) -> int:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return 1024
+
+
+def build_model(recipe: Recipe, tokenizer):
+    """An untrained causal LM from `model.config`, sized to the tokenizer, initialised from the recipe's seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    settings = dict(recipe.model.config)
+    model_type = settings.pop("model_type")
+    config = AutoConfig.for_model(model_type, **settings)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    set_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    log("", f"built an untrained {model_type} with {sum(p.numel() for p in model.parameters()):,} parameters")
+    return fit_to_tokenizer(model, tokenizer)
+
+
+def _load_kwargs(recipe: Recipe, upstream: bool) -> dict:
+    kwargs = {} if upstream else {"revision": recipe.model.revision}
+    if recipe.quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(**recipe.quantization)
+    return kwargs
+
+
+def load_causal_lm(recipe: Recipe, path: str, tokenizer, upstream: bool = True):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(_where(recipe, path), **_load_kwargs(recipe, upstream))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
+                        "  fix model.name_or_path (a local folder, or a Hub id reachable from here)") from None
+    return fit_to_tokenizer(model, tokenizer)
+
+
+def load_reward_model(recipe: Recipe, path: str, tokenizer):
+    """A one-output sequence classifier; from a causal LM folder its score head starts untrained."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is expected from an LM
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(_where(recipe, path), num_labels=1,
+                                                                   **_load_kwargs(recipe, True))
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return fit_to_tokenizer(model, tokenizer)
+
+
+def fit_to_tokenizer(model, tokenizer):
+    """Grow the embeddings for an added pad token; tell config and generation which ids are pad and EOS."""
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def lora_config(recipe: Recipe, task_type: str):
+    if recipe.lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type, **recipe.lora)
+
+
+def save(model, tokenizer, folder: Path) -> None:
+    """Write a stage's model so that plain transformers loads it; LoRA adapters are merged into the weights."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but keep saving plain models possible without it
+        PeftModel = ()
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,166 @@
+"""The pipeline: stage order, how outputs chain, fingerprints, skipping unchanged stages, resuming, the done marker.
+
+Each stage writes {output_dir}/{stage}/. While it trains it works in {output_dir}/{stage}.partial/, so an old output
+stays whole until the new one is complete, and an interrupted stage resumes from the checkpoints kept there. A stage
+folder holds a manifest (alignkit_stage.json) whose fingerprint covers the stage's config, its data and its upstream
+stages; a later run reuses the output while the fingerprint matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from . import data
+from .errors import UserError
+from .log import log
+from .recipe import STAGES, Recipe
+
+MANIFEST = "alignkit_stage.json"
+# Where each stage takes its model from: the latest of these earlier stages in the recipe, else the base model.
+MODEL_FROM = {"pretrain": (), "sft": ("pretrain",), "reward": ("pretrain", "sft"), "ppo": ("pretrain", "sft")}
+
+
+def upstream(recipe: Recipe, stage: str) -> dict[str, str | None]:
+    """The stages whose outputs `stage` consumes, by role ("model", "reward_model"); None means the base model."""
+    earlier = [s for s in MODEL_FROM[stage] if s in recipe.stages]
+    roles = {"model": earlier[-1] if earlier else None}
+    if stage == "ppo" and not recipe.stages["ppo"].reward_model:
+        roles["reward_model"] = "reward"
+    return roles
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
+    spec = dataclasses.asdict(recipe.stages[stage])
+    model_settings = {"model": dataclasses.asdict(recipe.model), "lora": recipe.lora,
+                      "quantization": recipe.quantization, "seed": recipe.seed}
+    return {"config": _hash([spec, model_settings]), "data": data.fingerprint(recipe.stages[stage].dataset, recipe),
+            "upstream": upstream_fps}
+
+
+def _why(old: dict | None, new: dict) -> str:
+    if not old:
+        return "no earlier output"
+    if old.get("status") != "complete":
+        return "the earlier run did not finish"
+    changed = [k if k != "upstream" else "an upstream stage" for k in ("config", "data", "upstream")
+               if old.get("parts", {}).get(k) != new[k]]
+    return ("its " + " and ".join(changed) + " changed") if changed else "forced"
+
+
+def check_data(recipe: Recipe, stages) -> None:
+    """Load every selected stage's dataset before anything trains, and report all their problems at once."""
+    problems = []
+    for stage in stages:
+        try:
+            data.load(recipe.stages[stage].dataset, stage, recipe)
+        except UserError as e:
+            problems.append(f"  stages.{stage}.dataset: {e}")
+    if problems:
+        raise UserError(f"{recipe.source}: the data has {len(problems)} problem(s):\n" + "\n".join(problems))
+
+
+def run(recipe: Recipe, only: str | None = None, start: str | None = None, force: bool = False) -> dict:
+    """Run the recipe's stages in order; returns {stage: {"status": "trained" | "reused", "seconds": float}}."""
+    names = list(recipe.stages)
+    for flag, stage in (("--only", only), ("--from", start)):
+        if stage is not None and stage not in names:
+            raise UserError(f"{flag} {stage}: the recipe {recipe.source} has no {stage} stage; its stages are "
+                            f"{', '.join(names)}")
+    selected = [only] if only else names[names.index(start):] if start else names
+    out = Path(recipe.output_dir)
+    check_data(recipe, selected)
+
+    fingerprints: dict[str, str | None] = {}
+    summary = {}
+    for stage in names:
+        folder = out / stage
+        manifest = read_manifest(folder)
+        complete = manifest if manifest and manifest.get("status") == "complete" else None
+        if stage not in selected:
+            fingerprints[stage] = complete["fingerprint"] if complete else None
+            continue
+        roles = upstream(recipe, stage)
+        for role, up in roles.items():
+            if up is not None and fingerprints.get(up) is None:
+                raise UserError(f"{stage} needs the {up} stage's output, but {out / up} is missing or incomplete; "
+                                f"run it first: alignkit run {recipe.source} --only {up}")
+        parts = fingerprint_parts(recipe, stage, {up: fingerprints[up] for up in roles.values() if up})
+        fp = _hash(parts)
+        fingerprints[stage] = fp
+        if complete and complete["fingerprint"] == fp and not force:
+            log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
+            summary[stage] = {"status": "reused", "seconds": complete.get("seconds", 0.0)}
+            continue
+        summary[stage] = _train(recipe, stage, folder, roles, fp, parts, _why(complete or manifest, parts), force)
+    return summary
+
+
+def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts: dict, why: str, force: bool) -> dict:
+    partial = folder.with_name(folder.name + ".partial")
+    started = read_manifest(partial)
+    resume = None
+    if started and started.get("fingerprint") == fp and not force:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoints = partial / "checkpoints"
+        resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if resume is None and partial.exists():
+        shutil.rmtree(partial)  # an interrupted run of other inputs: nothing in it can be reused
+    partial.mkdir(parents=True, exist_ok=True)
+    _write_json(partial / MANIFEST, {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts})
+    (partial / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    out = folder.parent
+    inputs = {role: str(out / up) if up else None for role, up in roles.items()}
+    if stage == "ppo" and recipe.stages["ppo"].reward_model:
+        inputs["reward_model"] = recipe.stages["ppo"].reward_model
+    inputs["upstream"] = inputs.get("model") is not None
+    if inputs.get("model") is None and stage != "pretrain":
+        inputs["model"] = recipe.model.name_or_path
+        if inputs["model"] is None:
+            raise UserError(f"{stage} has no model to start from: model.config builds an untrained model for the "
+                            "pretrain stage; add a pretrain stage, or set model.name_or_path")
+    source = ", ".join(f"{role} from {path}" for role, path in inputs.items() if role != "upstream" and path)
+    base = "an untrained model built from model.config" if stage == "pretrain" and recipe.model.config else ""
+    log(stage, f"{'resuming from ' + resume if resume else 'training'} ({why}); {source or base or 'base model'}")
+
+    t0 = time.time()
+    metrics = importlib.import_module(f"alignkit.stages.{stage}").run(recipe, partial, inputs, resume)
+    seconds = time.time() - t0
+    metrics["seconds"] = seconds
+    _write_json(partial / "metrics.json", metrics)
+    shutil.rmtree(partial / "checkpoints", ignore_errors=True)  # only needed to resume this run
+    _write_json(partial / MANIFEST, {"stage": stage, "status": "complete", "fingerprint": fp, "parts": parts,
+                                     "inputs": inputs, "seconds": seconds,
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    log(stage, f"done in {seconds:.1f}s -> {folder}")
+    return {"status": "trained", "seconds": seconds}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)

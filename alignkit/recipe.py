@@ -1,0 +1,430 @@
+"""The recipe: a small typed schema for one YAML file, loaded and checked all at once.
+
+The YAML key path, the attribute path in code and the command-line override are the same string
+(`stages.ppo.trainer.learning_rate`). A stage's `trainer:` block is handed to TRL's own config class and checked
+against it here, so a typo fails before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import Problem, RecipeError
+
+STAGES = ("pretrain", "sft", "reward", "ppo")
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Dataset:
+    path: str = field(metadata={"help": "a local .json/.jsonl/.csv/.parquet file, or a Hugging Face Hub dataset id"})
+    split: str = field(default="train", metadata={"help": "split to read (Hub datasets; local files have 'train')"})
+    name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
+    revision: str | None = field(default=None, metadata={"help": "Hub dataset revision (branch, tag or commit)"})
+    format: Literal["auto", "alpaca", "sharegpt", "hh"] = field(
+        default="auto", metadata={"help": "'auto' detects TRL's formats and the alpaca/sharegpt/hh converters"})
+    columns: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "rename columns first: {expected_name: your_column}"})
+    max_rows: int | None = field(default=None, metadata={"help": "use only the first N rows"})
+
+
+@dataclass
+class Model:
+    name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of a pretrained causal LM (GPT-2 style)"})
+    config: dict[str, Any] | None = field(
+        default=None, metadata={"help": "build an untrained model instead: {model_type: gpt2, n_layer: 2, ...}"})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder of the tokenizer (default: name_or_path)"})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template, or a .jinja file, used when the tokenizer has none "
+                          "(default: alignkit's 'User:/Assistant:' template that ends each answer with EOS)"})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the model and tokenizer"})
+
+
+@dataclass
+class Stage:
+    dataset: Dataset = field(metadata={"help": "the stage's data"})
+    trainer: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "settings for TRL's config class (SFTConfig, RewardConfig, PPOConfig)"})
+    overlength: Literal["truncate", "error"] = field(
+        default="truncate", metadata={"help": "rows longer than the context: 'truncate' (with a warning) or 'error'"})
+    reward_model: str | None = field(
+        default=None, metadata={"help": "ppo only: a reward model folder, instead of the reward stage's output"})
+
+
+@dataclass
+class Recipe:
+    output_dir: str = field(metadata={"help": "folder for every stage's output: {output_dir}/{stage}/"})
+    model: Model = field(metadata={"help": "the base model and tokenizer"})
+    stages: dict[str, Stage] = field(metadata={"help": "an ordered selection of pretrain, sft, reward, ppo"})
+    seed: int = field(default=42, metadata={"help": "random seed, unless a trainer block sets its own"})
+    lora: dict[str, Any] | None = field(
+        default=None, metadata={"help": "train LoRA adapters: settings for peft.LoraConfig (r, lora_alpha, ...)"})
+    quantization: dict[str, Any] | None = field(
+        default=None, metadata={"help": "load quantized: settings for transformers.BitsAndBytesConfig"})
+    source: Path = field(default=Path("<recipe>"), metadata={"yaml": False})
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data, as it would be written in YAML."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+    def resolve(self, path: str) -> Path:
+        """A path from the recipe: relative to the current folder, else to the recipe's folder."""
+        return resolve_path(path, self.source.parent) or Path(path)
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_trainers: bool = True) -> Recipe:
+    """Read, override and check a recipe; raise RecipeError listing every problem found."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(str(path), [Problem("", f"cannot read the recipe: {e.strerror}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_map(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise RecipeError(str(path), [Problem(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(str(path), [Problem("", "expected a mapping of keys (output_dir, model, stages, ...)")])
+
+    problems: list[Problem] = []
+    overridden = set()
+    for item in overrides:
+        key = _apply_override(raw, item, problems)
+        if key:
+            overridden.add(key)
+    recipe = _build(Recipe, raw, "", problems)
+    if recipe is not None:
+        recipe.source = path
+        _check(recipe, problems, check_trainers)
+    for p in problems:
+        if any(p.key == k or p.key.startswith(k + ".") for k in overridden):
+            p.where = "command line"
+        elif p.where is None:
+            p.where = _nearest_line(lines, p.key)
+    if problems:
+        raise RecipeError(str(path), problems)
+    return recipe
+
+
+def _apply_override(raw: dict, item: str, problems: list[Problem]) -> str | None:
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        problems.append(Problem("", f"override {item!r} is not KEY=VALUE with a dotted key, e.g. "
+                                    "stages.ppo.trainer.learning_rate=1e-5", where="command line"))
+        return None
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            problems.append(Problem(".".join(parts[: i + 1]), f"is {child!r}, not a mapping, so {key} cannot be set",
+                                    where="command line"))
+            return None
+        node = child
+    node[parts[-1]] = parsed
+    return key
+
+
+def _build(cls, data, key: str, problems: list[Problem]):
+    """Turn a mapping into the dataclass `cls`, recording a problem for every unknown, missing or mistyped key."""
+    if not isinstance(data, dict):
+        problems.append(Problem(key, f"expected a mapping, got {_show(data)}"))
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
+    hints = typing.get_type_hints(cls)
+    _unknown_keys(data, fields, key, cls.__name__ if key else "a recipe", problems)
+    values = {}
+    for name, f in fields.items():
+        sub = f"{key}.{name}" if key else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(Problem(sub, f"required: {f.metadata.get('help', '')}"))
+            continue
+        value, tp = data[name], hints[name]
+        if dataclasses.is_dataclass(tp):
+            value = _build(tp, value, sub, problems)
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            if not isinstance(value, dict):
+                problems.append(Problem(sub, f"expected a mapping, got {_show(value)}"))
+                continue
+            value = {k: _build(typing.get_args(tp)[1], v, f"{sub}.{k}", problems) for k, v in value.items()}
+        else:
+            value = check_value(value, tp, sub, problems)
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError:  # a required field was missing: already reported
+        return None
+
+
+def _unknown_keys(data: dict, known, key: str, owner: str, problems: list[Problem]) -> None:
+    for name in data:
+        if name not in known:
+            hint = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+            fix = f"did you mean {hint[0]}?" if hint else f"known keys: {', '.join(sorted(map(str, known)))}"
+            problems.append(Problem(f"{key}.{name}" if key else str(name), f"unknown key for {owner}; {fix}"))
+
+
+def check_value(value, tp, key: str, problems: list[Problem]):
+    """Check `value` against the annotation `tp`; a number written as a string (YAML reads 1e-5 so) becomes a float."""
+    if _accepts(float, tp) and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not _fits(value, tp):
+        problems.append(Problem(key, f"expected {_describe(tp)}, got {_show(value)}"))
+    return value
+
+
+def _accepts(target, tp) -> bool:
+    if tp is target:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and target in typing.get_args(tp)
+
+
+def _fits(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, list) and (origin is not list or not args or all(_fits(v, args[0]) for v in value))
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value in {m.value for m in tp} or value in tp.__members__
+    return True  # an annotation we do not model: the owning class checks it
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        text = " or ".join(dict.fromkeys(parts))
+        return text + (" (or null)" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             list: "a list", tuple: "a list"}
+    return names.get(tp) or names.get(origin) or getattr(tp, "__name__", str(tp))
+
+
+def _show(value) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else yaml.safe_dump(value, default_flow_style=True).strip()
+    return (text[:60] + "...") if len(text) > 60 else text
+
+
+# --- whole-recipe checks ----------------------------------------------------------------------------------------
+
+
+def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> None:
+    base = recipe.source.parent
+    m = recipe.model
+    if (m.name_or_path is None) == (m.config is None):
+        problems.append(Problem("model", "set exactly one of model.name_or_path (a pretrained model) and "
+                                         "model.config (an untrained model built from a config)"))
+    if m.config is not None and m.tokenizer is None:
+        problems.append(Problem("model.tokenizer", "required with model.config: a tokenizer folder or Hub id"))
+    for key in ("name_or_path", "tokenizer"):
+        _check_local(getattr(m, key), f"model.{key}", base, problems, folder=True)
+    if m.chat_template and "{" not in m.chat_template:
+        _check_local(m.chat_template, "model.chat_template", base, problems, folder=False, always_local=True)
+    if m.config is not None:
+        _check_model_config(m.config, problems)
+
+    names = list(recipe.stages)
+    for name in names:
+        if name not in STAGES:
+            hint = difflib.get_close_matches(name, STAGES, n=1)
+            problems.append(Problem(f"stages.{name}", "unknown stage; " + (f"did you mean {hint[0]}?" if hint else
+                                    f"stages are {', '.join(STAGES)}")))
+    known = [n for n in names if n in STAGES]
+    if known != sorted(known, key=STAGES.index):
+        problems.append(Problem("stages", f"stages run in the order {' -> '.join(STAGES)}; list them so "
+                                          f"(got {', '.join(known)})"))
+    if not names:
+        problems.append(Problem("stages", "no stages: name at least one of " + ", ".join(STAGES)))
+    for name in known:
+        stage = recipe.stages[name]
+        if stage is None:
+            continue
+        key = f"stages.{name}"
+        if stage.dataset is not None:
+            _check_local(stage.dataset.path, f"{key}.dataset.path", base, problems, folder=False)
+        if stage.reward_model is not None:
+            if name != "ppo":
+                problems.append(Problem(f"{key}.reward_model", "only the ppo stage takes a reward_model"))
+            else:
+                _check_local(stage.reward_model, f"{key}.reward_model", base, problems, folder=True)
+        if check_trainers:
+            check_trainer(name, stage.trainer, f"{key}.trainer", problems)
+    if "ppo" in known and "reward" not in known and recipe.stages["ppo"] and not recipe.stages["ppo"].reward_model:
+        problems.append(Problem("stages.ppo.reward_model", "ppo needs a reward model: add a reward stage before it, "
+                                                           "or set stages.ppo.reward_model to a trained one"))
+    if check_trainers and recipe.lora is not None:
+        from peft import LoraConfig
+        check_config_class(LoraConfig, recipe.lora, "lora", problems, reserved={"task_type": "set by each stage"})
+    if check_trainers and recipe.quantization is not None:
+        _check_quantization(recipe.quantization, problems)
+
+
+def _check_local(value, key, base: Path, problems, folder: bool, always_local: bool = False) -> None:
+    """Report a local path that does not exist. Hub ids (`name` or `owner/name`) are left for load time."""
+    if value is None or resolve_path(value, base) is not None:
+        return
+    local = always_local or value.startswith((".", "/", "~")) or value.count("/") > 1 or Path(value).suffix in DATA_SUFFIXES
+    if local:
+        what = "folder" if folder else "file"
+        problems.append(Problem(key, f"{what} not found: {value} (looked in {Path.cwd()} and {base.resolve()}); "
+                                     "fix the path, or give a Hub id as owner/name"))
+
+
+def resolve_path(path: str, base: Path) -> Path | None:
+    p = Path(path).expanduser()
+    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, base / p]):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def _check_model_config(config: dict, problems) -> None:
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if not model_type:
+        problems.append(Problem("model.config.model_type", "required: the architecture, e.g. gpt2"))
+        return
+    try:
+        defaults = AutoConfig.for_model(model_type).to_dict()
+    except ValueError:
+        problems.append(Problem("model.config.model_type", f"unknown architecture {model_type!r}; e.g. gpt2"))
+        return
+    _unknown_keys({k: v for k, v in config.items()}, defaults, "model.config", f"{model_type}'s config", problems)
+
+
+def _check_quantization(settings: dict, problems) -> None:
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+
+    known = [p for p in inspect.signature(BitsAndBytesConfig.__init__).parameters if p not in ("self", "kwargs")]
+    _unknown_keys(settings, known, "quantization", "BitsAndBytesConfig", problems)
+    if not (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
+        problems.append(Problem("quantization", "set load_in_4bit: true or load_in_8bit: true"))
+
+
+def trainer_config_class(stage: str):
+    """TRL's config class for a stage (PPO's lives behind alignkit.stages.ppo, the one module that imports it)."""
+    import importlib
+
+    return importlib.import_module(f"alignkit.stages.{stage}").config_class()
+
+
+# Keys alignkit sets itself: a recipe that sets them gets told where they come from instead.
+RESERVED = {
+    "output_dir": "set by alignkit: {output_dir}/{stage}/checkpoints",
+    "sft_model_path": "the policy comes from the sft stage (or the base model)",
+    "reward_model_path": "set stages.ppo.reward_model, or add a reward stage",
+    "push_to_hub": "not supported from a trainer block",
+}
+
+
+def check_trainer(stage: str, settings: dict, key: str, problems: list[Problem]):
+    """Check a trainer block against TRL's config class and build it; None when it has problems."""
+    return check_config_class(trainer_config_class(stage), settings, key, problems, RESERVED,
+                              output_dir="/nonexistent/alignkit-validate")
+
+
+def check_config_class(cls, settings: dict, key: str, problems: list[Problem], reserved=None, **fixed):
+    """Check `settings` against a dataclass config of another library (TRL, peft), then construct it."""
+    if not isinstance(settings, dict):
+        problems.append(Problem(key, f"expected a mapping, got {_show(settings)}"))
+        return None
+    start = len(problems)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    _unknown_keys(settings, fields, key, cls.__name__, problems)
+    values = {}
+    for name, value in settings.items():
+        if name not in fields:
+            continue
+        if reserved and name in reserved:
+            problems.append(Problem(f"{key}.{name}", f"{reserved[name]}; remove this key"))
+            continue
+        values[name] = check_value(value, hints.get(name, Any), f"{key}.{name}", problems)
+    if len(problems) > start:
+        return None
+    settings.update(values)  # keep the checked values (a float read from "1e-5")
+    try:
+        return cls(**fixed, **values)
+    except Exception as e:  # the class's own consistency checks
+        problems.append(Problem(key, f"{cls.__name__} rejected these settings: {e}"))
+        return None
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """Map each dotted key of a YAML document to the line it is written on."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                path = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines[path] = k.start_mark.line + 1
+                walk(v, path)
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    return lines
+
+
+def _nearest_line(lines: dict[str, int], key: str) -> str:
+    while key:
+        if key in lines:
+            return f"line {lines[key]}"
+        key = key.rpartition(".")[0]
+    return ""

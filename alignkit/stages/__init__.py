@@ -1,0 +1,35 @@
+"""The four stages, one module each, all the same shape: `config_class()` and `run(recipe, folder, inputs, resume)`.
+
+This file holds the few helpers they share: building TRL's config from a trainer block, and collecting metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..log import log
+from ..models import context_length
+from ..recipe import Recipe, trainer_config_class
+
+
+def trainer_config(stage: str, recipe: Recipe, folder: Path, model=None, **fixed):
+    """TRL's config for `stage` from its trainer block; checkpoints go to {folder}/checkpoints.
+
+    `max_length` is capped at the model's context (TRL's default, 1024, is more than a small model has).
+    """
+    settings = dict(recipe.stages[stage].trainer)
+    settings.setdefault("seed", recipe.seed)
+    cls = trainer_config_class(stage)
+    if model is not None and "max_length" in cls.__dataclass_fields__:
+        limit = context_length(model.config)
+        asked = settings.get("max_length", cls.__dataclass_fields__["max_length"].default)
+        if asked is None or asked > limit:
+            log(stage, f"max_length {asked} -> {limit}, the model's context length")
+            settings["max_length"] = limit
+    settings.update(fixed)
+    return cls(output_dir=str(folder / "checkpoints"), **settings)
+
+
+def train_metrics(trainer, result=None) -> dict:
+    """What a stage reports: the trainer's final metrics and its whole log history."""
+    return {"train": dict(result.metrics) if result is not None else {}, "log_history": trainer.state.log_history}

@@ -1,0 +1,81 @@
+"""ppo: reinforcement learning against the reward model, kept near the SFT model by a KL penalty (TRL's PPOTrainer).
+
+This is the one module that imports TRL's experimental API. TRL removed PPO after 1.12, so the pin (trl 1.12.x) or a
+replacement touches this file alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from .. import data, models
+from ..errors import UserError
+from ..log import log
+from ..recipe import Recipe
+from . import train_metrics, trainer_config
+
+TRL_PPO = "trl>=1.12,<1.13"
+
+
+def _experimental():
+    try:
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+    except ImportError:
+        import trl
+
+        raise UserError(f"the ppo stage needs TRL's PPO, which TRL removed after 1.12; installed is trl "
+                        f"{trl.__version__}. Install the supported line: pip install '{TRL_PPO}'") from None
+    return PPOConfig, PPOTrainer
+
+
+def config_class():
+    import warnings
+
+    with warnings.catch_warnings():  # "experimental API" is known and pinned
+        warnings.simplefilter("ignore")
+        return _experimental()[0]
+
+
+def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
+    _, PPOTrainer = _experimental()
+    spec = recipe.stages["ppo"]
+    if resume:
+        log("ppo", "TRL's PPO cannot resume from a checkpoint; training starts again")
+
+    tokenizer = models.load_tokenizer(recipe, inputs["model"])
+    policy = models.load_causal_lm(recipe, inputs["model"], tokenizer, upstream=inputs["upstream"])
+    peft_config = models.lora_config(recipe, "CAUSAL_LM")
+    # With LoRA the reference is the policy with its adapter disabled, not a second copy.
+    ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer, inputs["upstream"])
+    reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer)
+    value = models.load_reward_model(recipe, inputs["reward_model"], tokenizer)
+
+    fixed = {"sft_model_path": inputs["model"], "reward_model_path": inputs["reward_model"]}
+    if "stop_token" not in spec.trainer and "stop_token_id" not in spec.trainer:
+        fixed["stop_token"] = "eos"  # TRL's default (None) never stops an answer: responses run to response_length
+    args = trainer_config("ppo", recipe, folder, **fixed)
+
+    prompts = data.load(spec.dataset, "ppo", recipe)
+    limit = models.context_length(policy.config) - args.response_length
+    if limit < 1:
+        raise UserError(f"stages.ppo.trainer.response_length ({args.response_length}) leaves no room for a prompt in "
+                        f"the model's context of {models.context_length(policy.config)} tokens; lower it")
+    left = copy.deepcopy(tokenizer)
+    left.padding_side = "left"  # generation continues from the right end of each prompt
+
+    def prompt_ids(row):
+        return left(data.render(row, left, add_generation_prompt=True), add_special_tokens=False).input_ids
+
+    data.check_lengths(prompts, left, limit, "ppo", spec.overlength, "prompts (with room for the response)",
+                       measure=lambda row: len(prompt_ids(row)))
+    # keep the end of a long prompt: the question and the generation prompt
+    train = prompts.map(lambda row: {"input_ids": prompt_ids(row)[-limit:]}, remove_columns=prompts.column_names,
+                        load_from_cache_file=False)
+    trainer = PPOTrainer(args=args, processing_class=left, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=train, eval_dataset=train.select(range(min(8, len(train)))),
+                         peft_config=peft_config)
+    trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.model).policy
+    models.save(trained, tokenizer, folder)
+    return train_metrics(trainer)

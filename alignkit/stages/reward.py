@@ -1,0 +1,36 @@
+"""reward: a reward model trained on comparisons (TRL's RewardTrainer), scoring a whole answer at its EOS token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import data, models
+from ..recipe import Recipe
+from . import train_metrics, trainer_config
+
+
+def config_class():
+    from trl import RewardConfig
+
+    return RewardConfig
+
+
+def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
+    from trl import RewardTrainer
+
+    spec = recipe.stages["reward"]
+    dataset = data.load(spec.dataset, "reward", recipe)
+    tokenizer = models.load_tokenizer(recipe, inputs["model"])
+    model = models.load_reward_model(recipe, inputs["model"], tokenizer)
+    args = trainer_config("reward", recipe, folder, model)
+
+    def longest(row):  # TRL drops a pair when either side is too long
+        return max(len(tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False)
+                       .input_ids) for side in ("chosen", "rejected"))
+
+    data.check_lengths(dataset, tokenizer, args.max_length, "reward", spec.overlength, "pairs", measure=longest)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=models.lora_config(recipe, "SEQ_CLS"))
+    result = trainer.train(resume_from_checkpoint=resume)
+    models.save(trainer.model, tokenizer, folder)
+    return train_metrics(trainer, result)

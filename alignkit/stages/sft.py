@@ -1,0 +1,31 @@
+"""sft: supervised fine-tuning on demonstrations (TRL's SFTTrainer), so the model answers and ends with EOS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import data, models
+from ..recipe import Recipe
+from . import train_metrics, trainer_config
+
+
+def config_class():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
+    from trl import SFTTrainer
+
+    spec = recipe.stages["sft"]
+    dataset = data.load(spec.dataset, "sft", recipe)
+    tokenizer = models.load_tokenizer(recipe, inputs["model"])
+    model = models.load_causal_lm(recipe, inputs["model"], tokenizer, upstream=inputs["upstream"])
+    args = trainer_config("sft", recipe, folder, model)
+    data.check_lengths(dataset, tokenizer, args.max_length, "sft", spec.overlength)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=models.lora_config(recipe, "CAUSAL_LM"))
+    result = trainer.train(resume_from_checkpoint=resume)
+    models.save(trainer.model, tokenizer, folder)
+    return train_metrics(trainer, result)
