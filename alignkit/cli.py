@@ -78,7 +78,12 @@ def cmd_validate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # KEY=VALUE overrides may stand anywhere, before or after the options
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    if overrides:
+        args.overrides = list(args.overrides or []) + overrides
     if args.command is None:
         parser.print_help()
         return 2
@@ -96,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 def _quiet_libraries() -> None:
     """Keep TRL's and transformers' advisory chatter out of the way of alignkit's own log lines."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
     import warnings
 
+    # bitsandbytes' CPU backend falls back to its own 4-bit kernels and says so at import
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*experimental.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
+    # TRL 1.12's configs set transformers' renamed gradient_checkpointing field themselves
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)

@@ -14,17 +14,19 @@ from .log import log
 from .recipe import Recipe
 
 PAD_TOKEN = "<|pad|>"
-# Ends every assistant turn with EOS, and marks the answer for TRL's assistant_only_loss. A newline (not a space)
-# follows "Assistant:", so the prompt's tokens are a prefix of prompt + answer under byte-level BPE.
+# Ends every assistant turn with EOS and nothing after it, so a reward model reads its score at EOS both in TRL's
+# RewardTrainer (whole chats) and in PPO (responses cut after EOS). Marks answers for TRL's assistant_only_loss.
+# A newline (not a space) follows "Assistant:", so the prompt's tokens are a prefix of prompt + answer under
+# byte-level BPE.
 DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] }}\n\n"
-    "{%- elif message['role'] == 'user' -%}User: {{ message['content'] }}\n"
-    "{%- elif message['role'] == 'assistant' -%}Assistant:\n"
-    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'Assistant:\\n' }}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}Assistant:\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:\\n' }}{%- endif -%}"
 )
 
 

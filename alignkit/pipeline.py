@@ -62,19 +62,23 @@ def _why(old: dict | None, new: dict) -> str:
         return "no earlier output"
     if old.get("status") != "complete":
         return "the earlier run did not finish"
-    changed = [k if k != "upstream" else "an upstream stage" for k in ("config", "data", "upstream")
-               if old.get("parts", {}).get(k) != new[k]]
-    return ("its " + " and ".join(changed) + " changed") if changed else "forced"
+    names = {"config": "its config", "data": "its data", "upstream": "an upstream stage"}
+    changed = [names[k] for k in names if old.get("parts", {}).get(k) != new[k]]
+    return (" and ".join(changed) + " changed") if changed else "forced"
 
 
 def check_data(recipe: Recipe, stages) -> None:
     """Load every selected stage's dataset before anything trains, and report all their problems at once."""
+    import datasets
+
+    datasets.disable_progress_bars()
     problems = []
     for stage in stages:
         try:
             data.load(recipe.stages[stage].dataset, stage, recipe)
         except UserError as e:
             problems.append(f"  stages.{stage}.dataset: {e}")
+    datasets.enable_progress_bars()
     if problems:
         raise UserError(f"{recipe.source}: the data has {len(problems)} problem(s):\n" + "\n".join(problems))
 

@@ -120,7 +120,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_traine
         recipe.source = path
         _check(recipe, problems, check_trainers)
     for p in problems:
-        if any(p.key == k or p.key.startswith(k + ".") for k in overridden):
+        if p.where is None and any(p.key == k or p.key.startswith(k + ".") or
+                                   (k.startswith(p.key + ".") and p.key not in lines) for k in overridden):
             p.where = "command line"
         elif p.where is None:
             p.where = _nearest_line(lines, p.key)
@@ -377,7 +378,19 @@ RESERVED = {
 def check_trainer(stage: str, settings: dict, key: str, problems: list[Problem]):
     """Check a trainer block against TRL's config class and build it; None when it has problems."""
     return check_config_class(trainer_config_class(stage), settings, key, problems, RESERVED,
-                              output_dir="/nonexistent/alignkit-validate")
+                              output_dir="/nonexistent/alignkit-validate", **machine_settings(settings))
+
+
+def machine_settings(settings: dict) -> dict:
+    """Settings this machine needs. TRL turns bf16 on by default, which transformers refuses on a machine with no
+    accelerator unless use_cpu is set; there it means bf16 autocast on the CPU."""
+    if "use_cpu" in settings:
+        return {}
+    import torch
+
+    accelerated = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+    return {} if accelerated else {"use_cpu": True}
 
 
 def check_config_class(cls, settings: dict, key: str, problems: list[Problem], reserved=None, **fixed):

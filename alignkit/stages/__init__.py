@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..log import log
 from ..models import context_length
-from ..recipe import Recipe, trainer_config_class
+from ..recipe import Recipe, machine_settings, trainer_config_class
 
 
 def trainer_config(stage: str, recipe: Recipe, folder: Path, model=None, **fixed):
@@ -27,6 +27,7 @@ def trainer_config(stage: str, recipe: Recipe, folder: Path, model=None, **fixed
             log(stage, f"max_length {asked} -> {limit}, the model's context length")
             settings["max_length"] = limit
     settings.update(fixed)
+    settings.update(machine_settings(settings))
     return cls(output_dir=str(folder / "checkpoints"), **settings)
 
 

@@ -1,10 +1,11 @@
 """Regenerates data/tiny/: a few dozen rows per stage and a byte-level BPE tokenizer, for the smoke recipe and tests.
 
-Deterministic: `python data/tiny/make.py` rewrites the committed files byte for byte.
+Deterministic: `python data/tiny/make.py [OUT_DIR]` rewrites the committed files byte for byte.
 """
 
 import json
 import random
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,13 +28,15 @@ def facts():
     return rows
 
 
-def write_jsonl(name, rows):
-    with open(HERE / name, "w", encoding="utf-8") as f:
+def write_jsonl(out, name, rows):
+    with open(out / name, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def main():
+def main(out=HERE):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     qa = facts()
 
@@ -41,7 +44,7 @@ def main():
     for _ in range(4):
         for _, answer in rng.sample(qa, len(qa)):
             pretrain.append(answer)
-    write_jsonl("pretrain.jsonl", [{"text": " ".join(pretrain[i : i + 4])} for i in range(0, len(pretrain), 4)])
+    write_jsonl(out, "pretrain.jsonl", [{"text": " ".join(pretrain[i : i + 4])} for i in range(0, len(pretrain), 4)])
 
     sft = []
     for question, answer in qa:
@@ -50,7 +53,7 @@ def main():
         (q1, a1), (q2, a2) = rng.sample(qa, 2)
         sft.append({"messages": [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
                                  {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]})
-    write_jsonl("sft.jsonl", sft)
+    write_jsonl(out, "sft.jsonl", sft)
 
     reward = []
     for question, answer in qa:
@@ -59,13 +62,13 @@ def main():
         reward.append({"prompt": [{"role": "user", "content": question}],
                        "chosen": [{"role": "assistant", "content": answer}],
                        "rejected": [{"role": "assistant", "content": bad}]})
-    write_jsonl("reward.jsonl", reward)
+    write_jsonl(out, "reward.jsonl", reward)
 
-    write_jsonl("ppo.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q, _ in qa])
-    make_tokenizer([r["text"] for r in map(json.loads, open(HERE / "pretrain.jsonl"))] + [q for q, _ in qa])
+    write_jsonl(out, "ppo.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q, _ in qa])
+    make_tokenizer(out, [r["text"] for r in map(json.loads, open(out / "pretrain.jsonl"))] + [q for q, _ in qa])
 
 
-def make_tokenizer(texts, vocab_size=400):
+def make_tokenizer(out, texts, vocab_size=400):
     """A GPT-2-style byte-level BPE with GPT-2's one special token, and, like GPT-2, no pad token or chat template."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
@@ -75,8 +78,8 @@ def make_tokenizer(texts, vocab_size=400):
                             special_tokens=["<|endoftext|>"], show_progress=False)
     tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                             unk_token="<|endoftext|>", model_max_length=128)
-    tok.save_pretrained(HERE / "tokenizer")
+    tok.save_pretrained(out / "tokenizer")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])

@@ -1,0 +1,64 @@
+"""Shared fixtures: everything offline, a tiny GPT-2 built from a config and the tokenizer in data/tiny/, and one
+whole pipeline run through the real `alignkit` entry point that several tests inspect."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Set before transformers / datasets are imported anywhere: an accidental download fails loudly.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_DISABLED"] = "true"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny.yaml"
+# The tiny recipe, a little shorter where the tests only need the mechanics.
+FAST = ["stages.ppo.trainer.total_episodes=48"]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name their data relative to the repository
+
+
+def alignkit(capsys, *argv):
+    """Run the real CLI in-process; returns (exit status, stdout, stderr)."""
+    from alignkit.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def summary(stdout: str) -> dict:
+    """The `stage status seconds folder` table that `alignkit run` prints."""
+    rows = [line.split() for line in stdout.splitlines()]
+    return {r[0]: r[1] for r in rows if len(r) == 4 and r[1] in ("trained", "reused")}
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """One whole pretrain -> sft -> reward -> ppo run of recipes/tiny.yaml."""
+    from alignkit.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert main(["run", str(TINY), f"output_dir={out}", *FAST]) == 0
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A private copy of the pipeline's output, for tests that rerun or break stages."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy

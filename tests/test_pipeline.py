@@ -1,0 +1,155 @@
+"""The whole pipeline on a tiny GPT-2, through the real entry point: training, outputs, EOS, skip and rerun."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from conftest import FAST, TINY, alignkit, summary
+
+STAGES = ["pretrain", "sft", "reward", "ppo"]
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before: dict, after: dict, prefix: str) -> float:
+    """Share of the transformer blocks' tensors that differ."""
+    keys = [k for k in before if ".h." in k and k.startswith(prefix) and k in after]
+    assert keys
+    return sum(not torch.equal(before[k], after[k]) for k in keys) / len(keys)
+
+
+def _prompts():
+    with open("data/tiny/ppo.jsonl") as f:
+        return [json.loads(line)["prompt"] for line in f]
+
+
+def _eos_rate(folder) -> float:
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ended = 0
+    for messages in _prompts():
+        inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+        ended += tok.eos_token_id in out[0, inputs["input_ids"].shape[1]:].tolist()
+    return ended / len(_prompts())
+
+
+def test_every_stage_output_is_complete(run_dir):
+    for stage in STAGES:
+        folder = run_dir / stage
+        manifest = json.loads((folder / "alignkit_stage.json").read_text())
+        assert manifest["status"] == "complete" and manifest["stage"] == stage
+        assert (folder / "model.safetensors").stat().st_size > 0
+        assert "stages:" in (folder / "recipe.yaml").read_text()
+        assert json.loads((folder / "metrics.json").read_text())["log_history"]
+        assert not (folder / "checkpoints").exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(STAGES)  # no .partial folder left
+
+
+def test_every_stage_changes_its_parameters(run_dir):
+    from alignkit.models import build_model, load_tokenizer
+    from alignkit.recipe import load_recipe
+
+    recipe = load_recipe(TINY, [f"output_dir={run_dir}"])
+    init = _weights(build_model(recipe, load_tokenizer(recipe)))  # the same seed gives the same initial weights
+    pretrain = _weights(AutoModelForCausalLM.from_pretrained(run_dir / "pretrain"))
+    sft = _weights(AutoModelForCausalLM.from_pretrained(run_dir / "sft"))
+    reward = _weights(AutoModelForSequenceClassification.from_pretrained(run_dir / "reward"))
+    ppo = _weights(AutoModelForCausalLM.from_pretrained(run_dir / "ppo"))
+    assert _changed(init, pretrain, "transformer") == 1.0
+    assert _changed(pretrain, sft, "transformer") == 1.0
+    assert _changed(sft, reward, "transformer") == 1.0
+    assert _changed(sft, ppo, "transformer") == 1.0
+    for stage in ("pretrain", "sft", "reward"):
+        losses = [h["loss"] for h in json.loads((run_dir / stage / "metrics.json").read_text())["log_history"]
+                  if "loss" in h]
+        assert losses[-1] < losses[0], stage
+
+
+def test_outputs_load_with_plain_transformers(run_dir):
+    for stage in ("pretrain", "sft", "ppo"):
+        tok = AutoTokenizer.from_pretrained(run_dir / stage)
+        assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+        assert "Assistant:" in tok.chat_template
+        model = AutoModelForCausalLM.from_pretrained(run_dir / stage)
+        assert model.config.pad_token_id == tok.pad_token_id
+    chat = pipeline("text-generation", model=str(run_dir / "sft"))
+    reply = chat([{"role": "user", "content": "What is two plus three?"}], max_new_tokens=20, do_sample=False)
+    assert reply[0]["generated_text"][-1]["role"] == "assistant"
+    assert reply[0]["generated_text"][-1]["content"].strip()
+    rm = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward")
+    assert rm.config.num_labels == 1
+
+
+def test_sft_and_ppo_answers_end_with_eos(run_dir):
+    assert _eos_rate(run_dir / "sft") >= 0.9
+    assert _eos_rate(run_dir / "ppo") >= 0.9
+    history = json.loads((run_dir / "ppo" / "metrics.json").read_text())["log_history"]
+    assert sum(h.get("val/num_eos_tokens", 0) for h in history) > 0  # PPO's rollouts stopped at EOS
+
+
+def test_reward_model_scores_at_eos_and_ranks_pairs(run_dir):
+    tok = AutoTokenizer.from_pretrained(run_dir / "reward")
+    rm = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward").eval()
+    with open("data/tiny/reward.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    wins = 0
+    for row in rows:
+        scores = []
+        for side in ("chosen", "rejected"):
+            ids = tok.apply_chat_template(row["prompt"] + row[side], return_tensors="pt", return_dict=True)["input_ids"]
+            padded = torch.cat([ids, torch.full((1, 3), tok.pad_token_id)], dim=1)
+            with torch.no_grad():
+                score = rm(input_ids=padded).logits[0, 0]
+                hidden = rm.transformer(input_ids=padded).last_hidden_state
+            eos_at = (ids[0] == tok.eos_token_id).nonzero()[-1].item()
+            assert eos_at == ids.shape[1] - 1  # the chat ends with the answer's EOS
+            # the score is read at the last non-pad token: the EOS, not a pad (pad != eos)
+            assert torch.allclose(score, rm.score(hidden[0, eos_at]).squeeze(), atol=1e-5)
+            scores.append(score.item())
+        wins += scores[0] > scores[1]
+    assert wins / len(rows) >= 0.8  # it learned the training comparisons
+
+
+def test_second_run_skips_and_a_ppo_change_reruns_only_ppo(run_copy, capsys):
+    before = {s: (run_copy / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST)
+    assert code == 0
+    assert summary(out) == dict.fromkeys(STAGES, "reused")
+    assert err.count("up to date") == 4
+    assert before == {s: (run_copy / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
+
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "stages.ppo.trainer.kl_coef=0.2")
+    assert code == 0
+    assert summary(out) == {"pretrain": "reused", "sft": "reused", "reward": "reused", "ppo": "trained"}
+    assert "ppo: training (its config changed)" in err
+    assert json.loads((run_copy / "ppo" / "alignkit_stage.json").read_text())["status"] == "complete"
+
+
+def test_changed_data_reruns_the_stage_and_everything_downstream(run_copy, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "stages.reward.dataset.max_rows=30")
+    assert code == 0
+    assert summary(out) == {"pretrain": "reused", "sft": "reused", "reward": "trained", "ppo": "trained"}
+    assert "ppo: training (an upstream stage changed)" in err
+
+
+def test_only_needs_its_upstream(tmp_path, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={tmp_path / 'fresh'}", "--only", "sft")
+    assert code == 2
+    assert "sft needs the pretrain stage's output" in err and "--only pretrain" in err
+    assert not (tmp_path / "fresh" / "sft").exists()
+
+
+def test_overlength_error_keeps_the_old_output(run_copy, capsys):
+    before = (run_copy / "sft" / "model.safetensors").read_bytes()
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
+                              "stages.sft.overlength=error", "stages.sft.trainer.max_length=12")
+    assert code == 2
+    assert "stages.sft: " in err and "longer than 12 tokens" in err and "overlength: truncate" in err
+    assert "Traceback" not in err
+    assert (run_copy / "sft" / "model.safetensors").read_bytes() == before
+    assert json.loads((run_copy / "sft" / "alignkit_stage.json").read_text())["status"] == "complete"
