@@ -74,10 +74,13 @@ def _read(spec: DatasetSpec, recipe: Recipe):
                 raise DataError(f"{spec.path}: the rows do not share one shape ({e}); a column must hold the same "
                                 "kind of value (text, or a list of messages) in every row") from None
             return ds, lambda i: spec.path if i is None else f"{spec.path}:{lines[i]}"
-        ds = datasets.Dataset.from_csv(str(local)) if kind == "csv" else datasets.Dataset.from_parquet(str(local))
-        if kind == "csv":
-            return ds, lambda i: spec.path if i is None else f"{spec.path}:{i + 2}"
-        return ds, lambda i: spec.path if i is None else f"{spec.path}: row {i + 1}"
+        if kind == "csv":  # every cell is text: "2" stays an answer, not a number
+            import pandas
+
+            frame = pandas.read_csv(local, dtype=str, keep_default_na=False)
+            return datasets.Dataset.from_pandas(frame, preserve_index=False), \
+                lambda i: spec.path if i is None else f"{spec.path}:{i + 2}"
+        return datasets.Dataset.from_parquet(str(local)), lambda i: spec.path if i is None else f"{spec.path}: row {i + 1}"
     try:
         ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
     except Exception as e:
@@ -149,7 +152,7 @@ def convert_row(row: dict, fmt: str) -> dict:
         return from_sharegpt(row)
     if fmt == "hh":
         return from_hh(row)
-    return {k: v for k, v in row.items() if k in ("text", "prompt", "completion", "messages", "chosen", "rejected")}
+    return row  # TRL's own formats: the stage picks its columns
 
 
 def from_alpaca(row: dict) -> dict:
@@ -194,10 +197,10 @@ def from_hh(row: dict) -> dict:
 
 def shape_for_stage(stage: str, row: dict) -> dict:
     """Pick and check the columns the stage's trainer takes; raise DataError naming what is missing."""
-    for key in ("prompt", "completion", "messages", "chosen", "rejected"):
-        if key in row and row[key] is not None:
-            _check_content(row[key], key)
     has = {k for k, v in row.items() if v is not None}
+    for key in ("prompt", "completion", "messages", "chosen", "rejected"):
+        if key in has:
+            _check_content(row[key], key)
     if stage == "pretrain" and "text" in has:
         return {"text": row["text"]}
     if stage == "sft":

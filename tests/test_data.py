@@ -1,0 +1,137 @@
+"""Datasets: TRL's formats pass through, Alpaca / ShareGPT / HH convert, and bad rows are named by file and line."""
+
+import json
+
+import pytest
+
+from alignkit import data
+from alignkit.errors import DataError
+from alignkit.recipe import Dataset, load_recipe
+
+from conftest import TINY
+
+
+def _load(tmp_path, rows, stage, name="d.jsonl", **spec):
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(rows, indent=2))
+    recipe = load_recipe(TINY, check_trainers=False)
+    return data.load(Dataset(path=str(path), **spec), stage, recipe)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_alpaca_becomes_conversational_prompt_completion(tmp_path):
+    rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    ds = _load(tmp_path, rows, "sft")
+    assert ds[0] == {"prompt": [user("Add the numbers.\n\n2 and 3")], "completion": [assistant("5")]}
+    assert ds[1] == {"prompt": [user("Say hi.")], "completion": [assistant("Hi!")]}
+    assert _load(tmp_path, rows, "ppo")[0] == {"prompt": [user("Add the numbers.\n\n2 and 3")]}
+
+
+def test_sharegpt_becomes_messages(tmp_path):
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                               {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"},
+                               {"from": "gpt", "value": "Bye!"}]}]
+    ds = _load(tmp_path, rows, "sft")
+    assert ds[0]["messages"] == [{"role": "system", "content": "Be brief."}, user("Hi"), assistant("Hello"),
+                                 user("Bye"), assistant("Bye!")]
+    assert _load(tmp_path, rows, "ppo")[0]["prompt"][-1] == user("Bye")  # the last answer is left to the policy
+
+
+def test_hh_transcripts_become_prompt_chosen_rejected(tmp_path):
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 4",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 5"}]
+    ds = _load(tmp_path, rows, "reward")
+    assert ds[0] == {"prompt": [user("Hi"), assistant("Hello"), user("2+2?")], "chosen": [assistant("4")],
+                     "rejected": [assistant("5")]}
+    assert _load(tmp_path, rows, "ppo")[0] == {"prompt": [user("Hi"), assistant("Hello"), user("2+2?")]}
+    assert _load(tmp_path, rows, "sft")[0]["completion"] == [assistant("4")]
+
+
+def test_hh_pairs_must_share_the_dialogue(tmp_path):
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: A", "rejected": "\n\nHuman: Bye\n\nAssistant: B"}]
+    with pytest.raises(DataError, match=r"d.jsonl:1: 'chosen' and 'rejected' differ before their last Assistant"):
+        _load(tmp_path, rows, "reward")
+
+
+def test_trl_formats_pass_through(tmp_path):
+    assert _load(tmp_path, [{"text": "Once upon a time.", "id": 3}], "pretrain")[0] == {"text": "Once upon a time."}
+    assert _load(tmp_path, [{"prompt": "Q: 1+1?", "completion": " 2"}], "sft")[0] == {"prompt": "Q: 1+1?",
+                                                                                      "completion": " 2"}
+    assert _load(tmp_path, [{"prompt": "Q", "chosen": "good", "rejected": "bad"}], "reward")[0] == {
+        "prompt": "Q", "chosen": "good", "rejected": "bad"}
+    implicit = {"chosen": [user("Q"), assistant("good")], "rejected": [user("Q"), assistant("bad")]}
+    assert _load(tmp_path, [implicit], "reward")[0] == implicit
+    assert _load(tmp_path, [{"prompt": "Tell me a story."}], "ppo")[0] == {"prompt": "Tell me a story."}
+
+
+def test_column_mapping_csv_and_json_array(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4\n")
+    recipe = load_recipe(TINY, check_trainers=False)
+    ds = data.load(Dataset(path=str(csv), columns={"prompt": "question", "completion": "answer"}), "sft", recipe)
+    assert ds[1] == {"prompt": "What is 2+2?", "completion": "4"}
+    ds = _load(tmp_path, [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}], "ppo", name="d.json", max_rows=2)
+    assert ds["prompt"] == ["a", "b"]
+
+
+def test_bad_rows_are_named_by_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n\n{"messages": [{"role": "bot", '
+                    '"content": "x"}]}\n')
+    recipe = load_recipe(TINY, check_trainers=False)
+    with pytest.raises(DataError, match=r"d.jsonl:3: 'messages'\[0\] must be \{role: system\|user\|assistant"):
+        data.load(Dataset(path=str(path)), "sft", recipe)
+    path.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
+        data.load(Dataset(path=str(path)), "pretrain", recipe)
+    path.write_text('{"question": "hi"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:1: the sft stage needs 'messages', 'prompt' and 'completion'.*"
+                                        r"this row has question.*dataset.columns"):
+        data.load(Dataset(path=str(path)), "sft", recipe)
+    with pytest.raises(DataError, match=r"stages.sft.dataset.columns.prompt: no column 'q'"):
+        data.load(Dataset(path=str(path), columns={"prompt": "q"}), "sft", recipe)
+    path.write_text(json.dumps([{"text": "a"}, {"text": 1}]))
+    (tmp_path / "arr.json").write_text('[\n  {"prompt": "a"},\n  {"prompt": ["x"]}\n]')
+    with pytest.raises(DataError, match=r"arr.json:3: 'prompt' must be text or a non-empty list of messages|"
+                                        r"arr.json: the rows do not share one shape"):
+        data.load(Dataset(path=str(tmp_path / "arr.json")), "ppo", recipe)
+
+
+def test_data_errors_reach_the_cli_with_every_stage(tmp_path, capsys):
+    from conftest import alignkit
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"nothing": 1}\n')
+    code, out, err = alignkit(capsys, "validate", TINY, f"stages.sft.dataset.path={bad}",
+                              f"stages.ppo.dataset.path={bad}")
+    assert code == 2
+    assert "the data has 2 problem(s)" in err and "stages.sft.dataset:" in err and "stages.ppo.dataset:" in err
+    assert f"{bad}:1:" in err
+
+
+def test_overlength_rows_are_counted(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from alignkit.models import prepare_tokenizer
+
+    recipe = load_recipe(TINY, check_trainers=False)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained("data/tiny/tokenizer"), recipe)
+    ds = data.load(Dataset(path="data/tiny/sft.jsonl"), "sft", recipe)
+    lengths = [len(tok(data.render(r, tok)).input_ids) for r in ds]
+    limit = sorted(lengths)[len(lengths) // 2]
+    expected = sum(n > limit for n in lengths)
+    assert data.check_lengths(ds, tok, limit, "sft", "truncate") == expected > 0
+    assert f"{expected} of {len(ds)} rows are longer than {limit} tokens and are truncated" in capsys.readouterr().err
+    with pytest.raises(DataError, match=rf"stages.sft: {expected} of {len(ds)} rows are longer than {limit}"):
+        data.check_lengths(ds, tok, limit, "sft", "error")
