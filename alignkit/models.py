@@ -90,27 +90,28 @@ def build_model(recipe: Recipe, tokenizer):
     return fit_to_tokenizer(model, tokenizer)
 
 
-def _load_kwargs(recipe: Recipe, upstream: bool) -> dict:
-    kwargs = {} if upstream else {"revision": recipe.model.revision}
-    if recipe.quantization:
+def _load_kwargs(recipe: Recipe, path: str, quantize: bool) -> dict:
+    kwargs = {"revision": recipe.model.revision} if path == recipe.model.name_or_path else {}
+    if quantize and recipe.quantization:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(**recipe.quantization)
     return kwargs
 
 
-def load_causal_lm(recipe: Recipe, path: str, tokenizer, upstream: bool = True):
+def load_causal_lm(recipe: Recipe, path: str, tokenizer, quantize: bool = True):
+    """A causal LM from a folder or Hub id; quantized as the recipe says unless `quantize` is False."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(_where(recipe, path), **_load_kwargs(recipe, upstream))
+        model = AutoModelForCausalLM.from_pretrained(_where(recipe, path), **_load_kwargs(recipe, path, quantize))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
                         "  fix model.name_or_path (a local folder, or a Hub id reachable from here)") from None
     return fit_to_tokenizer(model, tokenizer)
 
 
-def load_reward_model(recipe: Recipe, path: str, tokenizer):
+def load_reward_model(recipe: Recipe, path: str, tokenizer, quantize: bool = True):
     """A one-output sequence classifier; from a causal LM folder its score head starts untrained."""
     import transformers
     from transformers import AutoModelForSequenceClassification
@@ -119,7 +120,7 @@ def load_reward_model(recipe: Recipe, path: str, tokenizer):
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is expected from an LM
     try:
         model = AutoModelForSequenceClassification.from_pretrained(_where(recipe, path), num_labels=1,
-                                                                   **_load_kwargs(recipe, True))
+                                                                   **_load_kwargs(recipe, path, quantize))
     finally:
         transformers.logging.set_verbosity(verbosity)
     return fit_to_tokenizer(model, tokenizer)
@@ -145,13 +146,19 @@ def lora_config(recipe: Recipe, task_type: str):
     return LoraConfig(task_type=task_type, **recipe.lora)
 
 
-def save(model, tokenizer, folder: Path) -> None:
-    """Write a stage's model so that plain transformers loads it; LoRA adapters are merged into the weights."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but keep saving plain models possible without it
-        PeftModel = ()
+def save(model, tokenizer, folder: Path, recipe: Recipe, base: str | None = None, reward: bool = False) -> None:
+    """Write a stage's model so that plain transformers loads it.
+
+    A LoRA-trained model is written twice: its adapter in {folder}/adapter (for peft), and merged into full-precision
+    weights of its `base` in {folder} (merging into 4-bit weights would round the update away).
+    """
+    from peft import PeftModel
+
     if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
+        model.save_pretrained(folder / "adapter")
+        tokenizer.save_pretrained(folder / "adapter")
+        load = load_reward_model if reward else load_causal_lm
+        full = load(recipe, base, tokenizer, quantize=False)
+        model = PeftModel.from_pretrained(full, folder / "adapter").merge_and_unload()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -138,13 +138,12 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
     inputs = {role: str(out / up) if up else None for role, up in roles.items()}
     if stage == "ppo" and recipe.stages["ppo"].reward_model:
         inputs["reward_model"] = recipe.stages["ppo"].reward_model
-    inputs["upstream"] = inputs.get("model") is not None
     if inputs.get("model") is None and stage != "pretrain":
         inputs["model"] = recipe.model.name_or_path
         if inputs["model"] is None:
             raise UserError(f"{stage} has no model to start from: model.config builds an untrained model for the "
                             "pretrain stage; add a pretrain stage, or set model.name_or_path")
-    source = ", ".join(f"{role} from {path}" for role, path in inputs.items() if role != "upstream" and path)
+    source = ", ".join(f"{role} from {path}" for role, path in inputs.items() if path)
     base = "an untrained model built from model.config" if stage == "pretrain" and recipe.model.config else ""
     log(stage, f"{'resuming from ' + resume if resume else 'training'} ({why}); {source or base or 'base model'}")
 

@@ -312,6 +312,15 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
         check_config_class(LoraConfig, recipe.lora, "lora", problems, reserved={"task_type": "set by each stage"})
     if check_trainers and recipe.quantization is not None:
         _check_quantization(recipe.quantization, problems)
+    if recipe.quantization is not None:
+        if recipe.lora is None:
+            problems.append(Problem("quantization", "quantized weights cannot be trained in full; add a lora block "
+                                                    "to train adapters over them (QLoRA)"))
+        for name in known:
+            stage = recipe.stages[name]
+            if stage and stage.trainer.get("bf16") is False and not (name == "pretrain" and m.config is not None):
+                problems.append(Problem(f"stages.{name}.trainer.bf16", "with quantization TRL casts the LoRA "
+                                        "adapters to bf16 (as QLoRA does), so training needs bf16 on; remove bf16: false"))
 
 
 def _check_local(value, key, base: Path, problems, folder: bool, always_local: bool = False) -> None:

@@ -153,3 +153,35 @@ def test_overlength_error_keeps_the_old_output(run_copy, capsys):
     assert "Traceback" not in err
     assert (run_copy / "sft" / "model.safetensors").read_bytes() == before
     assert json.loads((run_copy / "sft" / "alignkit_stage.json").read_text())["status"] == "complete"
+
+
+def test_qlora_stages_write_adapters_and_merged_models(run_copy, capsys):
+    from peft import AutoPeftModelForCausalLM
+
+    bf16 = [f"stages.{s}.trainer.bf16=true" for s in ("sft", "reward", "ppo")]
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--from", "sft",
+                              "lora.r=4", "lora.lora_alpha=8", "quantization.load_in_4bit=true", *bf16)
+    assert code == 0, err
+    assert summary(out) == {"sft": "trained", "reward": "trained", "ppo": "trained"}
+    pretrain = _weights(AutoModelForCausalLM.from_pretrained(run_copy / "pretrain"))
+    sft = _weights(AutoModelForCausalLM.from_pretrained(run_copy / "sft"))  # merged, full precision
+    assert all(v.dtype == torch.float32 for v in sft.values())
+    attn = [k for k in sft if k.endswith("attn.c_attn.weight")]
+    assert attn and all(not torch.equal(pretrain[k], sft[k]) for k in attn)  # LoRA's targets moved
+    assert all(torch.equal(pretrain[k], sft[k]) for k in sft if k.endswith("mlp.c_fc.weight"))  # the rest did not
+    assert (run_copy / "reward" / "adapter" / "adapter_config.json").exists()
+    # the PPO adapter over the SFT model computes what the merged PPO model computes
+    adapter = AutoPeftModelForCausalLM.from_pretrained(run_copy / "ppo" / "adapter").eval()
+    assert adapter.peft_config["default"].r == 4
+    merged = AutoModelForCausalLM.from_pretrained(run_copy / "ppo").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(adapter(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+
+
+def test_quantization_needs_lora_and_bf16(capsys):
+    code, out, err = alignkit(capsys, "validate", TINY, "quantization.load_in_4bit=true")
+    assert code == 2
+    assert "quantization: quantized weights cannot be trained in full; add a lora block" in err
+    assert "stages.sft.trainer.bf16: with quantization TRL casts the LoRA adapters to bf16" in err
+    assert "stages.pretrain.trainer.bf16" not in err  # pretraining from scratch trains in full, unquantized

@@ -44,12 +44,13 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
         log("ppo", "TRL's PPO cannot resume from a checkpoint; training starts again")
 
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
-    policy = models.load_causal_lm(recipe, inputs["model"], tokenizer, upstream=inputs["upstream"])
+    policy = models.load_causal_lm(recipe, inputs["model"], tokenizer)
     peft_config = models.lora_config(recipe, "CAUSAL_LM")
     # With LoRA the reference is the policy with its adapter disabled, not a second copy.
-    ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer, inputs["upstream"])
+    ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer)
     reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer)
-    value = models.load_reward_model(recipe, inputs["reward_model"], tokenizer)
+    # TRL trains the value model in full, so it cannot be quantized
+    value = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, quantize=False)
 
     fixed = {"sft_model_path": inputs["model"], "reward_model_path": inputs["reward_model"]}
     if "stop_token" not in spec.trainer and "stop_token_id" not in spec.trainer:
@@ -77,5 +78,5 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
                          peft_config=peft_config)
     trainer.train()
     trained = trainer.accelerator.unwrap_model(trainer.model).policy
-    models.save(trained, tokenizer, folder)
+    models.save(trained, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import data, models
+from ..log import log
 from ..recipe import Recipe
 from . import train_metrics, trainer_config
 
@@ -21,15 +22,18 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     spec = recipe.stages["pretrain"]
     dataset = data.load(spec.dataset, "pretrain", recipe)
     tokenizer = models.load_tokenizer(recipe)
-    if recipe.model.config is not None:
+    from_scratch = recipe.model.config is not None
+    if from_scratch:  # every weight is new, so it trains in full: no LoRA, no quantization
+        if recipe.lora or recipe.quantization:
+            log("pretrain", "training from scratch trains every weight; lora and quantization apply to later stages")
         model = models.build_model(recipe, tokenizer)
     else:
-        model = models.load_causal_lm(recipe, recipe.model.name_or_path, tokenizer, upstream=False)
+        model = models.load_causal_lm(recipe, recipe.model.name_or_path, tokenizer)
     args = trainer_config("pretrain", recipe, folder, model)
     if not args.packing:  # packed text is cut into full windows by design; unpacked rows are cut at max_length
         data.check_lengths(dataset, tokenizer, args.max_length, "pretrain", spec.overlength)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=models.lora_config(recipe, "CAUSAL_LM"))
+                         peft_config=None if from_scratch else models.lora_config(recipe, "CAUSAL_LM"))
     result = trainer.train(resume_from_checkpoint=resume)
-    models.save(trainer.model, tokenizer, folder)
+    models.save(trainer.model, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result)
