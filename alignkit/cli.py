@@ -14,6 +14,7 @@ RUN_EXAMPLES = """examples:
   alignkit run recipes/tiny.yaml --only reward      # just the reward stage (its upstream must exist)
   alignkit run recipes/tiny.yaml --from reward      # reward and everything after it
   alignkit run recipes/tiny.yaml --force            # retrain even the stages that are up to date
+  alignkit run recipes/tiny.yaml ~model.config model.name_or_path=openai-community/gpt2   # ~KEY removes a key
 
 A stage whose config, data and upstream stages are unchanged is reused; an interrupted pretrain, sft or reward
 stage resumes from its last checkpoint when the same command runs again."""
@@ -41,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               description="Run the recipe's stages in order, reusing those that are up to date.")
     run.add_argument("recipe", help="the recipe YAML file")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key by its dotted path")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="set a recipe key by its dotted path; ~KEY removes one")
     which = run.add_mutually_exclusive_group()
     which.add_argument("--only", choices=STAGES, metavar="STAGE", help="run this stage alone")
     which.add_argument("--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the later ones")
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                    epilog=VALIDATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    description="Check a recipe as `run` would, without loading any model.")
     validate.add_argument("recipe", help="the recipe YAML file")
-    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a recipe key by its dotted path")
+    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                          help="set a recipe key by its dotted path; ~KEY removes one")
     return parser
 
 
@@ -79,8 +82,8 @@ def cmd_validate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    # KEY=VALUE overrides may stand anywhere, before or after the options
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    # KEY=VALUE and ~KEY overrides may stand anywhere, before or after the options
+    overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
     if overrides:
         args.overrides = list(args.overrides or []) + overrides
@@ -108,5 +111,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*experimental.*", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
+    # GPT-2's Conv1D layers: peft sets fan_in_fan_out itself and says so for every stage
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
     # TRL 1.12's configs set transformers' renamed gradient_checkpointing field themselves
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)

@@ -131,9 +131,11 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_traine
 
 
 def _apply_override(raw: dict, item: str, problems: list[Problem]) -> str | None:
-    key, sep, value = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        problems.append(Problem("", f"override {item!r} is not KEY=VALUE with a dotted key, e.g. "
+    """Apply `a.b.c=value` (value read as YAML) or `~a.b.c` (remove the key) to the raw recipe."""
+    remove = item.startswith("~") and "=" not in item
+    key, sep, value = (item[1:], "", "") if remove else item.partition("=")
+    if not (sep or remove) or not key or any(not part for part in key.split(".")):
+        problems.append(Problem("", f"override {item!r} is not KEY=VALUE or ~KEY with a dotted key, e.g. "
                                     "stages.ppo.trainer.learning_rate=1e-5", where="command line"))
         return None
     try:
@@ -151,7 +153,13 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> str | None
                                     where="command line"))
             return None
         node = child
-    node[parts[-1]] = parsed
+    if remove:
+        if parts[-1] not in node:
+            problems.append(Problem(key, "cannot remove it: the recipe does not set it", where="command line"))
+            return None
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = parsed
     return key
 
 

@@ -185,3 +185,22 @@ def test_quantization_needs_lora_and_bf16(capsys):
     assert "quantization: quantized weights cannot be trained in full; add a lora block" in err
     assert "stages.sft.trainer.bf16: with quantization TRL casts the LoRA adapters to bf16" in err
     assert "stages.pretrain.trainer.bf16" not in err  # pretraining from scratch trains in full, unquantized
+
+
+def test_force_retrains_only_the_chosen_stage(run_copy, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "reward", "--force")
+    assert code == 0
+    assert summary(out) == {"reward": "trained"}
+    assert "reward: training (forced)" in err
+
+
+def test_an_unreachable_hub_model_is_a_clear_error(tmp_path, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={tmp_path / 'hub'}", "--only", "pretrain",
+                              "~model.config", "~model.tokenizer", "model.name_or_path=openai-community/gpt2")
+    assert code == 2
+    assert "cannot load the tokenizer 'openai-community/gpt2'" in err and "HF_HUB_OFFLINE" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "hub" / "pretrain").exists()
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={tmp_path / 'hub'}", "--only", "pretrain",
+                              "~model.config", "model.name_or_path=openai-community/gpt2")
+    assert code == 2 and "cannot load the model 'openai-community/gpt2'" in err
