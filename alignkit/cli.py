@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -25,6 +26,14 @@ VALIDATE_EXAMPLES = """examples:
 
 Checks the recipe with the same loader as `run` (every trainer block against TRL's config class) and reads every
 stage's local dataset; loads no model and downloads nothing."""
+
+
+EVAL_EXAMPLES = """examples:
+  alignkit eval recipes/chat.yaml
+  alignkit eval recipes/chat.yaml eval.max_new_tokens=64 output_dir=runs/other
+
+Writes {output_dir}/report.md, report.json and PNG plots. `alignkit run` does the same after training when the
+recipe has an eval section."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,17 +64,53 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe", help="the recipe YAML file")
     validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                           help="set a recipe key by its dotted path; ~KEY removes one")
+    evaluate = commands.add_parser("eval", help="evaluate a run's checkpoints and write its report",
+                                   epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="Evaluate base, sft and ppo on the recipe's held-out prompts.")
+    evaluate.add_argument("recipe", help="the recipe YAML file (its output_dir holds the run)")
+    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                          help="set a recipe key by its dotted path; ~KEY removes one")
     return parser
 
 
 def cmd_run(args) -> int:
+    import time
+
     from . import pipeline
     from .recipe import load_recipe
 
+    t0 = time.time()
     recipe = load_recipe(args.recipe, args.overrides)
     summary = pipeline.run(recipe, only=args.only, start=args.start, force=args.force)
     for stage, info in summary.items():
         print(f"{stage:9s} {info['status']:8s} {info['seconds']:8.1f}s  {os.path.join(recipe.output_dir, stage)}")
+    if recipe.eval is not None:
+        from . import evaluate
+
+        report = evaluate.evaluate(recipe)
+        print(evaluate.write_report(recipe, report, summary, time.time() - t0))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import time
+
+    from . import evaluate, pipeline
+    from .errors import UserError
+    from .recipe import load_recipe
+
+    t0 = time.time()
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.eval is None:
+        raise UserError(f"{args.recipe}: no eval section; add one naming held-out prompts: "
+                        "eval: {dataset: {path: data/eval.jsonl}}")
+    stages = {}
+    for stage in recipe.stages:
+        manifest = pipeline.read_manifest(Path(recipe.output_dir) / stage)
+        if manifest and manifest.get("status") == "complete":
+            stages[stage] = {"status": "reused", "seconds": manifest.get("seconds", 0.0)}
+    report = evaluate.evaluate(recipe)
+    print(evaluate.write_report(recipe, report, stages, time.time() - t0))
     return 0
 
 
@@ -92,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _quiet_libraries()
     try:
-        return {"run": cmd_run, "validate": cmd_validate}[args.command](args)
+        return {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval}[args.command](args)
     except UserError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)
         return 2

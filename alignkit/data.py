@@ -2,6 +2,7 @@
 
 Each stage gets rows in one of TRL's formats, plain or conversational:
   pretrain: text;  sft: text | prompt+completion | messages;  reward: [prompt+]chosen+rejected;  ppo: prompt.
+A ranking of K answers (prompt + responses, best first) gives the reward stage all K(K-1)/2 pairs, as in InstructGPT.
 Converters turn Alpaca (instruction/input/output), ShareGPT (conversations of from/value) and Anthropic HH
 transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") into those. Errors name the file and line.
 """
@@ -23,8 +24,10 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 NEEDS = {
     "pretrain": "a 'text' column",
+    "eval": "a 'prompt' column (with an optional 'reference' answer), or 'messages'",
     "sft": "'messages', 'prompt' and 'completion', or 'text' columns, or Alpaca / ShareGPT data",
-    "reward": "'chosen' and 'rejected' columns (with an optional 'prompt'), or Anthropic HH transcripts",
+    "reward": "'chosen' and 'rejected' columns (with an optional 'prompt'), a ranking ('prompt' and 'responses', "
+              "best first), or Anthropic HH transcripts",
     "ppo": "a 'prompt' column, or 'messages', Alpaca, ShareGPT or HH data to take the prompts from",
 }
 
@@ -44,16 +47,27 @@ def load(spec: DatasetSpec, stage: str, recipe: Recipe):
     if len(ds) == 0:
         raise DataError(f"{locate(None)}: no rows")
     fmt = spec.format if spec.format != "auto" else detect_format(ds.column_names, ds[0])
+    columns: list[str] = []
 
-    def convert(row, i):
-        try:
-            return shape_for_stage(stage, convert_row(row, fmt))
-        except DataError as e:
-            raise DataError(f"{locate(i)}: {e}") from None
+    def convert(batch, indices):
+        out: dict[str, list] = {}
+        for j, i in enumerate(indices):
+            try:
+                rows = shape_for_stage(stage, convert_row({k: batch[k][j] for k in batch}, fmt))
+            except DataError as e:
+                raise DataError(f"{locate(i)}: {e}") from None
+            for row in rows:
+                if not columns:
+                    columns.extend(row)
+                if list(row) != columns:
+                    raise DataError(f"{locate(i)}: this row gives {', '.join(row)} but earlier rows gave "
+                                    f"{', '.join(columns)}; use one shape for every row of a file")
+                for k, v in row.items():
+                    out.setdefault(k, []).append(v)
+        return out
 
-    out = ds.map(convert, with_indices=True, remove_columns=ds.column_names, load_from_cache_file=False,
-                 desc=f"{stage}: checking {fmt} rows")
-    return out
+    return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  load_from_cache_file=False, desc=f"{stage}: checking {fmt} rows")
 
 
 def _read(spec: DatasetSpec, recipe: Recipe):
@@ -195,44 +209,81 @@ def from_hh(row: dict) -> dict:
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
-def shape_for_stage(stage: str, row: dict) -> dict:
-    """Pick and check the columns the stage's trainer takes; raise DataError naming what is missing."""
+def shape_for_stage(stage: str, row: dict) -> list[dict]:
+    """The rows (usually one) in the columns the stage's trainer takes; raise DataError naming what is missing.
+
+    A ranking, `responses` best first, gives the reward stage every pair of it: K answers make K(K-1)/2 pairs.
+    """
     has = {k for k, v in row.items() if v is not None}
     for key in ("prompt", "completion", "messages", "chosen", "rejected"):
         if key in has:
             _check_content(row[key], key)
+    if "responses" in has:
+        row = {**row, **_ranking(row)}
+        has = {k for k, v in row.items() if v is not None}
     if stage == "pretrain" and "text" in has:
-        return {"text": row["text"]}
+        return [{"text": row["text"]}]
     if stage == "sft":
         if "messages" in has:
-            return {"messages": row["messages"]}
-        if {"prompt", "completion"} <= has:
-            _same_kind(row, "prompt", "completion")
-            return {"prompt": row["prompt"], "completion": row["completion"]}
-        if {"prompt", "chosen"} <= has:  # comparisons: learn from the preferred answer
-            _same_kind(row, "prompt", "chosen")
-            return {"prompt": row["prompt"], "completion": row["chosen"]}
+            return [{"messages": row["messages"]}]
+        for answer in ("completion", "chosen"):  # from comparisons: learn the preferred answer
+            if {"prompt", answer} <= has:
+                _same_kind(row, "prompt", answer)
+                return [{"prompt": row["prompt"], "completion": row[answer]}]
         if "text" in has:
-            return {"text": row["text"]}
-    if stage == "reward" and {"chosen", "rejected"} <= has:
-        out = {"chosen": row["chosen"], "rejected": row["rejected"]}
-        _same_kind(row, "chosen", "rejected")
+            return [{"text": row["text"]}]
+    if stage == "reward":
+        if "ranked" in row:
+            return [{"prompt": row["prompt"], "chosen": row["ranked"][i], "rejected": row["ranked"][j]}
+                    for i in range(len(row["ranked"])) for j in range(i + 1, len(row["ranked"]))]
+        if {"chosen", "rejected"} <= has:
+            out = {"chosen": row["chosen"], "rejected": row["rejected"]}
+            _same_kind(row, "chosen", "rejected")
+            if "prompt" in has:
+                _same_kind(row, "prompt", "chosen")
+                out = {"prompt": row["prompt"], **out}
+            return [out]
+    if stage in ("ppo", "eval"):
+        prompt = None
         if "prompt" in has:
-            _same_kind(row, "prompt", "chosen")
-            out = {"prompt": row["prompt"], **out}
-        return out
-    if stage == "ppo":
-        if "prompt" in has:
-            return {"prompt": row["prompt"]}
-        if "messages" in has:
+            prompt = row["prompt"]
+        elif "messages" in has:
             messages = row["messages"]
             if messages and messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
-            if messages and messages[-1]["role"] == "user":
-                return {"prompt": messages}
-            raise DataError("'messages' has no user turn to use as a prompt")
+            if not messages or messages[-1]["role"] != "user":
+                raise DataError("'messages' has no user turn to use as a prompt")
+            prompt = messages
+        if prompt is not None:
+            if stage == "ppo":
+                return [{"prompt": prompt}]
+            reference = row.get("reference")
+            if reference is not None and not isinstance(reference, str):
+                raise DataError(f"'reference' must be text, got {type(reference).__name__}")
+            return [{"prompt": prompt, "reference": reference}]
     raise DataError(f"the {stage} stage needs {NEEDS[stage]}; this row has {', '.join(sorted(has)) or 'nothing'}. "
                     "Rename columns with dataset.columns, or set dataset.format")
+
+
+def _ranking(row: dict) -> dict:
+    """`prompt` + `responses` (best first) -> the best as `chosen` and the whole ranking as `ranked`."""
+    responses = row["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError("'responses' must list at least two answers, best first")
+    if "prompt" not in row or row["prompt"] is None:
+        raise DataError("a ranking needs a 'prompt' beside its 'responses'")
+    conversational = isinstance(row["prompt"], list)
+    ranked = []
+    for n, r in enumerate(responses):
+        if isinstance(r, str) and conversational:
+            r = [{"role": "assistant", "content": r}]
+        if isinstance(r, str) == conversational:
+            raise DataError(f"'responses'[{n}] must be {'a message list or text' if conversational else 'text'}, "
+                            f"like the prompt")
+        if not isinstance(r, str):
+            _check_content(r, f"responses[{n}]")
+        ranked.append(r)
+    return {"chosen": ranked[0], "ranked": ranked}
 
 
 def _check_content(value, key: str) -> None:

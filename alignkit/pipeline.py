@@ -49,9 +49,27 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def local_files_hash(path: str | None, recipe: Recipe) -> str | None:
+    """What a local model, tokenizer or template folder holds: contents of small files, size and time of large ones."""
+    if path is None:
+        return None
+    root = recipe.resolve(path)
+    if not root.exists():
+        return None  # a Hub id: its name (in the config) stands for it
+    h = hashlib.sha256()
+    for f in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root) if f != root else f.name}:{st.st_size}".encode())
+        h.update(f.read_bytes() if st.st_size < 50_000_000 else str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
 def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
     spec = dataclasses.asdict(recipe.stages[stage])
-    model_settings = {"model": dataclasses.asdict(recipe.model), "lora": recipe.lora,
+    m = recipe.model
+    template_file = m.chat_template if m.chat_template and "{" not in m.chat_template else None
+    files = [local_files_hash(p, recipe) for p in (m.name_or_path, m.tokenizer, template_file)]
+    model_settings = {"model": dataclasses.asdict(m), "files": files, "lora": recipe.lora,
                       "quantization": recipe.quantization, "seed": recipe.seed}
     return {"config": _hash([spec, model_settings]), "data": data.fingerprint(recipe.stages[stage].dataset, recipe),
             "upstream": upstream_fps}
@@ -68,16 +86,21 @@ def _why(old: dict | None, new: dict) -> str:
 
 
 def check_data(recipe: Recipe, stages) -> None:
-    """Load every selected stage's dataset before anything trains, and report all their problems at once."""
+    """Load every selected stage's dataset (and the eval data) before anything trains; report all problems at once."""
     import datasets
 
     datasets.disable_progress_bars()
     problems = []
-    for stage in stages:
+    specs = [(f"stages.{stage}.dataset", recipe.stages[stage].dataset, stage) for stage in stages]
+    if recipe.eval is not None:
+        specs.append(("eval.dataset", recipe.eval.dataset, "eval"))
+        if recipe.eval.comparisons is not None:
+            specs.append(("eval.comparisons", recipe.eval.comparisons, "reward"))
+    for key, spec, kind in specs:
         try:
-            data.load(recipe.stages[stage].dataset, stage, recipe)
+            data.load(spec, kind, recipe)
         except UserError as e:
-            problems.append(f"  stages.{stage}.dataset: {e}")
+            problems.append(f"  {key}: {e}")
     datasets.enable_progress_bars()
     if problems:
         raise UserError(f"{recipe.source}: the data has {len(problems)} problem(s):\n" + "\n".join(problems))

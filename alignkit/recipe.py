@@ -65,6 +65,18 @@ class Stage:
 
 
 @dataclass
+class Eval:
+    dataset: Dataset = field(metadata={"help": "held-out prompts; a 'reference' column enables gold accuracy"})
+    comparisons: Dataset | None = field(
+        default=None, metadata={"help": "held-out comparisons (pairs or rankings): the reward model's accuracy"})
+    max_new_tokens: int = field(default=32, metadata={"help": "longest answer generated"})
+    batch_size: int = field(default=64, metadata={"help": "prompts generated at once"})
+    match: Literal["exact", "contains"] = field(
+        default="exact", metadata={"help": "an answer is correct when it equals ('exact') or contains the reference, "
+                                           "ignoring case, spacing and end punctuation"})
+
+
+@dataclass
 class Recipe:
     output_dir: str = field(metadata={"help": "folder for every stage's output: {output_dir}/{stage}/"})
     model: Model = field(metadata={"help": "the base model and tokenizer"})
@@ -74,6 +86,8 @@ class Recipe:
         default=None, metadata={"help": "train LoRA adapters: settings for peft.LoraConfig (r, lora_alpha, ...)"})
     quantization: dict[str, Any] | None = field(
         default=None, metadata={"help": "load quantized: settings for transformers.BitsAndBytesConfig"})
+    eval: Eval | None = field(
+        default=None, metadata={"help": "evaluate base, sft and ppo on held-out prompts after a run: report.md/json"})
     source: Path = field(default=Path("<recipe>"), metadata={"yaml": False})
 
     def to_dict(self) -> dict:
@@ -179,7 +193,13 @@ def _build(cls, data, key: str, problems: list[Problem]):
                 problems.append(Problem(sub, f"required: {f.metadata.get('help', '')}"))
             continue
         value, tp = data[name], hints[name]
-        if dataclasses.is_dataclass(tp):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(inner) == 1 and \
+                dataclasses.is_dataclass(inner[0]):
+            tp = inner[0] if value is not None else type(None)  # an optional section
+        if tp is type(None):
+            pass
+        elif dataclasses.is_dataclass(tp):
             value = _build(tp, value, sub, problems)
         elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             if not isinstance(value, dict):
@@ -312,6 +332,11 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
                 _check_local(stage.reward_model, f"{key}.reward_model", base, problems, folder=True)
         if check_trainers:
             check_trainer(name, stage.trainer, f"{key}.trainer", problems)
+    if recipe.eval is not None:
+        for key in ("dataset", "comparisons"):
+            spec = getattr(recipe.eval, key)
+            if spec is not None:
+                _check_local(spec.path, f"eval.{key}.path", base, problems, folder=False)
     if "ppo" in known and "reward" not in known and recipe.stages["ppo"] and not recipe.stages["ppo"].reward_model:
         problems.append(Problem("stages.ppo.reward_model", "ppo needs a reward model: add a reward stage before it, "
                                                            "or set stages.ppo.reward_model to a trained one"))

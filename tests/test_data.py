@@ -135,3 +135,25 @@ def test_overlength_rows_are_counted(tmp_path, capsys):
     assert f"{expected} of {len(ds)} rows are longer than {limit} tokens and are truncated" in capsys.readouterr().err
     with pytest.raises(DataError, match=rf"stages.sft: {expected} of {len(ds)} rows are longer than {limit}"):
         data.check_lengths(ds, tok, limit, "sft", "error")
+
+
+def test_rankings_expand_to_every_pair_best_first(tmp_path):
+    rows = [{"prompt": [user("2+2?")], "responses": ["4", "5", "6", "seven"]},
+            {"prompt": [user("1+1?")], "responses": ["2", "3"]}]
+    ds = _load(tmp_path, rows, "reward")
+    pairs = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in ds]
+    assert pairs == [("2+2?", "4", "5"), ("2+2?", "4", "6"), ("2+2?", "4", "seven"), ("2+2?", "5", "6"),
+                     ("2+2?", "5", "seven"), ("2+2?", "6", "seven"), ("1+1?", "2", "3")]
+    assert all(r["chosen"][0]["role"] == "assistant" for r in ds)
+    assert _load(tmp_path, rows, "sft")[0] == {"prompt": [user("2+2?")], "completion": [assistant("4")]}
+    assert _load(tmp_path, rows, "ppo")[1] == {"prompt": [user("1+1?")]}
+    plain = _load(tmp_path, [{"prompt": "Q", "responses": ["a", "b", "c"]}], "reward")
+    assert [(r["chosen"], r["rejected"]) for r in plain] == [("a", "b"), ("a", "c"), ("b", "c")]
+    with pytest.raises(DataError, match=r"d.jsonl:1: 'responses' must list at least two answers"):
+        _load(tmp_path, [{"prompt": "Q", "responses": ["a"]}], "reward")
+
+
+def test_eval_rows_carry_their_reference(tmp_path):
+    rows = [{"prompt": [user("2+2?")], "reference": "4"}, {"prompt": [user("Hi")], "reference": None}]
+    ds = _load(tmp_path, rows, "eval")
+    assert ds[0] == {"prompt": [user("2+2?")], "reference": "4"} and ds[1]["reference"] is None

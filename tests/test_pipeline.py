@@ -204,3 +204,30 @@ def test_an_unreachable_hub_model_is_a_clear_error(tmp_path, capsys):
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={tmp_path / 'hub'}", "--only", "pretrain",
                               "~model.config", "model.name_or_path=openai-community/gpt2")
     assert code == 2 and "cannot load the model 'openai-community/gpt2'" in err
+
+
+def test_a_changed_tokenizer_folder_reruns_the_stage(tmp_path, capsys):
+    import shutil
+
+    from conftest import REPO
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(REPO / "data" / "tiny" / "tokenizer", tokenizer)
+    recipe = tmp_path / "pretrain.yaml"
+    recipe.write_text(f"""\
+output_dir: {tmp_path / 'run'}
+model:
+  config: {{model_type: gpt2, n_layer: 1, n_head: 2, n_embd: 32, n_positions: 64}}
+  tokenizer: {tokenizer}
+stages:
+  pretrain:
+    dataset: {{path: {REPO / 'data/tiny/pretrain.jsonl'}}}
+    trainer: {{max_steps: 2, gradient_checkpointing: false, bf16: false}}
+""")
+    assert alignkit(capsys, "run", recipe)[0] == 0
+    code, out, err = alignkit(capsys, "run", recipe)
+    assert summary(out) == {"pretrain": "reused"}
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+    code, out, err = alignkit(capsys, "run", recipe)
+    assert summary(out) == {"pretrain": "trained"} and "its config changed" in err

@@ -1,0 +1,326 @@
+"""Evaluation and the report: what each stage bought, measured on held-out prompts.
+
+Every checkpoint of the pipeline (base = the pretrained model, sft, ppo) answers the recipe's `eval` prompts greedily.
+For each: the reward model's mean score, the KL to the SFT model (nats per response, on the checkpoint's own samples at
+temperature 1), mean response length in tokens, the share of answers that end with EOS, repetition (the share of a
+response's token bigrams that repeat an earlier bigram), and, where rows carry a reference answer, the share that are
+correct. Then the reward model's pairwise accuracy on held-out comparisons and the win rate of the final policy
+against SFT. Writes {output_dir}/report.json, report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from . import data
+from .log import log
+from .pipeline import MANIFEST, read_manifest
+from .recipe import Recipe
+
+CHECKPOINTS = {"base": "pretrain", "sft": "sft", "ppo": "ppo"}
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower()).strip().rstrip(".!?").strip()
+
+
+def is_correct(answer: str, reference: str, match: str) -> bool:
+    a, r = _normalize(answer), _normalize(reference)
+    return a == r if match == "exact" else r in a
+
+
+def checkpoints(recipe: Recipe) -> dict[str, str]:
+    """The complete stage outputs to evaluate, by checkpoint name; base is the base model without a pretrain stage."""
+    out = Path(recipe.output_dir)
+    found = {}
+    for name, stage in CHECKPOINTS.items():
+        manifest = read_manifest(out / stage)
+        if manifest and manifest.get("status") == "complete":
+            found[name] = str(out / stage)
+        elif name == "base" and "pretrain" not in recipe.stages and recipe.model.name_or_path:
+            found[name] = recipe.model.name_or_path
+    return found
+
+
+def _device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+              sample: bool = False) -> list[list[int]]:
+    """Responses (token ids, cut after the first EOS) to each prompt."""
+    import torch
+
+    responses = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
+                                 top_p=1.0 if sample else None, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, width:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id) + 1]
+            responses.append([t for t in row if t != tokenizer.pad_token_id])
+    return responses
+
+
+def _logprobs(model, tokenizer, prompts: list[list[int]], responses: list[list[int]], batch_size: int) -> list[float]:
+    """Sum of log-probabilities of each response given its prompt."""
+    import torch
+
+    sums = []
+    for start in range(0, len(prompts), batch_size):
+        pairs = list(zip(prompts[start:start + batch_size], responses[start:start + batch_size]))
+        width = max(len(p) + len(r) for p, r in pairs)
+        ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        target = torch.zeros((len(pairs), width), dtype=torch.bool)
+        for i, (p, r) in enumerate(pairs):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            mask[i, :len(p) + len(r)] = 1
+            target[i, len(p):len(p) + len(r)] = True
+        ids, mask, target = ids.to(model.device), mask.to(model.device), target.to(model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        sums += (logp * target[:, 1:]).sum(dim=1).tolist()
+    return sums
+
+
+def _scores(reward_model, tokenizer, sequences: list[list[int]], batch_size: int) -> list[float]:
+    """The reward model's score of each token sequence, read at its last token, as in PPO."""
+    import torch
+
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch], device=reward_model.device)
+        with torch.no_grad():
+            scores += reward_model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0] \
+                .float().tolist()
+    return scores
+
+
+def _repetition(ids: list[int]) -> float:
+    bigrams = list(zip(ids, ids[1:]))
+    return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def evaluate(recipe: Recipe) -> dict:
+    """The `eval` metrics of every checkpoint, the reward model's held-out accuracy and the win rate against SFT."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import models
+
+    spec, out = recipe.eval, Path(recipe.output_dir)
+    found = checkpoints(recipe)
+    if "sft" not in found and "ppo" not in found:
+        from .errors import UserError
+
+        raise UserError(f"nothing to evaluate in {out}: run the sft or ppo stage first (alignkit run {recipe.source})")
+    tokenizer = AutoTokenizer.from_pretrained(found.get("sft") or found["ppo"])
+    tokenizer.padding_side = "left"
+    rows = data.load(spec.dataset, "eval", recipe)
+    prompts = [tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
+               for r in rows]
+    references = rows["reference"]
+    device = _device()
+    reward_path = recipe.stages["ppo"].reward_model if "ppo" in recipe.stages and recipe.stages["ppo"].reward_model \
+        else (str(out / "reward") if (read_manifest(out / "reward") or {}).get("status") == "complete" else None)
+    reward_model = models.load_reward_model(recipe, reward_path, tokenizer, quantize=False).to(device).eval() \
+        if reward_path else None
+    sft_model = AutoModelForCausalLM.from_pretrained(found["sft"]).to(device).eval() if "sft" in found else None
+
+    results, answers = {}, {}
+    for name, path in found.items():
+        t0 = time.time()
+        model = sft_model if name == "sft" else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        if name == "base":  # a base model from the Hub lacks the pad token the stages added
+            models.fit_to_tokenizer(model, tokenizer)
+        responses = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        answers[name] = texts
+        correct = [is_correct(t, ref, spec.match) for t, ref in zip(texts, references) if ref is not None]
+        kl = None
+        if sft_model is not None:
+            if name == "sft":
+                kl = 0.0
+            else:
+                samples = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size, sample=True)
+                own = _logprobs(model, tokenizer, prompts, samples, spec.batch_size)
+                ref = _logprobs(sft_model, tokenizer, prompts, samples, spec.batch_size)
+                kl = _mean(a - b for a, b in zip(own, ref))
+        scores = _scores(reward_model, tokenizer, [p + r for p, r in zip(prompts, responses)], spec.batch_size) \
+            if reward_model is not None else []
+        results[name] = {
+            "gold_accuracy": _mean(correct),
+            "reward_mean": _mean(scores),
+            "kl_to_sft": kl,
+            "length_mean": _mean(map(len, responses)),
+            "eos_rate": _mean(tokenizer.eos_token_id in r for r in responses),
+            "repetition": _mean(map(_repetition, responses)),
+        }
+        answers[name + "_scores"] = scores
+        log("eval", f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None)
+            + f" ({time.time() - t0:.0f}s)")
+    report = {"eval": results, "reward_accuracy": None, "win_rate_vs_sft": None, "eval_prompts": len(rows)}
+    if reward_model is not None and spec.comparisons is not None:
+        report["reward_accuracy"] = reward_accuracy(recipe, reward_model, tokenizer)
+        log("eval", f"reward model: pairwise accuracy {report['reward_accuracy']:.3f} on held-out comparisons")
+    final = "ppo" if "ppo" in answers else None
+    if final and "sft" in answers:
+        report["win_rate_vs_sft"] = win_rate(answers[final], answers["sft"], references, spec.match,
+                                             answers[final + "_scores"], answers["sft_scores"])
+    report["samples"] = [{"prompt": data.render(r, tokenizer, add_generation_prompt=True), "reference": r["reference"],
+                          **{name: answers[name][i] for name in found}} for i, r in enumerate(rows.select(range(8)))]
+    return report
+
+
+def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
+    """Share of held-out pairs (rankings expanded) where the chosen answer scores above the rejected one."""
+    pairs = data.load(recipe.eval.comparisons, "reward", recipe)
+
+    def ids(row, side):
+        return tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False).input_ids
+
+    bs = recipe.eval.batch_size
+    chosen = _scores(reward_model, tokenizer, [ids(r, "chosen") for r in pairs], bs)
+    rejected = _scores(reward_model, tokenizer, [ids(r, "rejected") for r in pairs], bs)
+    return _mean(c > r for c, r in zip(chosen, rejected))
+
+
+def win_rate(final: list[str], sft: list[str], references: list, match: str, final_scores, sft_scores) -> float:
+    """How often the final policy's answer beats SFT's, ties counting half: judged by the reference answer where a row
+    has one, else by the reward model."""
+    points = []
+    for i, (a, b) in enumerate(zip(final, sft)):
+        if references[i] is not None:
+            x, y = is_correct(a, references[i], match), is_correct(b, references[i], match)
+        elif final_scores:
+            x, y = final_scores[i], sft_scores[i]
+        else:
+            continue
+        points.append(1.0 if x > y else 0.5 if x == y else 0.0)
+    return _mean(points)
+
+
+# --- the report ---------------------------------------------------------------------------------------------------
+
+
+def write_report(recipe: Recipe, report: dict, stages: dict, wall_seconds: float) -> Path:
+    """report.json, report.md and the plots, in {output_dir}."""
+    out = Path(recipe.output_dir)
+    report = {"wall_seconds": wall_seconds, "stages": stages, **report}
+    plots = _plots(out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_markdown(recipe, report, plots))
+    log("eval", f"report: {out / 'report.md'}")
+    return out / "report.md"
+
+
+def _history(out: Path, stage: str) -> list[dict]:
+    try:
+        return json.loads((out / stage / "metrics.json").read_text())["log_history"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _plots(out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    stages = [s for s in ("pretrain", "sft", "reward") if any("loss" in h for h in _history(out, s))]
+    if stages:
+        fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+        for ax, stage in zip(axes[0], stages):
+            points = [(h["step"], h["loss"]) for h in _history(out, stage) if "loss" in h]
+            ax.plot(*zip(*points), marker=".")
+            ax.set(title=f"{stage} training loss", xlabel="step", ylabel="loss")
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=80)
+        plt.close(fig)
+        made.append("loss.png")
+    ppo = [h for h in _history(out, "ppo") if "objective/scores" in h]
+    if ppo:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        episodes = [h["episode"] for h in ppo]
+        axes[0].plot(episodes, [h["objective/scores"] for h in ppo], marker=".")
+        axes[0].set(title="PPO reward (reward model score)", xlabel="episode", ylabel="score")
+        axes[1].plot(episodes, [h["objective/kl"] for h in ppo], marker=".", color="tab:red")
+        axes[1].set(title="PPO KL to the SFT model", xlabel="episode", ylabel="nats per response")
+        fig.tight_layout()
+        fig.savefig(out / "ppo.png", dpi=80)
+        plt.close(fig)
+        made.append("ppo.png")
+    return made
+
+
+def _eval_plot(out: Path, results: dict) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    metrics = [m for m in ("gold_accuracy", "eos_rate") if any(results[n][m] is not None for n in names)]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    width = 0.8 / max(1, len(metrics))
+    for k, metric in enumerate(metrics):
+        axes[0].bar([i + k * width for i in range(len(names))], [results[n][metric] or 0 for n in names], width,
+                    label=metric)
+    axes[0].set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(names))], names)
+    axes[0].set(title="held-out answers", ylim=(0, 1))
+    axes[0].legend()
+    axes[1].bar(names, [results[n]["reward_mean"] or 0 for n in names], color="tab:green")
+    axes[1].set(title="reward model's mean score")
+    fig.tight_layout()
+    fig.savefig(out / "eval.png", dpi=80)
+    plt.close(fig)
+    return "eval.png"
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
+    out = Path(recipe.output_dir)
+    plots = plots + [_eval_plot(out, report["eval"])]
+    columns = ["gold_accuracy", "reward_mean", "kl_to_sft", "length_mean", "eos_rate", "repetition"]
+    lines = [f"# alignkit report: {recipe.source}", "",
+             f"Wall time {report['wall_seconds']:.0f} s. Stages: " +
+             ", ".join(f"{s} {v['status']} ({v['seconds']:.0f} s)" for s, v in report["stages"].items()) + ".", "",
+             f"## Held-out evaluation ({report['eval_prompts']} prompts)", "",
+             "| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, values in report["eval"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(values[c]) for c in columns) + " |")
+    lines += ["", f"- Reward model's pairwise accuracy on held-out comparisons: {_fmt(report['reward_accuracy'])}",
+              f"- Win rate of the final policy against SFT (ties count half): {_fmt(report['win_rate_vs_sft'])}", "",
+              "gold_accuracy: share of answers equal to the reference"
+              f" ({recipe.eval.match} match, ignoring case and end punctuation). kl_to_sft: nats per response, on the "
+              "checkpoint's own samples at temperature 1. length_mean: tokens per answer. repetition: share of an "
+              "answer's token bigrams that repeat an earlier one.", ""]
+    lines += [f"![{p}]({p})" for p in plots] + ["", "## Sample answers", ""]
+    for sample in report["samples"]:
+        lines.append(f"**Prompt** `{sample['prompt']!r}` (reference: {sample['reference']!r})")
+        lines += [f"- {name}: {sample[name]!r}" for name in CHECKPOINTS if name in sample] + [""]
+    return "\n".join(lines)

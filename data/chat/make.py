@@ -1,0 +1,174 @@
+"""Regenerates data/chat/: a small conversational world whose answers a program can check.
+
+    python data/chat/make.py [OUT_DIR]      # deterministic: rewrites the committed files byte for byte
+
+The world: 140 fictional countries, each with a capital and a flag colour, and sums of two numbers below 10.
+- pretrain.jsonl  plain text stating every fact many times (the only place the facts of held-out countries appear);
+- sft.jsonl       few, imperfect demonstrations: the demonstrator answers flags and sums, but mostly hedges
+                  ("I am not sure.") on capitals, which the pretrained model does know: the systematic flaw that
+                  RLHF can fix, as in InstructGPT, where labellers' preferences reach beyond what they demonstrate;
+- comparisons.jsonl  K = 4 answers per prompt, best first, ranked by the checker (correct > hedge > wrong >
+                  rambling), with 10 % of rankings disturbed by a swap of two neighbours, as labellers are noisy;
+- ppo.jsonl       RL prompts (the comparisons' prompts, and some two-turn chats);
+- eval.jsonl      held-out prompts with reference answers: other countries and other sums, no prompt shared with any
+                  training file; eval_comparisons.jsonl: held-out rankings (noise-free) for the reward model;
+- tokenizer/      a byte-level BPE trained on the corpus, with no pad token and no chat template, like GPT-2's.
+"""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED = 1234
+N_COUNTRIES, N_TRAIN = 140, 60           # countries 60.. are held out for evaluation
+COLOURS = ["red", "blue", "green", "white", "black", "gold", "purple", "orange"]
+HEDGE = "I am not sure."
+SYLLABLES = ["ka", "lo", "mi", "ra", "zo", "ve", "tu", "ni", "sa", "pe", "do", "ri", "ba", "xu", "fe", "go", "ly",
+             "qua", "th", "or", "an", "el", "is", "um"]
+
+
+def names(rng, count, lengths, suffixes, taken):
+    out = []
+    while len(out) < count:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice(lengths))) + rng.choice(suffixes)
+        name = name.capitalize()
+        if name not in taken:
+            taken.add(name)
+            out.append(name)
+    return out
+
+
+def world(rng):
+    taken = set()
+    countries = names(rng, N_COUNTRIES, (2, 3), ("ia", "land", "stan", "or", "esh"), taken)
+    capitals = names(rng, N_COUNTRIES, (2, 3), ("", "ton", "burg", "ville"), taken)
+    flags = [rng.choice(COLOURS) for _ in countries]
+    return [{"country": c, "capital": k, "flag": f} for c, k, f in zip(countries, capitals, flags)]
+
+
+# Answers are stated as the pretraining text states facts, so the knowledge carries over to the answer.
+def capital_q(c):
+    return f"What is the capital of {c['country']}?", f"The capital of {c['country']} is {c['capital']}."
+
+
+def flag_q(c):
+    return f"What colour is the flag of {c['country']}?", f"The flag of {c['country']} is {c['flag']}."
+
+
+def sum_q(a, b):
+    return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+
+
+def pretraining_text(rng, countries):
+    """Paragraphs that each describe one country, naming it again and again (so the model learns to carry a name
+    from earlier in the text, as an answer must carry it from the question), and tables of sums."""
+    lines = []
+    for _ in range(10):
+        for c in countries:
+            x, y, f = c["country"], c["capital"], c["flag"]
+            sentences = [f"The capital of {x} is {y}.", f"{y} is the capital of {x}.", f"The flag of {x} is {f}.",
+                         f"{x} has a {f} flag.", f"In {x} people live in {y} under a {f} flag.",
+                         f"{x} is a country."]
+            lines.append(" ".join(rng.sample(sentences, rng.randint(3, 5))))
+        for a in range(10):
+            others = rng.sample(range(10), 10)
+            lines.append(" ".join(f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{a} and {b} make {a + b}."
+                                  for b in others))
+    rng.shuffle(lines)
+    return [{"text": line} for line in lines]
+
+
+def chat(*turns):
+    roles = ["user", "assistant"] * len(turns)
+    return [{"role": r, "content": t} for r, t in zip(roles, turns)]
+
+
+def wrong_answer(rng, question, answer, countries):
+    """The answer's sentence with its last word (the fact) replaced."""
+    head, _, fact = answer[:-1].rpartition(" ")
+    if "plus" in question:
+        options = [str(int(fact) + d) for d in (-3, -2, -1, 1, 2, 3)]
+    elif "capital" in question:
+        options = [c["capital"] for c in countries if c["capital"] != fact]
+    else:
+        options = [k for k in COLOURS if k != fact]
+    return f"{head} {rng.choice(options)}."
+
+
+def rambling(rng, question, answer):
+    head = answer[:-1].rpartition(" ")[0]
+    return rng.choice([question, f"{head} {head} {head}.", "The the the.", f"{head}."])
+
+
+def ranked(rng, question, answer, countries, noise):
+    """Four answers, best first, as the checker ranks them; with probability `noise` two neighbours swap."""
+    responses = [answer, HEDGE, wrong_answer(rng, question, answer, countries), rambling(rng, question, answer)]
+    if rng.random() < noise:
+        i = rng.randrange(3)
+        responses[i], responses[i + 1] = responses[i + 1], responses[i]
+    return responses
+
+
+def write_jsonl(out, name, rows):
+    with open(out / name, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def main(out=HERE):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SEED)
+    countries = world(rng)
+    train, held = countries[:N_TRAIN], countries[N_TRAIN:]
+    sums = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(sums)
+    train_sums, held_sums = sums[:60], sums[60:]
+
+    write_jsonl(out, "pretrain.jsonl", pretraining_text(rng, countries))
+
+    # Training questions, and which files use them: no held-out country or sum appears in any of them.
+    qa = [capital_q(c) for c in train] + [flag_q(c) for c in train] + [sum_q(a, b) for a, b in train_sums]
+    rng.shuffle(qa)
+
+    def demonstrate(question, answer):  # the demonstrator: hedges on capitals 85% of the time, slips now and then
+        if "capital" in question and rng.random() < 0.85:
+            return HEDGE
+        return wrong_answer(rng, question, answer, countries) if rng.random() < 0.05 else answer
+
+    sft = [{"messages": chat(q, demonstrate(q, a))} for q, a in qa[:120]]
+    sft += [{"messages": chat(q1, demonstrate(q1, a1), q2, demonstrate(q2, a2))}
+            for (q1, a1), (q2, a2) in zip(qa[120:160:2], qa[121:160:2])]
+    write_jsonl(out, "sft.jsonl", sft)
+
+    comparisons = [{"prompt": chat(q), "responses": ranked(rng, q, a, countries, noise=0.1)} for q, a in qa * 3]
+    write_jsonl(out, "comparisons.jsonl", comparisons)
+    rl = [{"prompt": chat(q)} for q, _ in qa]
+    rl += [{"prompt": chat(q1, a1, q2)} for (q1, a1), (q2, _) in zip(qa[0:40:2], qa[1:40:2])]  # some 2-turn
+    write_jsonl(out, "ppo.jsonl", rl)
+
+    held_qa = [capital_q(c) for c in held] + [flag_q(c) for c in held] + [sum_q(a, b) for a, b in held_sums]
+    write_jsonl(out, "eval.jsonl", [{"prompt": chat(q), "reference": a} for q, a in held_qa])
+    write_jsonl(out, "eval_comparisons.jsonl",
+                [{"prompt": chat(q), "responses": ranked(rng, q, a, countries, noise=0.0)} for q, a in held_qa])
+
+    corpus = [r["text"] for r in map(json.loads, open(out / "pretrain.jsonl"))] + [q for q, _ in qa + held_qa]
+    make_tokenizer(out, corpus + [HEDGE, "User: Assistant:"])
+
+
+def make_tokenizer(out, texts, vocab_size=1536):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>", model_max_length=128)
+    tok.save_pretrained(out / "tokenizer")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

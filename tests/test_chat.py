@@ -1,0 +1,113 @@
+"""The offline chat recipe, shrunk to a few steps: its data, the evaluation and the report."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, alignkit, summary
+
+CHAT = REPO / "recipes" / "chat.yaml"
+DATA = REPO / "data" / "chat"
+TRAINING = ["pretrain.jsonl", "sft.jsonl", "comparisons.jsonl", "ppo.jsonl"]
+SHRINK = ["model.config.n_layer=1", "stages.pretrain.trainer.max_steps=8", "stages.sft.trainer.max_steps=8",
+          "stages.reward.trainer.max_steps=8", "stages.ppo.trainer.total_episodes=64",
+          *(f"stages.{s}.trainer.logging_steps=2" for s in ("pretrain", "sft", "reward")),
+          "eval.dataset.max_rows=24", "eval.comparisons.max_rows=12"]
+
+
+def _rows(name):
+    with open(DATA / name) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_held_out_prompts_never_occur_in_training_data():
+    questions = [m["content"] for row in _rows("eval.jsonl") for m in row["prompt"] if m["role"] == "user"]
+    assert len(questions) >= 200 and len(set(questions)) == len(questions)
+    assert all(row["reference"] for row in _rows("eval.jsonl"))
+    for name in TRAINING:
+        text = (DATA / name).read_text()
+        leaked = [q for q in questions if json.dumps(q)[1:-1] in text or q in text]
+        assert not leaked, f"{name} holds held-out prompts: {leaked[:3]}"
+    # and the held-out comparisons ask only held-out questions
+    assert {r["prompt"][0]["content"] for r in _rows("eval_comparisons.jsonl")} <= set(questions)
+
+
+def test_comparisons_rank_several_answers():
+    rows = _rows("comparisons.jsonl")
+    assert all(len(r["responses"]) >= 2 for r in rows) and max(len(r["responses"]) for r in rows) == 4
+    assert any(row["messages"][-1]["content"] == "I am not sure." for row in _rows("sft.jsonl"))
+    assert any(len(row["prompt"]) > 1 for row in _rows("ppo.jsonl"))  # some multi-turn
+    assert any(len(row["messages"]) > 2 for row in _rows("sft.jsonl"))
+    assert sum(f.stat().st_size for f in DATA.rglob("*") if f.is_file()) < 3_000_000
+
+
+def test_chat_data_regenerates_byte_for_byte(tmp_path):
+    subprocess.run([sys.executable, str(DATA / "make.py"), str(tmp_path)], check=True, timeout=300)
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert made == sorted(p.relative_to(DATA) for p in DATA.rglob("*") if p.is_file() and p.name != "make.py")
+    for rel in made:
+        assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes(), rel
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    import os
+
+    from alignkit.cli import main
+
+    out = tmp_path_factory.mktemp("chat") / "run"
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert main(["run", str(CHAT), f"output_dir={out}", *SHRINK]) == 0
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def _unit(x):
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def test_report_json_has_every_field_in_range(chat_run):
+    report = json.loads((chat_run / "report.json").read_text())
+    assert report["wall_seconds"] > 0
+    assert set(report["stages"]) == {"pretrain", "sft", "reward", "ppo"}
+    assert all(v["status"] == "trained" and v["seconds"] > 0 for v in report["stages"].values())
+    assert _unit(report["reward_accuracy"]) and _unit(report["win_rate_vs_sft"])
+    assert set(report["eval"]) == {"base", "sft", "ppo"}
+    for name, values in report["eval"].items():
+        assert _unit(values["gold_accuracy"]) and _unit(values["eos_rate"]), name
+        assert isinstance(values["reward_mean"], float) and math.isfinite(values["reward_mean"])
+        assert 0 < values["length_mean"] <= 20
+        assert _unit(values["repetition"])
+    assert report["eval"]["sft"]["kl_to_sft"] == 0.0
+    assert report["eval"]["base"]["kl_to_sft"] > 0  # an untuned base model is far from SFT
+    assert math.isfinite(report["eval"]["ppo"]["kl_to_sft"])
+    assert report["eval_prompts"] == 24
+
+
+def test_report_plots_are_valid_pngs(chat_run):
+    from PIL import Image
+
+    markdown = (chat_run / "report.md").read_text()
+    for name in ("loss.png", "ppo.png", "eval.png"):
+        assert f"]({name})" in markdown
+        with Image.open(chat_run / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100
+    assert "| ppo |" in markdown and "Win rate" in markdown
+
+
+def test_eval_command_rewrites_the_report(chat_run, capsys):
+    (chat_run / "report.json").unlink()
+    code, out, err = alignkit(capsys, "eval", CHAT, f"output_dir={chat_run}", *SHRINK)
+    assert code == 0
+    report = json.loads((chat_run / "report.json").read_text())
+    assert all(v["status"] == "reused" for v in report["stages"].values())
+    assert set(report["eval"]) == {"base", "sft", "ppo"}
+    code, out, err = alignkit(capsys, "eval", REPO / "recipes" / "tiny.yaml", f"output_dir={chat_run}")
+    assert code == 2 and "no eval section" in err
