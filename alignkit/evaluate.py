@@ -188,7 +188,7 @@ def evaluate(recipe: Recipe) -> dict:
         report["win_rate_vs_sft"] = win_rate(answers[final], answers["sft"], references, spec.match,
                                              answers[final + "_scores"], answers["sft_scores"])
     report["samples"] = [{"prompt": data.render(r, tokenizer, add_generation_prompt=True), "reference": r["reference"],
-                          **{name: answers[name][i] for name in found}} for i, r in enumerate(rows.select(range(8)))]
+                          **{name: answers[name][i] for name in found}} for i, r in enumerate(rows.select(range(min(8, len(rows)))))]
     return report
 
 

@@ -85,8 +85,7 @@ def test_report_json_has_every_field_in_range(chat_run):
         assert 0 < values["length_mean"] <= 20
         assert _unit(values["repetition"])
     assert report["eval"]["sft"]["kl_to_sft"] == 0.0
-    assert report["eval"]["base"]["kl_to_sft"] > 0  # an untuned base model is far from SFT
-    assert math.isfinite(report["eval"]["ppo"]["kl_to_sft"])
+    assert math.isfinite(report["eval"]["base"]["kl_to_sft"]) and math.isfinite(report["eval"]["ppo"]["kl_to_sft"])
     assert report["eval_prompts"] == 24
 
 
@@ -111,3 +110,21 @@ def test_eval_command_rewrites_the_report(chat_run, capsys):
     assert set(report["eval"]) == {"base", "sft", "ppo"}
     code, out, err = alignkit(capsys, "eval", REPO / "recipes" / "tiny.yaml", f"output_dir={chat_run}")
     assert code == 2 and "no eval section" in err
+
+
+def test_kl_estimate_is_zero_for_the_same_model_and_positive_for_another(run_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.evaluate import _generate, _logprobs
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "sft")
+    sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft").eval()
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain").eval()
+    with open(REPO / "data" / "tiny" / "ppo.jsonl") as f:
+        prompts = [tok(tok.apply_chat_template(json.loads(line)["prompt"], add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False).input_ids for line in f]
+    samples = _generate(base, tok, prompts, 16, 16, sample=True)
+    own = _logprobs(base, tok, prompts, samples, 16)
+    assert _logprobs(base, tok, prompts, samples, 16) == pytest.approx(own, abs=1e-4)
+    kl = sum(a - b for a, b in zip(own, _logprobs(sft, tok, prompts, samples, 16))) / len(prompts)
+    assert kl > 1.0  # 20 epochs of SFT moved the model far from its base

@@ -86,8 +86,12 @@ def chat(*turns):
 
 
 def wrong_answer(rng, question, answer, countries):
-    """The answer's sentence with its last word (the fact) replaced."""
+    """A wrong answer: half the time about another country (the slip small models make most), else the answer's
+    sentence with its last word (the fact) replaced."""
     head, _, fact = answer[:-1].rpartition(" ")
+    if "plus" not in question and rng.random() < 0.5:
+        other = rng.choice([c for c in countries if c["country"] not in question])
+        return (capital_q if "capital" in question else flag_q)(other)[1]
     if "plus" in question:
         options = [str(int(fact) + d) for d in (-3, -2, -1, 1, 2, 3)]
     elif "capital" in question:
@@ -155,7 +159,8 @@ def main(out=HERE):
                 [{"prompt": chat(q), "responses": ranked(rng, q, a, countries, noise=0.0)} for q, a in held_qa])
 
     corpus = [r["text"] for r in map(json.loads, open(out / "pretrain.jsonl"))] + [q for q, _ in qa + held_qa]
-    make_tokenizer(out, corpus + [HEDGE, "User: Assistant:"])
+    # the hedge and the chat roles appear nowhere in the pretraining text: name them often enough to become tokens
+    make_tokenizer(out, corpus + [HEDGE, "User: Assistant:"] * 20)
 
 
 def make_tokenizer(out, texts, vocab_size=1536):
