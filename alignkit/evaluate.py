@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import data
 from .log import log
-from .pipeline import MANIFEST, read_manifest
+from .pipeline import read_manifest
 from .recipe import Recipe
 
 CHECKPOINTS = {"base": "pretrain", "sft": "sft", "ppo": "ppo"}

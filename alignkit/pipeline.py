@@ -22,7 +22,7 @@ import yaml
 from . import data
 from .errors import UserError
 from .log import log
-from .recipe import STAGES, Recipe
+from .recipe import Recipe
 
 MANIFEST = "alignkit_stage.json"
 # Where each stage takes its model from: the latest of these earlier stages in the recipe, else the base model.

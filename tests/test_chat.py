@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, alignkit, summary
+from conftest import REPO, alignkit
 
 CHAT = REPO / "recipes" / "chat.yaml"
 DATA = REPO / "data" / "chat"
