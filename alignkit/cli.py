@@ -18,7 +18,8 @@ RUN_EXAMPLES = """examples:
   alignkit run recipes/tiny.yaml ~model.config model.name_or_path=openai-community/gpt2   # ~KEY removes a key
 
 A stage whose config, data and upstream stages are unchanged is reused; an interrupted pretrain, sft or reward
-stage resumes from its last checkpoint when the same command runs again."""
+stage resumes from its last checkpoint when the same command runs again. With an eval section the run ends by
+evaluating base, sft and ppo and writing {output_dir}/report.md (as `alignkit eval` does)."""
 
 VALIDATE_EXAMPLES = """examples:
   alignkit validate recipes/tiny.yaml
@@ -47,29 +48,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a recipe's stages", epilog=RUN_EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              description="Run the recipe's stages in order, reusing those that are up to date.")
-    run.add_argument("recipe", help="the recipe YAML file")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                     help="set a recipe key by its dotted path; ~KEY removes one")
+    def command(name, summary, description, epilog, recipe_help="the recipe YAML file"):
+        sub = commands.add_parser(name, help=summary, description=description, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("recipe", help=recipe_help)
+        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="set a recipe key by its dotted path; ~KEY removes one")
+        return sub
+
+    run = command("run", "run a recipe's stages", "Run the recipe's stages in order, reusing those that are up to date.",
+                  RUN_EXAMPLES)
     which = run.add_mutually_exclusive_group()
     which.add_argument("--only", choices=STAGES, metavar="STAGE", help="run this stage alone")
     which.add_argument("--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the later ones")
     run.add_argument("--force", action="store_true", help="retrain the chosen stages even if they are up to date")
-
-    validate = commands.add_parser("validate", help="check a recipe and its data without training",
-                                   epilog=VALIDATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   description="Check a recipe as `run` would, without loading any model.")
-    validate.add_argument("recipe", help="the recipe YAML file")
-    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                          help="set a recipe key by its dotted path; ~KEY removes one")
-    evaluate = commands.add_parser("eval", help="evaluate a run's checkpoints and write its report",
-                                   epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   description="Evaluate base, sft and ppo on the recipe's held-out prompts.")
-    evaluate.add_argument("recipe", help="the recipe YAML file (its output_dir holds the run)")
-    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                          help="set a recipe key by its dotted path; ~KEY removes one")
+    command("validate", "check a recipe and its data without training",
+            "Check a recipe as `run` would, without loading any model.", VALIDATE_EXAMPLES)
+    command("eval", "evaluate a run's checkpoints and write its report",
+            "Evaluate base, sft and ppo on the recipe's held-out prompts.", EVAL_EXAMPLES,
+            recipe_help="the recipe YAML file (its output_dir holds the run)")
     return parser
 
 

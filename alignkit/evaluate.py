@@ -147,7 +147,7 @@ def evaluate(recipe: Recipe) -> dict:
         if reward_path else None
     sft_model = AutoModelForCausalLM.from_pretrained(found["sft"]).to(device).eval() if "sft" in found else None
 
-    results, answers = {}, {}
+    results, answers, scores_of = {}, {}, {}
     for name, path in found.items():
         t0 = time.time()
         model = sft_model if name == "sft" else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
@@ -176,7 +176,7 @@ def evaluate(recipe: Recipe) -> dict:
             "eos_rate": _mean(tokenizer.eos_token_id in r for r in responses),
             "repetition": _mean(map(_repetition, responses)),
         }
-        answers[name + "_scores"] = scores
+        scores_of[name] = scores
         log("eval", f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None)
             + f" ({time.time() - t0:.0f}s)")
     report = {"eval": results, "reward_accuracy": None, "win_rate_vs_sft": None, "eval_prompts": len(rows)}
@@ -186,9 +186,10 @@ def evaluate(recipe: Recipe) -> dict:
     final = "ppo" if "ppo" in answers else None
     if final and "sft" in answers:
         report["win_rate_vs_sft"] = win_rate(answers[final], answers["sft"], references, spec.match,
-                                             answers[final + "_scores"], answers["sft_scores"])
-    report["samples"] = [{"prompt": data.render(r, tokenizer, add_generation_prompt=True), "reference": r["reference"],
-                          **{name: answers[name][i] for name in found}} for i, r in enumerate(rows.select(range(min(8, len(rows)))))]
+                                             scores_of[final], scores_of["sft"])
+    report["samples"] = [{"prompt": data.render(rows[i], tokenizer, add_generation_prompt=True),
+                          "reference": references[i], **{name: answers[name][i] for name in found}}
+                         for i in range(min(8, len(rows)))]
     return report
 
 
@@ -227,7 +228,7 @@ def write_report(recipe: Recipe, report: dict, stages: dict, wall_seconds: float
     """report.json, report.md and the plots, in {output_dir}."""
     out = Path(recipe.output_dir)
     report = {"wall_seconds": wall_seconds, "stages": stages, **report}
-    plots = _plots(out)
+    plots = _plots(out, report["eval"])
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(recipe, report, plots))
     log("eval", f"report: {out / 'report.md'}")
@@ -241,7 +242,7 @@ def _history(out: Path, stage: str) -> list[dict]:
         return []
 
 
-def _plots(out: Path) -> list[str]:
+def _plots(out: Path, results: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,10 +272,10 @@ def _plots(out: Path) -> list[str]:
         fig.savefig(out / "ppo.png", dpi=80)
         plt.close(fig)
         made.append("ppo.png")
-    return made
+    return made + [_eval_plot(out, results)]
 
 
-def _eval_plot(out: Path, results: dict) -> str | None:
+def _eval_plot(out: Path, results: dict) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,8 +304,6 @@ def _fmt(value) -> str:
 
 
 def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
-    out = Path(recipe.output_dir)
-    plots = plots + [_eval_plot(out, report["eval"])]
     columns = ["gold_accuracy", "reward_mean", "kl_to_sft", "length_mean", "eos_rate", "repetition"]
     lines = [f"# alignkit report: {recipe.source}", "",
              f"Wall time {report['wall_seconds']:.0f} s. Stages: " +

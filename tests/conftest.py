@@ -41,19 +41,23 @@ def summary(stdout: str) -> dict:
     return {r[0]: r[1] for r in rows if len(r) == 4 and r[1] in ("trained", "reused")}
 
 
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory):
-    """One whole pretrain -> sft -> reward -> ppo run of recipes/tiny.yaml."""
+def run_recipe(recipe: Path, out: Path, *overrides) -> Path:
+    """`alignkit run RECIPE output_dir=OUT ...` from the repository's root (for fixtures, which outlive monkeypatch)."""
     from alignkit.cli import main
 
-    out = tmp_path_factory.mktemp("tiny") / "run"
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        assert main(["run", str(TINY), f"output_dir={out}", *FAST]) == 0
+        assert main(["run", str(recipe), f"output_dir={out}", *overrides]) == 0
     finally:
         os.chdir(cwd)
     return out
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """One whole pretrain -> sft -> reward -> ppo run of recipes/tiny.yaml."""
+    return run_recipe(TINY, tmp_path_factory.mktemp("tiny") / "run", *FAST)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, alignkit
+from conftest import REPO, alignkit, run_recipe
 
 CHAT = REPO / "recipes" / "chat.yaml"
 DATA = REPO / "data" / "chat"
@@ -54,18 +54,7 @@ def test_chat_data_regenerates_byte_for_byte(tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
-    import os
-
-    from alignkit.cli import main
-
-    out = tmp_path_factory.mktemp("chat") / "run"
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        assert main(["run", str(CHAT), f"output_dir={out}", *SHRINK]) == 0
-    finally:
-        os.chdir(cwd)
-    return out
+    return run_recipe(CHAT, tmp_path_factory.mktemp("chat") / "run", *SHRINK)
 
 
 def _unit(x):

@@ -22,7 +22,7 @@ def test_help_is_fast_and_imports_no_torch():
     assert proc.stdout.strip().endswith("NO TORCH")
 
 
-def test_unknown_stage_flag_is_refused(capsys):
+def test_a_missing_dataset_is_refused_before_training(capsys):
     code, out, err = alignkit(capsys, "run", REPO / "recipes" / "tiny.yaml", "output_dir=/tmp/never", "--only", "ppo",
                               "stages.ppo.dataset.path=missing.jsonl")
     assert code == 2 and "stages.ppo.dataset.path: file not found: missing.jsonl" in err
