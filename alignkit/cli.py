@@ -23,10 +23,26 @@ evaluating base, sft and ppo and writing {output_dir}/report.md (as `alignkit ev
 
 VALIDATE_EXAMPLES = """examples:
   alignkit validate recipes/tiny.yaml
-  alignkit validate recipes/tiny.yaml stages.sft.trainer.learning_rate=2e-5
+  alignkit validate recipes/hh-gpt2.yaml stages.sft.trainer.learning_rate=2e-5
 
 Checks the recipe with the same loader as `run` (every trainer block against TRL's config class) and reads every
-stage's local dataset; loads no model and downloads nothing."""
+stage's local dataset; loads no model and downloads nothing (Hub datasets are read when the recipe runs)."""
+
+PUSH_EXAMPLES = """examples:
+  alignkit push runs/chat --repo-id you/chat-ppo                 # the last policy stage (ppo) to you/chat-ppo
+  alignkit push runs/chat --repo-id you/chat --stage sft --stage ppo --private
+  alignkit push runs/chat --repo-id you/chat-lora --adapter      # the LoRA adapter instead of merged weights
+
+The last stage pushed goes to REPO_ID, every earlier one to REPO_ID-STAGE. Each repo gets the model, its tokenizer
+with the chat template, and a model card with the run's lineage and evaluation. The token comes from HF_TOKEN or
+`hf auth login` and is never written anywhere. A recipe's `hub` section pushes at the end of `alignkit run`."""
+
+CHAT_EXAMPLES = """examples:
+  alignkit chat runs/chat                      # the run's last policy stage (ppo, else sft, else pretrain)
+  alignkit chat runs/chat --stage sft --greedy
+  alignkit chat openai-community/gpt2 --system "You are terse." --temperature 0.7 --top-p 0.9
+
+In the conversation: /reset forgets the history, /exit (or Ctrl-D) quits."""
 
 
 EVAL_EXAMPLES = """examples:
@@ -62,23 +78,52 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--only", choices=STAGES, metavar="STAGE", help="run this stage alone")
     which.add_argument("--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the later ones")
     run.add_argument("--force", action="store_true", help="retrain the chosen stages even if they are up to date")
+    run.add_argument("--num-processes", type=int, default=1, metavar="N",
+                     help="train data-parallel in N processes on this machine (torchrun: one per GPU, or CPU "
+                          "processes over gloo); for DeepSpeed, FSDP or several machines use accelerate launch")
     command("validate", "check a recipe and its data without training",
             "Check a recipe as `run` would, without loading any model.", VALIDATE_EXAMPLES)
     command("eval", "evaluate a run's checkpoints and write its report",
             "Evaluate base, sft and ppo on the recipe's held-out prompts.", EVAL_EXAMPLES,
             recipe_help="the recipe YAML file (its output_dir holds the run)")
+
+    push = commands.add_parser("push", help="push a run's models to the Hugging Face Hub",
+                               description="Push stages of a finished run to the Hub, each with a model card.",
+                               epilog=PUSH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    push.add_argument("run_dir", help="a run's output_dir")
+    push.add_argument("--repo-id", help="owner/name on the Hub (default: the run recipe's hub.repo_id)")
+    push.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE",
+                      help="a stage to push (repeatable; default: the recipe's hub.stages, else the last policy stage)")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    push.add_argument("--adapter", action="store_true", help="push the LoRA adapter instead of merged weights")
+
+    chat = commands.add_parser("chat", help="talk to a model in the terminal",
+                               description="Talk to a stage of a run, or to any causal LM, through its chat template.",
+                               epilog=CHAT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_argument("model", help="a run's output_dir, a stage folder, a model folder or a Hub id")
+    chat.add_argument("--stage", choices=("pretrain", "sft", "ppo"), help="which stage of a run (default: the last)")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
+    chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
     return parser
 
 
 def cmd_run(args) -> int:
     import time
 
-    from . import pipeline
+    from . import distributed, pipeline
     from .recipe import load_recipe
 
     t0 = time.time()
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.num_processes > 1 and distributed.world_size() == 1:
+        pipeline.check_data(recipe, list(recipe.stages))  # bad data is one clear error, not one per process
+        return distributed.launch(_without_num_processes(args.argv), args.num_processes)
     summary = pipeline.run(recipe, only=args.only, start=args.start, force=args.force)
+    if not distributed.is_main():
+        return 0  # the main process evaluates, reports and pushes
     for stage, info in summary.items():
         print(f"{stage:9s} {info['status']:8s} {info['seconds']:8.1f}s  {os.path.join(recipe.output_dir, stage)}")
     if recipe.eval is not None:
@@ -86,7 +131,39 @@ def cmd_run(args) -> int:
 
         report = evaluate.evaluate(recipe)
         print(evaluate.write_report(recipe, report, summary, time.time() - t0))
+    if recipe.hub is not None:
+        from . import hub
+
+        for line in hub.push(Path(recipe.output_dir), recipe.hub.repo_id, recipe.hub.stages, recipe.hub.private,
+                             recipe.hub.weights == "adapter"):
+            print(line)
     return 0
+
+
+def _without_num_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            out.append(a)
+    return out
+
+
+def cmd_push(args) -> int:
+    from . import hub
+
+    for line in hub.push_run(Path(args.run_dir), args.repo_id, args.stages, args.private, args.adapter):
+        print(line)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from . import chat
+
+    return chat.main(args)
 
 
 def cmd_eval(args) -> int:
@@ -116,8 +193,10 @@ def cmd_validate(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    pipeline.check_data(recipe, list(recipe.stages))
+    unread = pipeline.check_data(recipe, list(recipe.stages), local_only=True)
     print(f"{args.recipe}: ok ({' -> '.join(recipe.stages)}; output in {recipe.output_dir})")
+    if unread:
+        print("  Hub datasets, read when the recipe runs: " + ", ".join(unread))
     return 0
 
 
@@ -125,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     # KEY=VALUE and ~KEY overrides may stand anywhere, before or after the options
-    overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")] \
+        if command in ("run", "validate", "eval") else []
     args = parser.parse_args([a for a in argv if a not in overrides])
+    args.argv = argv
     if overrides:
         args.overrides = list(args.overrides or []) + overrides
     if args.command is None:
@@ -134,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _quiet_libraries()
     try:
-        return {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval}[args.command](args)
+        commands = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "push": cmd_push, "chat": cmd_chat}
+        return commands[args.command](args)
     except UserError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)
         return 2

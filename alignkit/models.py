@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .distributed import is_main
 from .errors import UserError
 from .log import log
 from .recipe import Recipe
@@ -146,19 +147,32 @@ def lora_config(recipe: Recipe, task_type: str):
     return LoraConfig(task_type=task_type, **recipe.lora)
 
 
-def save(model, tokenizer, folder: Path, recipe: Recipe, base: str | None = None, reward: bool = False) -> None:
-    """Write a stage's model so that plain transformers loads it.
+def save(trainer, tokenizer, folder: Path, recipe: Recipe, base: str | None = None, reward: bool = False) -> None:
+    """Write a stage's trained model so that plain transformers loads it.
 
-    A LoRA-trained model is written twice: its adapter in {folder}/adapter (for peft), and merged into full-precision
-    weights of its `base` in {folder} (merging into 4-bit weights would round the update away).
+    Every process calls this: the trainer's save_model gathers weights that DeepSpeed ZeRO-3 or FSDP shard, and
+    writes on the main process only. A LoRA-trained model is written twice: its adapter in {folder}/adapter (for
+    peft), and merged into full-precision weights of its `base` in {folder} (merging into 4-bit weights would round
+    the update away).
     """
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        model.save_pretrained(folder / "adapter")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ppo = hasattr(model, "policy")  # PPO trains policy and value together; the policy is the output
+    model = model.policy if ppo else model
+    adapter = isinstance(model, PeftModel)
+    target = folder / "adapter" if adapter else folder
+    if not ppo:
+        trainer.save_model(str(target))
+    elif is_main():  # TRL 1.12's PPOTrainer.save_model fails off the main process; under DDP the policy is whole
+        model.save_pretrained(target)
+    if not is_main():
+        return
+    (folder / "training_args.bin").unlink(missing_ok=True)
+    if adapter:
+        (folder / "adapter" / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(folder / "adapter")
         load = load_reward_model if reward else load_causal_lm
         full = load(recipe, base, tokenizer, quantize=False)
-        model = PeftModel.from_pretrained(full, folder / "adapter").merge_and_unload()
-    model.save_pretrained(folder)
+        PeftModel.from_pretrained(full, folder / "adapter").merge_and_unload().save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -3,7 +3,8 @@
 Each stage writes {output_dir}/{stage}/. While it trains it works in {output_dir}/{stage}.partial/, so an old output
 stays whole until the new one is complete, and an interrupted stage resumes from the checkpoints kept there. A stage
 folder holds a manifest (alignkit_stage.json) whose fingerprint covers the stage's config, its data and its upstream
-stages; a later run reuses the output while the fingerprint matches.
+stages; a later run reuses the output while the fingerprint matches. In a run of many processes every process trains
+and only the main one writes (distributed.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import data
+from .distributed import is_main, wait_for_everyone, world_size
 from .errors import UserError
 from .log import log
 from .recipe import Recipe
@@ -85,8 +87,9 @@ def _why(old: dict | None, new: dict) -> str:
     return (" and ".join(changed) + " changed") if changed else "forced"
 
 
-def check_data(recipe: Recipe, stages) -> None:
-    """Load every selected stage's dataset (and the eval data) before anything trains; report all problems at once."""
+def check_data(recipe: Recipe, stages, local_only: bool = False) -> list[str]:
+    """Load every selected stage's dataset (and the eval data) before anything trains; report all problems at once.
+    With `local_only`, Hub datasets are left unread (nothing is downloaded); returns the keys left unread."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -96,7 +99,11 @@ def check_data(recipe: Recipe, stages) -> None:
         specs.append(("eval.dataset", recipe.eval.dataset, "eval"))
         if recipe.eval.comparisons is not None:
             specs.append(("eval.comparisons", recipe.eval.comparisons, "reward"))
+    unread = []
     for key, spec, kind in specs:
+        if local_only and not recipe.resolve(spec.path).is_file():
+            unread.append(f"{key} ({spec.path})")
+            continue
         try:
             data.load(spec, kind, recipe)
         except UserError as e:
@@ -104,6 +111,7 @@ def check_data(recipe: Recipe, stages) -> None:
     datasets.enable_progress_bars()
     if problems:
         raise UserError(f"{recipe.source}: the data has {len(problems)} problem(s):\n" + "\n".join(problems))
+    return unread
 
 
 def run(recipe: Recipe, only: str | None = None, start: str | None = None, force: bool = False) -> dict:
@@ -151,11 +159,14 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
 
         checkpoints = partial / "checkpoints"
         resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if resume is None and partial.exists():
-        shutil.rmtree(partial)  # an interrupted run of other inputs: nothing in it can be reused
-    partial.mkdir(parents=True, exist_ok=True)
-    _write_json(partial / MANIFEST, {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts})
-    (partial / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    wait_for_everyone()  # every process has decided before the main one changes the folder
+    if is_main():
+        if resume is None and partial.exists():
+            shutil.rmtree(partial)  # an interrupted run of other inputs: nothing in it can be reused
+        partial.mkdir(parents=True, exist_ok=True)
+        _write_json(partial / MANIFEST, {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts})
+        (partial / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    wait_for_everyone()
 
     out = folder.parent
     inputs = {role: str(out / up) if up else None for role, up in roles.items()}
@@ -173,15 +184,19 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
     t0 = time.time()
     metrics = importlib.import_module(f"alignkit.stages.{stage}").run(recipe, partial, inputs, resume)
     seconds = time.time() - t0
-    metrics["seconds"] = seconds
-    _write_json(partial / "metrics.json", metrics)
-    shutil.rmtree(partial / "checkpoints", ignore_errors=True)  # only needed to resume this run
-    _write_json(partial / MANIFEST, {"stage": stage, "status": "complete", "fingerprint": fp, "parts": parts,
-                                     "inputs": inputs, "seconds": seconds,
-                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(partial, folder)
+    wait_for_everyone()  # the model is saved before the stage is declared complete
+    if is_main():
+        metrics["seconds"] = seconds
+        metrics["processes"] = world_size()
+        _write_json(partial / "metrics.json", metrics)
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)  # only needed to resume this run
+        _write_json(partial / MANIFEST, {"stage": stage, "status": "complete", "fingerprint": fp, "parts": parts,
+                                         "inputs": inputs, "seconds": seconds, "processes": world_size(),
+                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+    wait_for_everyone()  # the next stage reads this one's output
     log(stage, f"done in {seconds:.1f}s -> {folder}")
     return {"status": "trained", "seconds": seconds}
 

@@ -77,6 +77,17 @@ class Eval:
 
 
 @dataclass
+class Hub:
+    repo_id: str = field(metadata={"help": "owner/name: the last stage pushed goes here, earlier ones to "
+                                           "owner/name-STAGE"})
+    stages: list[str] | None = field(
+        default=None, metadata={"help": "stages to push (default: the last policy stage: ppo, else sft, else pretrain)"})
+    private: bool | None = field(default=None, metadata={"help": "create the repos private (default: the Hub's)"})
+    weights: Literal["merged", "adapter"] = field(
+        default="merged", metadata={"help": "with lora: push full merged weights, or the adapter alone"})
+
+
+@dataclass
 class Recipe:
     output_dir: str = field(metadata={"help": "folder for every stage's output: {output_dir}/{stage}/"})
     model: Model = field(metadata={"help": "the base model and tokenizer"})
@@ -88,6 +99,7 @@ class Recipe:
         default=None, metadata={"help": "load quantized: settings for transformers.BitsAndBytesConfig"})
     eval: Eval | None = field(
         default=None, metadata={"help": "evaluate base, sft and ppo on held-out prompts after a run: report.md/json"})
+    hub: Hub | None = field(default=None, metadata={"help": "push models to the Hugging Face Hub at the end of a run"})
     source: Path = field(default=Path("<recipe>"), metadata={"yaml": False})
 
     def to_dict(self) -> dict:
@@ -337,6 +349,8 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
             spec = getattr(recipe.eval, key)
             if spec is not None:
                 _check_local(spec.path, f"eval.{key}.path", base, problems, folder=False)
+    if recipe.hub is not None:
+        _check_hub(recipe, known, problems)
     if "ppo" in known and "reward" not in known and recipe.stages["ppo"] and not recipe.stages["ppo"].reward_model:
         problems.append(Problem("stages.ppo.reward_model", "ppo needs a reward model: add a reward stage before it, "
                                                            "or set stages.ppo.reward_model to a trained one"))
@@ -354,6 +368,19 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
             if stage and stage.trainer.get("bf16") is False and not (name == "pretrain" and m.config is not None):
                 problems.append(Problem(f"stages.{name}.trainer.bf16", "with quantization TRL casts the LoRA "
                                         "adapters to bf16 (as QLoRA does), so training needs bf16 on; remove bf16: false"))
+
+
+def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> None:
+    hub = recipe.hub
+    if hub.repo_id is not None and (hub.repo_id.count("/") != 1 or not all(hub.repo_id.split("/"))):
+        problems.append(Problem("hub.repo_id", f"expected owner/name (your user or organisation, then the repo), got "
+                                               f"{hub.repo_id!r}"))
+    for stage in hub.stages or []:
+        if stage not in known:
+            problems.append(Problem("hub.stages", f"{stage!r} is not a stage of this recipe ({', '.join(known)})"))
+    if hub.weights == "adapter" and recipe.lora is None:
+        problems.append(Problem("hub.weights", "'adapter' needs a lora block: without LoRA a stage has full weights "
+                                               "only; use weights: merged"))
 
 
 def _check_local(value, key, base: Path, problems, folder: bool, always_local: bool = False) -> None:

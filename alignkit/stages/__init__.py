@@ -32,5 +32,15 @@ def trainer_config(stage: str, recipe: Recipe, folder: Path, model=None, **fixed
 
 
 def train_metrics(trainer, result=None) -> dict:
-    """What a stage reports: the trainer's final metrics and its whole log history."""
-    return {"train": dict(result.metrics) if result is not None else {}, "log_history": trainer.state.log_history}
+    """What a stage reports: the trainer's final metrics, its whole log history, and the parameters it trained
+    (PPO trains a policy and a value model)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    parts = {"policy": model.policy, "value": model.value_model} if hasattr(model, "policy") else {"model": model}
+    return {"train": dict(result.metrics) if result is not None else {}, "log_history": trainer.state.log_history,
+            "parameters": {name: parameter_counts(part) for name, part in parts.items()}}
+
+
+def parameter_counts(model) -> dict:
+    """Trainable and total parameters (4-bit weights count as stored: two per byte)."""
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters())}

@@ -49,12 +49,15 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     # With LoRA the reference is the policy with its adapter disabled, not a second copy.
     ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer)
     reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer)
-    # TRL trains the value model in full, so it cannot be quantized
-    value = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, quantize=False)
+    value = _value_model(recipe, inputs["reward_model"], tokenizer, peft_config)
 
     fixed = {"sft_model_path": inputs["model"], "reward_model_path": inputs["reward_model"]}
     if "stop_token" not in spec.trainer and "stop_token_id" not in spec.trainer:
         fixed["stop_token"] = "eos"  # TRL's default (None) never stops an answer: responses run to response_length
+    if "save_strategy" not in spec.trainer:
+        # TRL's PPO cannot resume from its checkpoints, and writing them fails under DDP (TRL 1.12 reads .config
+        # off the wrapped model): a PPO stage that stops starts again
+        fixed["save_strategy"] = "no"
     args = trainer_config("ppo", recipe, folder, **fixed)
 
     prompts = data.load(spec.dataset, "ppo", recipe)
@@ -77,6 +80,16 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
                          value_model=value, train_dataset=train, eval_dataset=train.select(range(min(8, len(train)))),
                          peft_config=peft_config)
     trainer.train()
-    trained = trainer.accelerator.unwrap_model(trainer.model).policy
-    models.save(trained, tokenizer, folder, recipe, base=inputs["model"])
+    models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer)
+
+
+def _value_model(recipe: Recipe, path: str, tokenizer, peft_config):
+    """The value model starts from the reward model. TRL trains it in full; with LoRA alignkit gives it an adapter
+    (and quantizes its frozen weights as the recipe says), which removes PPO's largest remaining memory cost."""
+    if peft_config is None:
+        return models.load_reward_model(recipe, path, tokenizer, quantize=False)
+    from peft import get_peft_model
+
+    # the adapter and the score head stay in full precision: TRL reads values outside autocast
+    return get_peft_model(models.load_reward_model(recipe, path, tokenizer), models.lora_config(recipe, "SEQ_CLS"))

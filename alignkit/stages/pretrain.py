@@ -35,5 +35,5 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=None if from_scratch else models.lora_config(recipe, "CAUSAL_LM"))
     result = trainer.train(resume_from_checkpoint=resume)
-    models.save(trainer.model, tokenizer, folder, recipe, base=recipe.model.name_or_path)
+    models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result)

@@ -32,5 +32,5 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=models.lora_config(recipe, "SEQ_CLS"))
     result = trainer.train(resume_from_checkpoint=resume)
-    models.save(trainer.model, tokenizer, folder, recipe, base=inputs["model"], reward=True)
+    models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
     return train_metrics(trainer, result)

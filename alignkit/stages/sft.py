@@ -27,5 +27,5 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=models.lora_config(recipe, "CAUSAL_LM"))
     result = trainer.train(resume_from_checkpoint=resume)
-    models.save(trainer.model, tokenizer, folder, recipe, base=inputs["model"])
+    models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result)

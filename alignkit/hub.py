@@ -1,0 +1,205 @@
+"""Push a run's stages to the Hugging Face Hub: weights, tokenizer with its chat template, and a model card that
+records the whole lineage (base model, datasets, every stage's key settings) and the run's evaluation.
+
+The token comes from HF_TOKEN or the user's `hf auth login`, through huggingface_hub; alignkit never prints it or
+writes it anywhere. Only two calls touch the network: HfApi.create_repo and HfApi.upload_folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .recipe import STAGES
+
+POLICY_STAGES = ("pretrain", "sft", "ppo")
+SKIP = {"adapter", "checkpoints", "alignkit_stage.json", "training_args.bin"}  # kept local: paths of this machine
+KEY_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "total_episodes", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "max_length", "packing", "assistant_only_loss", "kl_coef",
+                "response_length", "temperature", "num_ppo_epochs", "cliprange", "vf_coef", "missing_eos_penalty",
+                "bf16", "gradient_checkpointing")
+STAGE_TAGS = {"pretrain": [], "sft": ["sft"], "reward": ["reward-model"], "ppo": ["rlhf", "ppo"]}
+
+
+def push_run(run_dir: Path, repo_id: str | None, stages: list[str] | None, private: bool | None,
+             adapter: bool) -> list[str]:
+    """`alignkit push`: what the command line leaves out comes from the run recipe's hub section."""
+    done = complete_stages(run_dir)
+    if not done:
+        raise UserError(f"{run_dir}: no finished stage here (no {'/'.join(STAGES)} folder with a complete manifest); "
+                        "give the output_dir of a run")
+    hub = (_recipe(run_dir, done[-1]).get("hub") or {})
+    repo_id = repo_id or hub.get("repo_id")
+    if not repo_id:
+        raise UserError("no repo id: pass --repo-id owner/name (or set hub.repo_id in the recipe)")
+    return push(run_dir, repo_id, stages or hub.get("stages"),
+                private if private is not None else hub.get("private"), adapter or hub.get("weights") == "adapter")
+
+
+def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | None, adapter: bool) -> list[str]:
+    from huggingface_hub import HfApi, get_token
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise UserError(f"repo id {repo_id!r}: expected owner/name (your user or organisation, then the repo)")
+    done = complete_stages(run_dir)
+    if not stages:
+        policies = [s for s in done if s in POLICY_STAGES]
+        if not policies:
+            raise UserError(f"{run_dir}: no finished policy stage (pretrain, sft or ppo) to push")
+        stages = policies[-1:]
+    missing = [s for s in stages if s not in done]
+    if missing:
+        raise UserError(f"{run_dir}: stage(s) {', '.join(missing)} did not finish here (finished: "
+                        f"{', '.join(done) or 'none'}); run them first")
+    stages = sorted(set(stages), key=STAGES.index)
+    targets = {s: repo_id if s == stages[-1] else f"{repo_id}-{s}" for s in stages}
+    token = get_token()
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN, or run `hf auth login`")
+    api = HfApi(token=token)
+    report = _json(run_dir / "report.json")
+    lines = []
+    for stage in stages:
+        with tempfile.TemporaryDirectory(prefix="alignkit-push-") as tmp:
+            staged = Path(tmp)
+            base = stage_files(run_dir, stage, staged, adapter, targets)
+            model_card(run_dir, stage, targets[stage], base, adapter, report).save(staged / "README.md")
+            try:
+                api.create_repo(targets[stage], private=private, exist_ok=True)
+                api.upload_folder(repo_id=targets[stage], folder_path=str(staged),
+                                  commit_message=f"alignkit: the {stage} stage of {run_dir.resolve().name}")
+            except Exception as e:  # network, permissions, a name taken: the run itself is untouched
+                raise UserError(f"pushing {stage} to {targets[stage]} failed: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}\n  the run is unchanged; push again with "
+                                f"alignkit push {run_dir} --repo-id {repo_id}") from None
+        lines.append(f"{stage:9s} pushed    https://huggingface.co/{targets[stage]}")
+    return lines
+
+
+def complete_stages(run_dir: Path) -> list[str]:
+    return [s for s in STAGES if (_json(run_dir / s / "alignkit_stage.json") or {}).get("status") == "complete"]
+
+
+def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets: dict) -> str | None:
+    """Copy what the Hub repo holds into `staged`; return the Hub id of the stage's base model (None if local)."""
+    folder = run_dir / stage
+    base = hub_base(run_dir, stage, targets)
+    if adapter:
+        if not (folder / "adapter").is_dir():
+            raise UserError(f"{folder} has no LoRA adapter (this stage trained every weight); push merged weights "
+                            "(drop --adapter / hub.weights: adapter)")
+        if base is None:
+            up = _upstream_stage(run_dir, stage)
+            raise UserError(f"{stage}'s adapter sits on a model trained in this run ({up}), which the Hub cannot "
+                            f"resolve: push {up} too (--stage {up} --stage {stage}), or push merged weights")
+        shutil.copytree(folder / "adapter", staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SKIP))
+        config = json.loads((staged / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base  # a Hub id, not this machine's path
+        (staged / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    else:
+        shutil.copytree(folder, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SKIP))
+    return base
+
+
+def _upstream_stage(run_dir: Path, stage: str) -> str | None:
+    model = ((_json(run_dir / stage / "alignkit_stage.json") or {}).get("inputs") or {}).get("model")
+    if model is None:
+        return None
+    path = Path(model)
+    return path.name if path.parent.resolve() == run_dir.resolve() and path.name in STAGES else None
+
+
+def hub_base(run_dir: Path, stage: str, targets: dict) -> str | None:
+    """The Hub id a stage started from: the recipe's Hub model, or an upstream stage pushed in the same go."""
+    up = _upstream_stage(run_dir, stage)
+    if up is not None:
+        return targets.get(up)
+    model = (_recipe(run_dir, stage).get("model") or {}).get("name_or_path")
+    if model and not Path(model).exists() and model.count("/") <= 1:
+        return model
+    return None
+
+
+def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapter: bool, report: dict | None):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    recipe = _recipe(run_dir, stage)
+    lineage = [s for s in STAGES if s in (recipe.get("stages") or {})]
+    lineage = lineage[: lineage.index(stage) + 1]
+    hub_datasets = sorted({spec["dataset"]["path"] for s, spec in recipe["stages"].items() if s in lineage
+                           if not _looks_local(spec["dataset"]["path"])})
+    data = ModelCardData(
+        base_model=base, datasets=hub_datasets or None, library_name="peft" if adapter else "transformers",
+        pipeline_tag="text-classification" if stage == "reward" else "text-generation",
+        tags=["alignkit", "trl", *dict.fromkeys(t for s in lineage for t in STAGE_TAGS[s])])
+    model = recipe.get("model") or {}
+    start = model.get("name_or_path") or f"an untrained {(model.get('config') or {}).get('model_type', 'model')} " \
+                                          f"built from a config ({_inline(model.get('config'))})"
+    rows = []
+    for s in lineage:
+        spec = recipe["stages"][s]
+        manifest = _json(run_dir / s / "alignkit_stage.json") or {}
+        settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
+        rows.append(f"| {s} | `{spec['dataset']['path']}` | {_inline(settings)} | "
+                    f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |")
+    lines = [
+        f"# {repo_id}", "",
+        f"The **{stage}** stage of an alignkit run ({' -> '.join(lineage)}), trained with Hugging Face TRL.",
+        "This repo holds " + ("a LoRA adapter over " + f"`{base}`" if adapter else "full weights") +
+        ", the tokenizer and its chat template.", "",
+        "## Lineage", "",
+        f"- Base model: {start}",
+        f"- Seed: {recipe.get('seed')}",
+        f"- LoRA: {_inline(recipe.get('lora')) if recipe.get('lora') else 'none (full fine-tuning)'}",
+        f"- Quantization: {_inline(recipe.get('quantization')) if recipe.get('quantization') else 'none'}", "",
+        "| stage | dataset | key settings | processes | time |", "|---|---|---|---|---|", *rows, "",
+    ]
+    if report and report.get("eval"):
+        metrics = ("gold_accuracy", "reward_mean", "kl_to_sft", "length_mean", "eos_rate")
+        lines += ["## Evaluation (held-out prompts)", "", "| checkpoint | " + " | ".join(metrics) + " |",
+                  "|---|" + "---|" * len(metrics)]
+        for checkpoint, values in report["eval"].items():
+            lines.append(f"| {checkpoint} | " + " | ".join(_number(values.get(m)) for m in metrics) + " |")
+        lines += ["", f"Reward model pairwise accuracy on held-out comparisons: {_number(report.get('reward_accuracy'))}; "
+                      f"win rate of ppo against sft: {_number(report.get('win_rate_vs_sft'))}.", ""]
+    load = (f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained('{repo_id}')"
+            if adapter else f"from transformers import AutoModelForCausalLM\n"
+                            f"model = AutoModelForCausalLM.from_pretrained('{repo_id}')")
+    lines += ["## Use", "", "```python", "from transformers import AutoTokenizer", load,
+              f"tokenizer = AutoTokenizer.from_pretrained('{repo_id}')",
+              "messages = [{'role': 'user', 'content': 'Hello!'}]",
+              "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
+              "return_dict=True)", "print(tokenizer.decode(model.generate(**ids, max_new_tokens=64)[0]))", "```", "",
+              "Or in a terminal: `alignkit chat " + repo_id + "`.", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _recipe(run_dir: Path, stage: str) -> dict:
+    try:
+        return yaml.safe_load((run_dir / stage / "recipe.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix != "" or Path(path).exists()
+
+
+def _inline(obj) -> str:
+    return yaml.safe_dump(obj, default_flow_style=True, width=10_000).strip() if obj else ""
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,87 @@
+"""Issue 4's paths on the tiny model: two processes, LoRA and QLoRA with the value model's adapter, the PPO reference."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from conftest import FAST, REPO, TINY, alignkit, summary
+
+STAGES = ["pretrain", "sft", "reward", "ppo"]
+
+
+def _last_step(run, stage):
+    history = json.loads((run / stage / "metrics.json").read_text())["log_history"]
+    return max(entry.get("step", 0) for entry in history)
+
+
+def test_two_processes_train_the_pipeline_and_only_the_main_one_writes(run_dir, tmp_path):
+    """Two CPU processes over gloo are a real distributed run: each trains half of every epoch's batches."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={out}", *FAST,
+                           "--num-processes", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary(done.stdout) == dict.fromkeys(STAGES, "trained")  # printed once, by the main process
+    assert done.stderr.count("[alignkit] sft: done") == 1  # one process speaks for all
+    for stage in STAGES:
+        manifest = json.loads((out / stage / "alignkit_stage.json").read_text())
+        assert manifest["status"] == "complete" and manifest["processes"] == 2
+        assert not (out / f"{stage}.partial").exists()
+    for stage in ("pretrain", "sft", "reward"):  # the same epochs in about half the optimizer steps
+        single, double = _last_step(run_dir, stage), _last_step(out, stage)
+        assert double < 0.7 * single, (stage, single, double)
+    ppo_steps = _last_step(out, "ppo")
+    assert ppo_steps == _last_step(run_dir, "ppo") // 2
+    # the outputs load and generate
+    model = AutoModelForCausalLM.from_pretrained(out / "ppo")
+    assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] == model.config.vocab_size
+    assert AutoModelForSequenceClassification.from_pretrained(out / "reward").config.num_labels == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(STAGES)
+
+
+def _lora_count(config, r, extra=0):
+    """LoRA on GPT-2's fused attention (c_attn: n_embd -> 3 n_embd): r * (n_embd + 3 n_embd) per layer."""
+    return config.n_layer * r * (config.n_embd + 3 * config.n_embd) + extra
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["lora", "qlora"])
+def test_lora_trains_adapters_only_and_the_value_model_gets_one(run_copy, capsys, quantize):
+    settings = ["lora.r=4", "lora.lora_alpha=8"]
+    if quantize:
+        settings += ["quantization.load_in_4bit=true", *[f"stages.{s}.trainer.bf16=true" for s in STAGES[1:]]]
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--from", "sft", *settings)
+    assert code == 0, err
+    assert summary(out) == {"sft": "trained", "reward": "trained", "ppo": "trained"}
+    config = AutoModelForCausalLM.from_pretrained(run_copy / "pretrain").config
+    params = {s: json.loads((run_copy / s / "metrics.json").read_text())["parameters"] for s in STAGES[1:]}
+    head = config.n_embd  # the score head (modules_to_save) trains in full: n_embd -> 1
+    assert params["sft"]["model"]["trainable"] == _lora_count(config, 4)
+    assert params["reward"]["model"]["trainable"] == _lora_count(config, 4, head)
+    assert params["ppo"]["policy"]["trainable"] == _lora_count(config, 4)
+    assert params["ppo"]["value"]["trainable"] == _lora_count(config, 4, head)  # not the whole value model
+    for part in ("policy", "value"):
+        assert params["ppo"][part]["trainable"] < 0.1 * params["ppo"][part]["total"]
+
+    # frozen base: outside LoRA's target (c_attn), the merged PPO model equals the SFT model it started from
+    sft = AutoModelForCausalLM.from_pretrained(run_copy / "sft").state_dict()
+    ppo = AutoModelForCausalLM.from_pretrained(run_copy / "ppo").state_dict()
+    frozen = [k for k in sft if "c_attn" not in k]
+    assert frozen and all(torch.equal(sft[k], ppo[k]) for k in frozen)
+    assert any(not torch.equal(sft[k], ppo[k]) for k in sft if k.endswith("c_attn.weight"))
+
+    # the reference PPO was kept near is the policy with its adapter off, which is the SFT model
+    from peft import PeftModel
+
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_copy / "sft"),
+                                       run_copy / "ppo" / "adapter").eval()
+    reference = AutoModelForCausalLM.from_pretrained(run_copy / "sft").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        with policy.disable_adapter():
+            assert torch.allclose(policy(input_ids=ids).logits, reference(input_ids=ids).logits)
+        assert not torch.allclose(policy(input_ids=ids).logits, reference(input_ids=ids).logits)
