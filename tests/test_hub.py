@@ -1,0 +1,144 @@
+"""Pushing to the Hub. This machine cannot reach the Hub, so the two calls that would (HfApi.create_repo and
+HfApi.upload_folder) are replaced by recorders; everything before them (token lookup, files, model card) is real."""
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, ModelCard
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import FAST, TINY, alignkit, summary
+
+TOKEN = "hf_alignkitTestSecret0123456789"
+EVAL = ["eval.dataset.path=data/tiny/ppo.jsonl", "eval.max_new_tokens=8"]
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """Record what would be uploaded: repo creations, and a copy of each uploaded folder."""
+    calls = {"repos": {}, "uploads": {}}
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        assert self.token == TOKEN
+        calls["repos"][repo_id] = private
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
+        import shutil
+
+        copy = tmp_path / "uploaded" / repo_id.replace("/", "__")
+        shutil.copytree(folder_path, copy)
+        calls["uploads"][repo_id] = copy
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return calls
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def _nowhere(token: str, *folders: Path):
+    for folder in folders:
+        for f in folder.rglob("*"):
+            if f.is_file():
+                assert token.encode() not in f.read_bytes(), f
+
+
+def test_hub_section_pushes_merged_models_with_tokenizer_and_card(run_copy, hub, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *EVAL, "hub.repo_id=alice/tiny",
+                              "hub.stages=[sft, ppo]", "hub.private=true")
+    assert code == 0, err
+    assert summary(out) == dict.fromkeys(["pretrain", "sft", "reward", "ppo"], "reused")
+    assert hub["repos"] == {"alice/tiny-sft": True, "alice/tiny": True}  # the last stage gets the plain name
+    assert "https://huggingface.co/alice/tiny" in out
+    ppo = hub["uploads"]["alice/tiny"]
+    files = _files(ppo)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "recipe.yaml"} <= files
+    assert not {"alignkit_stage.json", "training_args.bin"} & files and not any(f.startswith("adapter") for f in files)
+    tokenizer = AutoTokenizer.from_pretrained(ppo)
+    assert "Assistant:" in tokenizer.chat_template and tokenizer.pad_token == "<|pad|>"
+    assert AutoModelForCausalLM.from_pretrained(ppo).config.vocab_size == len(tokenizer)
+
+    card = ModelCard.load(ppo / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"alignkit", "trl", "sft", "reward-model", "rlhf", "ppo"} <= set(meta["tags"])
+    assert "datasets" not in meta  # local files are named in the text, not claimed as Hub datasets
+    text = card.text
+    for stage, dataset in (("pretrain", "data/tiny/pretrain.jsonl"), ("ppo", "data/tiny/ppo.jsonl")):
+        assert f"| {stage} | `{dataset}` |" in text
+    assert "kl_coef: 0.3" in text and "total_episodes: 48" in text  # key settings of each stage
+    assert "untrained gpt2 built from a config" in text
+    report = json.loads((run_copy / "report.json").read_text())
+    for checkpoint in ("base", "sft", "ppo"):  # the evaluation table, row by row
+        assert f"| {checkpoint} | n/a | {report['eval'][checkpoint]['reward_mean']:.3f} |" in text
+    sft_card = ModelCard.load(hub["uploads"]["alice/tiny-sft"] / "README.md")
+    assert "| ppo |" not in sft_card.text.split("## Evaluation")[0]  # its lineage stops at sft
+    _nowhere(TOKEN, run_copy, *hub["uploads"].values())
+    assert TOKEN not in out + err
+
+
+def test_push_command_sends_lora_adapters_pointing_at_the_hub(run_copy, hub, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--from", "sft",
+                              "lora.r=4", "lora.lora_alpha=8")
+    assert code == 0, err
+    # sft's adapter sits on this run's pretrained model, which the Hub would not know
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat", "--stage", "sft", "--adapter")
+    assert code == 2 and "push pretrain too" in err and not hub["repos"]
+
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat", "--stage", "sft", "--stage", "ppo",
+                              "--stage", "pretrain", "--adapter")
+    assert code == 2 and "pretrain has no LoRA adapter" in err.replace(str(run_copy) + "/", "")
+
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat", "--stage", "ppo", "--adapter")
+    assert code == 2 and "push sft too" in err
+
+    hub["repos"].clear()
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat")  # default: the last policy stage
+    assert code == 0, err
+    assert list(hub["repos"]) == ["bob/chat"] and "adapter" not in str(_files(hub["uploads"]["bob/chat"]))
+
+    from peft import PeftConfig
+
+    from alignkit import hub as hub_module
+
+    # ppo's adapter, pushed beside sft: its base is the sft repo on the Hub, not a path of this machine
+    staged = run_copy.parent / "staged"
+    staged.mkdir()
+    base = hub_module.stage_files(run_copy, "ppo", staged, True, {"sft": "bob/chat-sft", "ppo": "bob/chat"})
+    assert base == "bob/chat-sft"
+    assert PeftConfig.from_pretrained(staged).base_model_name_or_path == "bob/chat-sft"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= _files(staged)
+    _nowhere(TOKEN, run_copy, *hub["uploads"].values())
+
+
+def test_push_without_a_token_or_with_a_failing_upload_is_a_clear_error(run_dir, monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))  # no saved login either
+    code, out, err = alignkit(capsys, "push", run_dir, "--repo-id", "alice/tiny")
+    assert code == 2 and "no Hugging Face token: set HF_TOKEN, or run `hf auth login`" in err
+
+    code, out, err = alignkit(capsys, "push", run_dir, "--repo-id", "tiny")
+    assert code == 2 and "expected owner/name" in err
+
+    def refuse(self, *args, **kwargs):
+        raise OSError("403 Forbidden: you cannot write to alice")
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    code, out, err = alignkit(capsys, "push", run_dir, "--repo-id", "alice/tiny")
+    assert code == 2 and "pushing ppo to alice/tiny failed: OSError: 403 Forbidden" in err
+    assert "the run is unchanged" in err and "Traceback" not in err and TOKEN not in err
+
+
+def test_hub_section_is_checked_with_the_recipe(capsys):
+    code, out, err = alignkit(capsys, "validate", TINY, "hub.repo_id=noslash", "hub.stages=[sft, dpo]",
+                              "hub.weights=adapter", "hub.privat=true")
+    assert code == 2
+    assert "hub.repo_id: expected owner/name" in err
+    assert "hub.stages: 'dpo' is not a stage of this recipe" in err
+    assert "hub.weights: 'adapter' needs a lora block" in err
+    assert "hub.privat: unknown key for Hub; did you mean private?" in err
