@@ -115,3 +115,28 @@ def test_errors_exit_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "learing_rate" in proc.stderr
     assert not (REPO / "runs" / "bad").exists()
+
+
+HARDWARE = ["hh-gpt2.yaml", "gpt2-xl-qlora.yaml", "multi-gpu.yaml"]
+
+
+@pytest.mark.parametrize("name", HARDWARE)
+def test_hardware_recipes_validate_offline_and_say_what_they_need(name, capsys):
+    """HF_HUB_OFFLINE is set for the whole suite (conftest): a download attempt would fail validation."""
+    path = REPO / "recipes" / name
+    code, out, err = alignkit(capsys, "validate", path)
+    assert code == 0, err
+    assert "Hub datasets, read when the recipe runs: stages.sft.dataset (Anthropic/hh-rlhf)" in out
+    header = path.read_text().split("\noutput_dir:")[0]
+    assert "Hardware:" in header and "Expected peak" in header and "Derived, not measured" in header
+
+
+def test_accelerate_configs_load_with_accelerates_own_reader():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted((REPO / "recipes" / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        kinds[path.stem] = (str(config.distributed_type).split(".")[-1], (config.deepspeed_config or {}).get("zero_stage"))
+    assert kinds == {"ddp": ("MULTI_GPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3),
+                     "fsdp": ("FSDP", None)}

@@ -85,3 +85,11 @@ def test_lora_trains_adapters_only_and_the_value_model_gets_one(run_copy, capsys
         with policy.disable_adapter():
             assert torch.allclose(policy(input_ids=ids).logits, reference(input_ids=ids).logits)
         assert not torch.allclose(policy(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_ppo_refuses_to_run_sharded(run_copy, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # as `accelerate launch` with zero3.yaml sets it
+    before = (run_copy / "ppo" / "model.safetensors").read_bytes()
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "ppo", "--force")
+    assert code == 2 and "cannot run sharded (ZeRO-3 or FSDP)" in err and "zero2.yaml" in err
+    assert (run_copy / "ppo" / "model.safetensors").read_bytes() == before  # the old output is whole

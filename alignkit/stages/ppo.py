@@ -7,6 +7,7 @@ replacement touches this file alone.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 from .. import data, models
@@ -40,6 +41,9 @@ def config_class():
 def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     _, PPOTrainer = _experimental()
     spec = recipe.stages["ppo"]
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise UserError("the ppo stage cannot run sharded (ZeRO-3 or FSDP): its policy is saved from the main "
+                        "process, which would hold a shard. Run ppo with recipes/accelerate/zero2.yaml or ddp.yaml")
     if resume:
         log("ppo", "TRL's PPO cannot resume from a checkpoint; training starts again")
 
