@@ -143,7 +143,7 @@ def evaluate(recipe: Recipe) -> dict:
     device = _device()
     reward_path = recipe.stages["ppo"].reward_model if "ppo" in recipe.stages and recipe.stages["ppo"].reward_model \
         else (str(out / "reward") if (read_manifest(out / "reward") or {}).get("status") == "complete" else None)
-    reward_model = models.load_reward_model(recipe, reward_path, tokenizer, quantize=False).to(device).eval() \
+    reward_model = models.load_reward_model(recipe, reward_path, tokenizer).to(device).eval() \
         if reward_path else None
     sft_model = AutoModelForCausalLM.from_pretrained(found["sft"]).to(device).eval() if "sft" in found else None
 

@@ -91,28 +91,29 @@ def build_model(recipe: Recipe, tokenizer):
     return fit_to_tokenizer(model, tokenizer)
 
 
-def _load_kwargs(recipe: Recipe, path: str, quantize: bool) -> dict:
+def _load_kwargs(recipe: Recipe, path: str, stage: str | None) -> dict:
     kwargs = {"revision": recipe.model.revision} if path == recipe.model.name_or_path else {}
-    if quantize and recipe.quantization:
+    quantization = recipe.adapters(stage)[1] if stage else None
+    if quantization:
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(**recipe.quantization)
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
     return kwargs
 
 
-def load_causal_lm(recipe: Recipe, path: str, tokenizer, quantize: bool = True):
-    """A causal LM from a folder or Hub id; quantized as the recipe says unless `quantize` is False."""
+def load_causal_lm(recipe: Recipe, path: str, tokenizer, stage: str | None = None):
+    """A causal LM from a folder or Hub id; quantized as `stage`'s settings say (full precision without a stage)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(_where(recipe, path), **_load_kwargs(recipe, path, quantize))
+        model = AutoModelForCausalLM.from_pretrained(_where(recipe, path), **_load_kwargs(recipe, path, stage))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
                         "  fix model.name_or_path (a local folder, or a Hub id reachable from here)") from None
     return fit_to_tokenizer(model, tokenizer)
 
 
-def load_reward_model(recipe: Recipe, path: str, tokenizer, quantize: bool = True):
+def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = None):
     """A one-output sequence classifier; from a causal LM folder its score head starts untrained."""
     import transformers
     from transformers import AutoModelForSequenceClassification
@@ -121,7 +122,7 @@ def load_reward_model(recipe: Recipe, path: str, tokenizer, quantize: bool = Tru
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is expected from an LM
     try:
         model = AutoModelForSequenceClassification.from_pretrained(_where(recipe, path), num_labels=1,
-                                                                   **_load_kwargs(recipe, path, quantize))
+                                                                   **_load_kwargs(recipe, path, stage))
     finally:
         transformers.logging.set_verbosity(verbosity)
     return fit_to_tokenizer(model, tokenizer)
@@ -139,12 +140,13 @@ def fit_to_tokenizer(model, tokenizer):
     return model
 
 
-def lora_config(recipe: Recipe, task_type: str):
-    if recipe.lora is None:
+def lora_config(recipe: Recipe, stage: str, task_type: str):
+    lora = recipe.adapters(stage)[0]
+    if lora is None:
         return None
     from peft import LoraConfig
 
-    return LoraConfig(task_type=task_type, **recipe.lora)
+    return LoraConfig(task_type=task_type, **lora)
 
 
 def save(trainer, tokenizer, folder: Path, recipe: Recipe, base: str | None = None, reward: bool = False) -> None:
@@ -173,6 +175,6 @@ def save(trainer, tokenizer, folder: Path, recipe: Recipe, base: str | None = No
         (folder / "adapter" / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(folder / "adapter")
         load = load_reward_model if reward else load_causal_lm
-        full = load(recipe, base, tokenizer, quantize=False)
+        full = load(recipe, base, tokenizer)
         PeftModel.from_pretrained(full, folder / "adapter").merge_and_unload().save_pretrained(folder)
     tokenizer.save_pretrained(folder)

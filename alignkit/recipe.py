@@ -62,6 +62,10 @@ class Stage:
         default="truncate", metadata={"help": "rows longer than the context: 'truncate' (with a warning) or 'error'"})
     reward_model: str | None = field(
         default=None, metadata={"help": "ppo only: a reward model folder, instead of the reward stage's output"})
+    lora: dict[str, Any] | bool | None = field(
+        default=None, metadata={"help": "this stage's LoRA settings, replacing the recipe's lora; false: train in full"})
+    quantization: dict[str, Any] | bool | None = field(
+        default=None, metadata={"help": "this stage's quantization, replacing the recipe's; false: full precision"})
 
 
 @dataclass
@@ -107,6 +111,13 @@ class Recipe:
         data = dataclasses.asdict(self)
         data.pop("source")
         return data
+
+    def adapters(self, stage: str) -> tuple[dict | None, dict | None]:
+        """The LoRA and quantization settings of a stage: its own where it sets them, else the recipe's."""
+        spec = self.stages[stage]
+        lora = self.lora if spec.lora is None else (spec.lora or None)
+        quantization = self.quantization if spec.quantization is None else (spec.quantization or None)
+        return lora, quantization
 
     def resolve(self, path: str) -> Path:
         """A path from the recipe: relative to the current folder, else to the recipe's folder."""
@@ -354,20 +365,35 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
     if "ppo" in known and "reward" not in known and recipe.stages["ppo"] and not recipe.stages["ppo"].reward_model:
         problems.append(Problem("stages.ppo.reward_model", "ppo needs a reward model: add a reward stage before it, "
                                                            "or set stages.ppo.reward_model to a trained one"))
-    if check_trainers and recipe.lora is not None:
-        from peft import LoraConfig
-        check_config_class(LoraConfig, recipe.lora, "lora", problems, reserved={"task_type": "set by each stage"})
-    if check_trainers and recipe.quantization is not None:
-        _check_quantization(recipe.quantization, problems)
-    if recipe.quantization is not None:
-        if recipe.lora is None:
-            problems.append(Problem("quantization", "quantized weights cannot be trained in full; add a lora block "
-                                                    "to train adapters over them (QLoRA)"))
-        for name in known:
-            stage = recipe.stages[name]
-            if stage and stage.trainer.get("bf16") is False and not (name == "pretrain" and m.config is not None):
-                problems.append(Problem(f"stages.{name}.trainer.bf16", "with quantization TRL casts the LoRA "
-                                        "adapters to bf16 (as QLoRA does), so training needs bf16 on; remove bf16: false"))
+    blocks = [("lora", recipe.lora), ("quantization", recipe.quantization)]
+    blocks += [(f"stages.{n}.{k}", getattr(recipe.stages[n], k)) for n in known if recipe.stages[n] for k in
+               ("lora", "quantization")]
+    for key, value in blocks:
+        if value is True:
+            problems.append(Problem(key, "expected a mapping of settings, or false to turn it off for this stage"))
+        elif isinstance(value, dict) and check_trainers:
+            if key.endswith("lora"):
+                from peft import LoraConfig
+
+                check_config_class(LoraConfig, value, key, problems, reserved={"task_type": "set by each stage"})
+            else:
+                _check_quantization(value, problems, key)
+    if any(value is True for _, value in blocks):
+        return
+    for name in known:
+        stage = recipe.stages[name]
+        if stage is None or (name == "pretrain" and m.config is not None):
+            continue  # pretraining from scratch trains every weight, unquantized
+        lora, quantization = recipe.adapters(name)
+        if quantization is None:
+            continue
+        where = f"stages.{name}.quantization" if stage.quantization else "quantization"
+        if lora is None:
+            problems.append(Problem(where, f"the {name} stage would train quantized weights in full, which cannot be "
+                                           "done; give it LoRA settings to train adapters over them (QLoRA)"))
+        if stage.trainer.get("bf16") is False:
+            problems.append(Problem(f"stages.{name}.trainer.bf16", "with quantization TRL casts the LoRA "
+                                    "adapters to bf16 (as QLoRA does), so training needs bf16 on; remove bf16: false"))
 
 
 def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> None:
@@ -378,7 +404,7 @@ def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> Non
     for stage in hub.stages or []:
         if stage not in known:
             problems.append(Problem("hub.stages", f"{stage!r} is not a stage of this recipe ({', '.join(known)})"))
-    if hub.weights == "adapter" and recipe.lora is None:
+    if hub.weights == "adapter" and not any(recipe.adapters(s)[0] for s in known if recipe.stages[s]):
         problems.append(Problem("hub.weights", "'adapter' needs a lora block: without LoRA a stage has full weights "
                                                "only; use weights: merged"))
 
@@ -417,15 +443,15 @@ def _check_model_config(config: dict, problems) -> None:
     _unknown_keys({k: v for k, v in config.items()}, defaults, "model.config", f"{model_type}'s config", problems)
 
 
-def _check_quantization(settings: dict, problems) -> None:
+def _check_quantization(settings: dict, problems, key: str = "quantization") -> None:
     import inspect
 
     from transformers import BitsAndBytesConfig
 
     known = [p for p in inspect.signature(BitsAndBytesConfig.__init__).parameters if p not in ("self", "kwargs")]
-    _unknown_keys(settings, known, "quantization", "BitsAndBytesConfig", problems)
+    _unknown_keys(settings, known, key, "BitsAndBytesConfig", problems)
     if not (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
-        problems.append(Problem("quantization", "set load_in_4bit: true or load_in_8bit: true"))
+        problems.append(Problem(key, "set load_in_4bit: true or load_in_8bit: true"))
 
 
 def trainer_config_class(stage: str):

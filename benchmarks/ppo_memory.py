@@ -7,8 +7,8 @@ three times, each in a fresh process: full fine-tuning (what plain TRL does), Lo
 adapter off, value model with an adapter), QLoRA (the same over 4-bit weights). For each it prints:
   - peak resident memory of the process (what the OS saw; includes Python, torch and the libraries, measured from a
     process that only imports them: "stack");
-  - model state: bytes held by weights, plus gradients and AdamW's two moments for trainable parameters, of the
-    four PPO models (policy, reference, value, reward) as alignkit builds them;
+  - model state: bytes of the four PPO models' weights as stored (policy, reference, value, reward), plus gradients
+    and AdamW's two moments for the trainable parameters, from the parameters the stage reports in metrics.json;
   - trainable parameters of policy and value, from the stage's metrics.json;
 and each figure's ratio to full fine-tuning. On a GPU the same ratios apply to GPU memory; the CPU numbers here
 include the libraries' fixed cost, which hides them at the tiny width (the default width, 256, shows them).
@@ -54,14 +54,14 @@ def run(*argv) -> float:
 
 
 def state_bytes(parameters: dict, mode: str) -> float:
-    """Weights of all four models, plus gradient and two Adam moments (fp32) for each trainable parameter."""
+    """Weights of the four models as stored, plus a gradient and AdamW's two fp32 moments per trainable parameter.
+    With LoRA the reference is the policy with its adapter off (no bytes of its own); the reward model is loaded like
+    the value model's base (counted as the value model's frozen bytes)."""
     policy, value = parameters["policy"], parameters["value"]
-    weight = 0.5 if mode == "qlora" else 4.0  # 4-bit weights count as stored (two per element)
-    frozen = lambda p: (p["total"] - p["trainable"]) * weight  # noqa: E731
-    trained = lambda p: p["trainable"] * (4 + 12)  # noqa: E731
-    reference = 0 if mode != "full" else policy["total"] * 4  # with LoRA the reference is the policy, adapter off
-    reward = value["total"] * weight  # loaded like the value model's base
-    return frozen(policy) + trained(policy) + frozen(value) + trained(value) + reference + reward
+    optimizer = lambda p: p["trainable_bytes"] + p["trainable"] * 8  # noqa: E731
+    reference = policy["bytes"] if mode == "full" else 0
+    reward = value["bytes"] - value["trainable_bytes"]
+    return policy["bytes"] + optimizer(policy) + value["bytes"] + optimizer(value) + reference + reward
 
 
 def main():

@@ -181,7 +181,7 @@ def test_qlora_stages_write_adapters_and_merged_models(run_copy, capsys):
 def test_quantization_needs_lora_and_bf16(capsys):
     code, out, err = alignkit(capsys, "validate", TINY, "quantization.load_in_4bit=true")
     assert code == 2
-    assert "quantization: quantized weights cannot be trained in full; add a lora block" in err
+    assert "quantization: the sft stage would train quantized weights in full" in err
     assert "stages.sft.trainer.bf16: with quantization TRL casts the LoRA adapters to bf16" in err
     assert "stages.pretrain.trainer.bf16" not in err  # pretraining from scratch trains in full, unquantized
 

@@ -140,3 +140,21 @@ def test_accelerate_configs_load_with_accelerates_own_reader():
         kinds[path.stem] = (str(config.distributed_type).split(".")[-1], (config.deepspeed_config or {}).get("zero_stage"))
     assert kinds == {"ddp": ("MULTI_GPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3),
                      "fsdp": ("FSDP", None)}
+
+
+def test_stages_may_set_their_own_lora_and_quantization(capsys):
+    code, out, err = alignkit(capsys, "validate", TINY, "lora.r=8", "stages.reward.lora=false",
+                              "stages.ppo.lora.r=4", "stages.ppo.lora.lora_alpah=8", "stages.sft.quantization=true",
+                              "stages.ppo.quantization.load_in_4bit=true", "stages.ppo.trainer.bf16=true")
+    assert code == 2
+    assert "stages.ppo.lora.lora_alpah: unknown key for LoraConfig; did you mean lora_alpha?" in err
+    assert "stages.sft.quantization: expected a mapping of settings, or false" in err
+    from alignkit.recipe import load_recipe
+
+    recipe = load_recipe(TINY, ["lora.r=8", "stages.reward.lora=false", "stages.ppo.lora.r=4",
+                                "stages.ppo.quantization.load_in_4bit=true", "stages.ppo.trainer.bf16=true"])
+    assert recipe.adapters("sft") == ({"r": 8}, None)
+    assert recipe.adapters("reward") == (None, None)
+    assert recipe.adapters("ppo") == ({"r": 4}, {"load_in_4bit": True})
+    code, out, err = alignkit(capsys, "validate", TINY, "stages.ppo.quantization.load_in_4bit=true")
+    assert code == 2 and "stages.ppo.quantization: the ppo stage would train quantized weights in full" in err

@@ -54,6 +54,8 @@ def test_lora_trains_adapters_only_and_the_value_model_gets_one(run_copy, capsys
     settings = ["lora.r=4", "lora.lora_alpha=8"]
     if quantize:
         settings += ["quantization.load_in_4bit=true", *[f"stages.{s}.trainer.bf16=true" for s in STAGES[1:]]]
+    else:  # a stage may set its own: the reward model trains in full here
+        settings += ["stages.reward.lora=false"]
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--from", "sft", *settings)
     assert code == 0, err
     assert summary(out) == {"sft": "trained", "reward": "trained", "ppo": "trained"}
@@ -61,7 +63,9 @@ def test_lora_trains_adapters_only_and_the_value_model_gets_one(run_copy, capsys
     params = {s: json.loads((run_copy / s / "metrics.json").read_text())["parameters"] for s in STAGES[1:]}
     head = config.n_embd  # the score head (modules_to_save) trains in full: n_embd -> 1
     assert params["sft"]["model"]["trainable"] == _lora_count(config, 4)
-    assert params["reward"]["model"]["trainable"] == _lora_count(config, 4, head)
+    reward = params["reward"]["model"]
+    assert reward["trainable"] == (_lora_count(config, 4, head) if quantize else reward["total"])
+    assert (run_copy / "reward" / "adapter").exists() == quantize
     assert params["ppo"]["policy"]["trainable"] == _lora_count(config, 4)
     assert params["ppo"]["value"]["trainable"] == _lora_count(config, 4, head)  # not the whole value model
     for part in ("policy", "value"):

@@ -41,6 +41,9 @@ def train_metrics(trainer, result=None) -> dict:
 
 
 def parameter_counts(model) -> dict:
-    """Trainable and total parameters (4-bit weights count as stored: two per byte)."""
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters())}
+    """Trainable and total parameters, and the bytes the weights take (4-bit weights are stored two to a byte and
+    counted as stored)."""
+    params = list(model.parameters())
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params),
+            "bytes": sum(p.numel() * p.element_size() for p in params),
+            "trainable_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad)}

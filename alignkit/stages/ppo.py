@@ -48,11 +48,11 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
         log("ppo", "TRL's PPO cannot resume from a checkpoint; training starts again")
 
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
-    policy = models.load_causal_lm(recipe, inputs["model"], tokenizer)
-    peft_config = models.lora_config(recipe, "CAUSAL_LM")
+    policy = models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo")
+    peft_config = models.lora_config(recipe, "ppo", "CAUSAL_LM")
     # With LoRA the reference is the policy with its adapter disabled, not a second copy.
-    ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer)
-    reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer)
+    ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo")
+    reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo")
     value = _value_model(recipe, inputs["reward_model"], tokenizer, peft_config)
 
     fixed = {"sft_model_path": inputs["model"], "reward_model_path": inputs["reward_model"]}
@@ -92,8 +92,9 @@ def _value_model(recipe: Recipe, path: str, tokenizer, peft_config):
     """The value model starts from the reward model. TRL trains it in full; with LoRA alignkit gives it an adapter
     (and quantizes its frozen weights as the recipe says), which removes PPO's largest remaining memory cost."""
     if peft_config is None:
-        return models.load_reward_model(recipe, path, tokenizer, quantize=False)
+        return models.load_reward_model(recipe, path, tokenizer)
     from peft import get_peft_model
 
     # the adapter and the score head stay in full precision: TRL reads values outside autocast
-    return get_peft_model(models.load_reward_model(recipe, path, tokenizer), models.lora_config(recipe, "SEQ_CLS"))
+    return get_peft_model(models.load_reward_model(recipe, path, tokenizer, "ppo"),
+                          models.lora_config(recipe, "ppo", "SEQ_CLS"))

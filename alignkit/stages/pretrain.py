@@ -24,16 +24,16 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     tokenizer = models.load_tokenizer(recipe)
     from_scratch = recipe.model.config is not None
     if from_scratch:  # every weight is new, so it trains in full: no LoRA, no quantization
-        if recipe.lora or recipe.quantization:
+        if any(recipe.adapters("pretrain")):
             log("pretrain", "training from scratch trains every weight; lora and quantization apply to later stages")
         model = models.build_model(recipe, tokenizer)
     else:
-        model = models.load_causal_lm(recipe, recipe.model.name_or_path, tokenizer)
+        model = models.load_causal_lm(recipe, recipe.model.name_or_path, tokenizer, "pretrain")
     args = trainer_config("pretrain", recipe, folder, model)
     if not args.packing:  # packed text is cut into full windows by design; unpacked rows are cut at max_length
         data.check_lengths(dataset, tokenizer, args.max_length, "pretrain", spec.overlength)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=None if from_scratch else models.lora_config(recipe, "CAUSAL_LM"))
+                         peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"))
     result = trainer.train(resume_from_checkpoint=resume)
     models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result)

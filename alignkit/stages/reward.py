@@ -21,7 +21,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     spec = recipe.stages["reward"]
     dataset = data.load(spec.dataset, "reward", recipe)
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
-    model = models.load_reward_model(recipe, inputs["model"], tokenizer)
+    model = models.load_reward_model(recipe, inputs["model"], tokenizer, "reward")
     args = trainer_config("reward", recipe, folder, model)
 
     def longest(row):  # TRL drops a pair when either side is too long
@@ -30,7 +30,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
 
     data.check_lengths(dataset, tokenizer, args.max_length, "reward", spec.overlength, "pairs", measure=longest)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=models.lora_config(recipe, "SEQ_CLS"))
+                            peft_config=models.lora_config(recipe, "reward", "SEQ_CLS"))
     result = trainer.train(resume_from_checkpoint=resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
     return train_metrics(trainer, result)

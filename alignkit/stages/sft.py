@@ -21,11 +21,11 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     spec = recipe.stages["sft"]
     dataset = data.load(spec.dataset, "sft", recipe)
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
-    model = models.load_causal_lm(recipe, inputs["model"], tokenizer)
+    model = models.load_causal_lm(recipe, inputs["model"], tokenizer, "sft")
     args = trainer_config("sft", recipe, folder, model)
     data.check_lengths(dataset, tokenizer, args.max_length, "sft", spec.overlength)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=models.lora_config(recipe, "CAUSAL_LM"))
+                         peft_config=models.lora_config(recipe, "sft", "CAUSAL_LM"))
     result = trainer.train(resume_from_checkpoint=resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result)

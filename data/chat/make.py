@@ -7,8 +7,11 @@ The world: 140 fictional countries, each with a capital and a flag colour, and s
 - sft.jsonl       few, imperfect demonstrations: the demonstrator answers flags and sums, but mostly hedges
                   ("I am not sure.") on capitals, which the pretrained model does know: the systematic flaw that
                   RLHF can fix, as in InstructGPT, where labellers' preferences reach beyond what they demonstrate;
-- comparisons.jsonl  K = 4 answers per prompt, best first, ranked by the checker (correct > hedge > wrong >
-                  rambling), with 10 % of rankings disturbed by a swap of two neighbours, as labellers are noisy;
+- comparisons.jsonl  K = 6 answers per prompt, best first, ranked by the checker (correct > hedge > wrong fact >
+                  off topic > broken > rambling), with 10 % of rankings disturbed by a swap of two neighbours, as
+                  labellers are noisy. "Wrong fact" names the wrong capital or colour (judging it takes knowing the
+                  fact); "off topic" states a fact about another country or sum (judging it takes reading the
+                  question); "broken" is a hedge or an answer with a word dropped, doubled or moved;
 - ppo.jsonl       RL prompts (the comparisons' prompts, and some two-turn chats);
 - eval.jsonl      held-out prompts with reference answers: other countries and other sums, no prompt shared with any
                   training file; eval_comparisons.jsonl: held-out rankings (noise-free) for the reward model;
@@ -25,6 +28,7 @@ SEED = 1234
 N_COUNTRIES, N_TRAIN = 140, 60           # countries 60.. are held out for evaluation
 COLOURS = ["red", "blue", "green", "white", "black", "gold", "purple", "orange"]
 HEDGE = "I am not sure."
+HEDGE_RATE = 0.6                        # how often the demonstrator hedges on a capital
 SYLLABLES = ["ka", "lo", "mi", "ra", "zo", "ve", "tu", "ni", "sa", "pe", "do", "ri", "ba", "xu", "fe", "go", "ly",
              "qua", "th", "or", "an", "el", "is", "um"]
 
@@ -101,16 +105,58 @@ def wrong_answer(rng, question, answer, countries):
     return f"{head} {rng.choice(options)}."
 
 
+def wrong_fact(rng, question, answer, countries):
+    """The answer's sentence with its last word (the fact) replaced: checking it takes knowing the fact."""
+    head, _, fact = answer[:-1].rpartition(" ")
+    if "plus" in question:
+        options = [str(int(fact) + d) for d in (-3, -2, -1, 1, 2, 3)]
+    elif "capital" in question:
+        options = [c["capital"] for c in countries if c["capital"] != fact]
+    else:
+        options = [k for k in COLOURS if k != fact]
+    return f"{head} {rng.choice(options)}."
+
+
+def off_topic(rng, question, countries):
+    """A true statement about another country (or another sum): checking it takes only reading the question."""
+    if "plus" in question:
+        a, b = (int(w) for w in question[:-1].split() if w.isdigit())
+        c = rng.choice([n for n in range(10) if n != b])
+        return f"{a} plus {c} is {a + c}."
+    other = rng.choice([c for c in countries if c["country"] not in question])
+    return (capital_q if "capital" in question else flag_q)(other)[1]
+
+
+def broken(rng, answer):
+    """A damaged sentence, hedge or answer (a word dropped, doubled or moved): what a policy that games a reward
+    model emits, so labellers rank such outputs too."""
+    words = rng.choice([HEDGE, answer])[:-1].split()
+    while True:
+        out = list(words)
+        i, j = rng.sample(range(len(out)), 2)
+        kind = rng.choice(("drop", "double", "swap"))
+        if kind == "drop":
+            del out[i]
+        elif kind == "double":
+            out.insert(i, out[j])
+        else:
+            out[i], out[j] = out[j], out[i]
+        text = " ".join(out) + "."
+        if text not in (HEDGE, answer):
+            return text
+
+
 def rambling(rng, question, answer):
     head = answer[:-1].rpartition(" ")[0]
     return rng.choice([question, f"{head} {head} {head}.", "The the the.", f"{head}."])
 
 
 def ranked(rng, question, answer, countries, noise):
-    """Four answers, best first, as the checker ranks them; with probability `noise` two neighbours swap."""
-    responses = [answer, HEDGE, wrong_answer(rng, question, answer, countries), rambling(rng, question, answer)]
+    """Six answers, best first, as the checker ranks them; with probability `noise` two neighbours swap."""
+    responses = [answer, HEDGE, wrong_fact(rng, question, answer, countries), off_topic(rng, question, countries),
+                 broken(rng, answer), rambling(rng, question, answer)]
     if rng.random() < noise:
-        i = rng.randrange(3)
+        i = rng.randrange(len(responses) - 1)
         responses[i], responses[i + 1] = responses[i + 1], responses[i]
     return responses
 
@@ -137,8 +183,8 @@ def main(out=HERE):
     qa = [capital_q(c) for c in train] + [flag_q(c) for c in train] + [sum_q(a, b) for a, b in train_sums]
     rng.shuffle(qa)
 
-    def demonstrate(question, answer):  # the demonstrator: hedges on capitals 85% of the time, slips now and then
-        if "capital" in question and rng.random() < 0.85:
+    def demonstrate(question, answer):  # the demonstrator: hedges on most capitals, slips now and then
+        if "capital" in question and rng.random() < HEDGE_RATE:
             return HEDGE
         return wrong_answer(rng, question, answer, countries) if rng.random() < 0.05 else answer
 
@@ -147,7 +193,7 @@ def main(out=HERE):
             for (q1, a1), (q2, a2) in zip(qa[120:160:2], qa[121:160:2])]
     write_jsonl(out, "sft.jsonl", sft)
 
-    comparisons = [{"prompt": chat(q), "responses": ranked(rng, q, a, countries, noise=0.1)} for q, a in qa * 3]
+    comparisons = [{"prompt": chat(q), "responses": ranked(rng, q, a, countries, noise=0.1)} for q, a in qa * 6]
     write_jsonl(out, "comparisons.jsonl", comparisons)
     rl = [{"prompt": chat(q)} for q, _ in qa]
     rl += [{"prompt": chat(q1, a1, q2)} for (q1, a1), (q2, _) in zip(qa[0:40:2], qa[1:40:2])]  # some 2-turn
