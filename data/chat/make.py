@@ -90,19 +90,11 @@ def chat(*turns):
 
 
 def wrong_answer(rng, question, answer, countries):
-    """A wrong answer: half the time about another country (the slip small models make most), else the answer's
-    sentence with its last word (the fact) replaced."""
-    head, _, fact = answer[:-1].rpartition(" ")
+    """The demonstrator's slip: half the time an answer about another country, else the wrong fact."""
     if "plus" not in question and rng.random() < 0.5:
         other = rng.choice([c for c in countries if c["country"] not in question])
         return (capital_q if "capital" in question else flag_q)(other)[1]
-    if "plus" in question:
-        options = [str(int(fact) + d) for d in (-3, -2, -1, 1, 2, 3)]
-    elif "capital" in question:
-        options = [c["capital"] for c in countries if c["capital"] != fact]
-    else:
-        options = [k for k in COLOURS if k != fact]
-    return f"{head} {rng.choice(options)}."
+    return wrong_fact(rng, question, answer, countries)
 
 
 def wrong_fact(rng, question, answer, countries):
