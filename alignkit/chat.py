@@ -16,7 +16,8 @@ PROMPT = "you> "
 
 def resolve(target: str, stage: str | None) -> str:
     """A run folder becomes one of its stage folders; anything else is a model folder or a Hub id."""
-    from .hub import POLICY_STAGES, complete_stages
+    from .hub import POLICY_STAGES
+    from .pipeline import complete_stages
 
     path = Path(target)
     if path.is_dir() and not (path / "config.json").exists():

@@ -170,7 +170,6 @@ def cmd_eval(args) -> int:
     import time
 
     from . import evaluate, pipeline
-    from .errors import UserError
     from .recipe import load_recipe
 
     t0 = time.time()
@@ -178,11 +177,9 @@ def cmd_eval(args) -> int:
     if recipe.eval is None:
         raise UserError(f"{args.recipe}: no eval section; add one naming held-out prompts: "
                         "eval: {dataset: {path: data/eval.jsonl}}")
-    stages = {}
-    for stage in recipe.stages:
-        manifest = pipeline.read_manifest(Path(recipe.output_dir) / stage)
-        if manifest and manifest.get("status") == "complete":
-            stages[stage] = {"status": "reused", "seconds": manifest.get("seconds", 0.0)}
+    out = Path(recipe.output_dir)
+    stages = {stage: {"status": "reused", "seconds": pipeline.read_manifest(out / stage).get("seconds", 0.0)}
+              for stage in pipeline.complete_stages(out) if stage in recipe.stages}
     report = evaluate.evaluate(recipe)
     print(evaluate.write_report(recipe, report, stages, time.time() - t0))
     return 0

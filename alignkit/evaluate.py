@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import data
 from .log import log
-from .pipeline import read_manifest
+from .pipeline import complete_stages
 from .recipe import Recipe
 
 CHECKPOINTS = {"base": "pretrain", "sft": "sft", "ppo": "ppo"}
@@ -35,10 +35,10 @@ def is_correct(answer: str, reference: str, match: str) -> bool:
 def checkpoints(recipe: Recipe) -> dict[str, str]:
     """The complete stage outputs to evaluate, by checkpoint name; base is the base model without a pretrain stage."""
     out = Path(recipe.output_dir)
+    done = complete_stages(out)
     found = {}
     for name, stage in CHECKPOINTS.items():
-        manifest = read_manifest(out / stage)
-        if manifest and manifest.get("status") == "complete":
+        if stage in done:
             found[name] = str(out / stage)
         elif name == "base" and "pretrain" not in recipe.stages and recipe.model.name_or_path:
             found[name] = recipe.model.name_or_path
@@ -142,7 +142,7 @@ def evaluate(recipe: Recipe) -> dict:
     references = rows["reference"]
     device = _device()
     reward_path = recipe.stages["ppo"].reward_model if "ppo" in recipe.stages and recipe.stages["ppo"].reward_model \
-        else (str(out / "reward") if (read_manifest(out / "reward") or {}).get("status") == "complete" else None)
+        else (str(out / "reward") if "reward" in complete_stages(out) else None)
     reward_model = models.load_reward_model(recipe, reward_path, tokenizer).to(device).eval() \
         if reward_path else None
     sft_model = AutoModelForCausalLM.from_pretrained(found["sft"]).to(device).eval() if "sft" in found else None
@@ -299,21 +299,24 @@ def _eval_plot(out: Path, results: dict) -> str:
     return "eval.png"
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
+def eval_table(results: dict) -> list[str]:
+    """The checkpoints' metrics as a Markdown table (report.md and the Hub model card)."""
     columns = ["gold_accuracy", "reward_mean", "kl_to_sft", "length_mean", "eos_rate", "repetition"]
+    return ["| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"] + \
+        [f"| {name} | " + " | ".join(fmt(values.get(c)) for c in columns) + " |" for name, values in results.items()]
+
+
+def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
     lines = [f"# alignkit report: {recipe.source}", "",
              f"Wall time {report['wall_seconds']:.0f} s. Stages: " +
              ", ".join(f"{s} {v['status']} ({v['seconds']:.0f} s)" for s, v in report["stages"].items()) + ".", "",
-             f"## Held-out evaluation ({report['eval_prompts']} prompts)", "",
-             "| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, values in report["eval"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(values[c]) for c in columns) + " |")
-    lines += ["", f"- Reward model's pairwise accuracy on held-out comparisons: {_fmt(report['reward_accuracy'])}",
-              f"- Win rate of the final policy against SFT (ties count half): {_fmt(report['win_rate_vs_sft'])}", "",
+             f"## Held-out evaluation ({report['eval_prompts']} prompts)", "", *eval_table(report["eval"])]
+    lines += ["", f"- Reward model's pairwise accuracy on held-out comparisons: {fmt(report['reward_accuracy'])}",
+              f"- Win rate of the final policy against SFT (ties count half): {fmt(report['win_rate_vs_sft'])}", "",
               "gold_accuracy: share of answers equal to the reference"
               f" ({recipe.eval.match} match, ignoring case and end punctuation). kl_to_sft: nats per response, on the "
               "checkpoint's own samples at temperature 1. length_mean: tokens per answer. repetition: share of an "

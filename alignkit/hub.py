@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .recipe import STAGES
+from .pipeline import complete_stages, read_manifest
+from .recipe import STAGES, is_hub_id, is_repo_id
 
 POLICY_STAGES = ("pretrain", "sft", "ppo")
 SKIP = {"adapter", "checkpoints", "alignkit_stage.json", "training_args.bin"}  # kept local: paths of this machine
@@ -44,7 +45,7 @@ def push_run(run_dir: Path, repo_id: str | None, stages: list[str] | None, priva
 def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | None, adapter: bool) -> list[str]:
     from huggingface_hub import HfApi, get_token
 
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    if not is_repo_id(repo_id):
         raise UserError(f"repo id {repo_id!r}: expected owner/name (your user or organisation, then the repo)")
     done = complete_stages(run_dir)
     if not stages:
@@ -81,10 +82,6 @@ def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | 
     return lines
 
 
-def complete_stages(run_dir: Path) -> list[str]:
-    return [s for s in STAGES if (_json(run_dir / s / "alignkit_stage.json") or {}).get("status") == "complete"]
-
-
 def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets: dict) -> str | None:
     """Copy what the Hub repo holds into `staged`; return the Hub id of the stage's base model (None if local)."""
     folder = run_dir / stage
@@ -107,7 +104,7 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
 
 
 def _upstream_stage(run_dir: Path, stage: str) -> str | None:
-    model = ((_json(run_dir / stage / "alignkit_stage.json") or {}).get("inputs") or {}).get("model")
+    model = ((read_manifest(run_dir / stage) or {}).get("inputs") or {}).get("model")
     if model is None:
         return None
     path = Path(model)
@@ -120,9 +117,7 @@ def hub_base(run_dir: Path, stage: str, targets: dict) -> str | None:
     if up is not None:
         return targets.get(up)
     model = (_recipe(run_dir, stage).get("model") or {}).get("name_or_path")
-    if model and not Path(model).exists() and model.count("/") <= 1:
-        return model
-    return None
+    return model if model and is_hub_id(model) else None
 
 
 def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapter: bool, report: dict | None):
@@ -132,7 +127,7 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
     lineage = [s for s in STAGES if s in (recipe.get("stages") or {})]
     lineage = lineage[: lineage.index(stage) + 1]
     hub_datasets = sorted({spec["dataset"]["path"] for s, spec in recipe["stages"].items() if s in lineage
-                           if not _looks_local(spec["dataset"]["path"])})
+                           if is_hub_id(spec["dataset"]["path"])})
     data = ModelCardData(
         base_model=base, datasets=hub_datasets or None, library_name="peft" if adapter else "transformers",
         pipeline_tag="text-classification" if stage == "reward" else "text-generation",
@@ -143,7 +138,7 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
     rows = []
     for s in lineage:
         spec = recipe["stages"][s]
-        manifest = _json(run_dir / s / "alignkit_stage.json") or {}
+        manifest = read_manifest(run_dir / s) or {}
         settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
         rows.append(f"| {s} | `{spec['dataset']['path']}` | {_inline(settings)} | "
                     f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |")
@@ -160,13 +155,11 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
         "| stage | dataset | key settings | processes | time |", "|---|---|---|---|---|", *rows, "",
     ]
     if report and report.get("eval"):
-        metrics = ("gold_accuracy", "reward_mean", "kl_to_sft", "length_mean", "eos_rate")
-        lines += ["## Evaluation (held-out prompts)", "", "| checkpoint | " + " | ".join(metrics) + " |",
-                  "|---|" + "---|" * len(metrics)]
-        for checkpoint, values in report["eval"].items():
-            lines.append(f"| {checkpoint} | " + " | ".join(_number(values.get(m)) for m in metrics) + " |")
-        lines += ["", f"Reward model pairwise accuracy on held-out comparisons: {_number(report.get('reward_accuracy'))}; "
-                      f"win rate of ppo against sft: {_number(report.get('win_rate_vs_sft'))}.", ""]
+        from .evaluate import eval_table, fmt
+
+        lines += ["## Evaluation (held-out prompts)", "", *eval_table(report["eval"]), "",
+                  f"Reward model pairwise accuracy on held-out comparisons: {fmt(report.get('reward_accuracy'))}; "
+                  f"win rate of ppo against sft: {fmt(report.get('win_rate_vs_sft'))}.", ""]
     load = (f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained('{repo_id}')"
             if adapter else f"from transformers import AutoModelForCausalLM\n"
                             f"model = AutoModelForCausalLM.from_pretrained('{repo_id}')")
@@ -193,13 +186,5 @@ def _json(path: Path):
         return None
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix != "" or Path(path).exists()
-
-
 def _inline(obj) -> str:
     return yaml.safe_dump(obj, default_flow_style=True, width=10_000).strip() if obj else ""
-
-
-def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)

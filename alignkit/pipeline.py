@@ -24,7 +24,7 @@ from . import data
 from .distributed import is_main, wait_for_everyone, world_size
 from .errors import UserError
 from .log import log
-from .recipe import Recipe
+from .recipe import STAGES, Recipe
 
 MANIFEST = "alignkit_stage.json"
 # Where each stage takes its model from: the latest of these earlier stages in the recipe, else the base model.
@@ -45,6 +45,11 @@ def read_manifest(folder: Path) -> dict | None:
         return json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+
+
+def complete_stages(run_dir: Path) -> list[str]:
+    """The stages of a run folder whose output is complete, in pipeline order."""
+    return [s for s in STAGES if (read_manifest(Path(run_dir) / s) or {}).get("status") == "complete"]
 
 
 def _hash(obj) -> str:
@@ -71,8 +76,9 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
     m = recipe.model
     template_file = m.chat_template if m.chat_template and "{" not in m.chat_template else None
     files = [local_files_hash(p, recipe) for p in (m.name_or_path, m.tokenizer, template_file)]
-    model_settings = {"model": dataclasses.asdict(m), "files": files, "lora": recipe.lora,
-                      "quantization": recipe.quantization, "seed": recipe.seed}
+    lora, quantization = recipe.adapters(stage)
+    model_settings = {"model": dataclasses.asdict(m), "files": files, "lora": lora, "quantization": quantization,
+                      "seed": recipe.seed}
     return {"config": _hash([spec, model_settings]), "data": data.fingerprint(recipe.stages[stage].dataset, recipe),
             "upstream": upstream_fps}
 

@@ -398,7 +398,7 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
 
 def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> None:
     hub = recipe.hub
-    if hub.repo_id is not None and (hub.repo_id.count("/") != 1 or not all(hub.repo_id.split("/"))):
+    if not is_repo_id(hub.repo_id):
         problems.append(Problem("hub.repo_id", f"expected owner/name (your user or organisation, then the repo), got "
                                                f"{hub.repo_id!r}"))
     for stage in hub.stages or []:
@@ -413,11 +413,21 @@ def _check_local(value, key, base: Path, problems, folder: bool, always_local: b
     """Report a local path that does not exist. Hub ids (`name` or `owner/name`) are left for load time."""
     if value is None or resolve_path(value, base) is not None:
         return
-    local = always_local or value.startswith((".", "/", "~")) or value.count("/") > 1 or Path(value).suffix in DATA_SUFFIXES
-    if local:
+    if always_local or not is_hub_id(value, base):
         what = "folder" if folder else "file"
         problems.append(Problem(key, f"{what} not found: {value} (looked in {Path.cwd()} and {base.resolve()}); "
                                      "fix the path, or give a Hub id as owner/name"))
+
+
+def is_hub_id(value: str, base: Path = Path(".")) -> bool:
+    """`name` or `owner/name` that names nothing on this machine: a Hub model or dataset."""
+    return resolve_path(value, base) is None and not value.startswith((".", "/", "~")) and value.count("/") <= 1 \
+        and Path(value).suffix not in DATA_SUFFIXES
+
+
+def is_repo_id(value: str) -> bool:
+    """`owner/name`, as a Hub repo to create must be named."""
+    return value.count("/") == 1 and all(value.split("/"))
 
 
 def resolve_path(path: str, base: Path) -> Path | None:

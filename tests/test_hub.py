@@ -74,7 +74,7 @@ def test_hub_section_pushes_merged_models_with_tokenizer_and_card(run_copy, hub,
     assert "untrained gpt2 built from a config" in text
     report = json.loads((run_copy / "report.json").read_text())
     for checkpoint in ("base", "sft", "ppo"):  # the evaluation table, row by row
-        assert f"| {checkpoint} | n/a | {report['eval'][checkpoint]['reward_mean']:.3f} |" in text
+        assert f"| {checkpoint} | – | {report['eval'][checkpoint]['reward_mean']:.3f} |" in text
     sft_card = ModelCard.load(hub["uploads"]["alice/tiny-sft"] / "README.md")
     assert "| ppo |" not in sft_card.text.split("## Evaluation")[0]  # its lineage stops at sft
     _nowhere(TOKEN, run_copy, *hub["uploads"].values())

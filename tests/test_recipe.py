@@ -158,3 +158,12 @@ def test_stages_may_set_their_own_lora_and_quantization(capsys):
     assert recipe.adapters("ppo") == ({"r": 4}, {"load_in_4bit": True})
     code, out, err = alignkit(capsys, "validate", TINY, "stages.ppo.quantization.load_in_4bit=true")
     assert code == 2 and "stages.ppo.quantization: the ppo stage would train quantized weights in full" in err
+
+
+def test_hub_ids_and_local_paths_are_told_apart():
+    from alignkit.recipe import is_hub_id, is_repo_id
+
+    assert is_hub_id("openai-community/gpt2") and is_hub_id("EleutherAI/pythia-1.4b") and is_hub_id("gpt2")
+    assert not is_hub_id("data/tiny/sft.jsonl")  # exists here
+    assert not any(is_hub_id(p) for p in ("runs/chat/sft", "./model", "~/model", "prompts.jsonl", "x/y.parquet"))
+    assert is_repo_id("alice/tiny") and not any(is_repo_id(r) for r in ("tiny", "a/b/c", "/tiny", "alice/"))
