@@ -156,17 +156,38 @@ def run(recipe: Recipe, only: str | None = None, start: str | None = None, force
     return summary
 
 
+def last_checkpoint(folder: Path) -> tuple[str | None, list[Path]]:
+    """The newest checkpoint in folder that was written to the end, and the newer ones that were not.
+
+    The Trainer writes trainer_state.json last, so a checkpoint without a readable one was cut off mid-save (a kill,
+    a full disk) and cannot be resumed from."""
+    if not folder.is_dir():
+        return None, []
+    steps = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    broken = []
+    for path in steps:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path), broken
+        except (OSError, ValueError):
+            broken.append(path)
+    return None, broken
+
+
 def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts: dict, why: str, force: bool) -> dict:
     partial = folder.with_name(folder.name + ".partial")
     started = read_manifest(partial)
     resume = None
     if started and started.get("fingerprint") == fp and not force:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoints = partial / "checkpoints"
-        resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        resume, broken = last_checkpoint(partial / "checkpoints")
+        for path in broken:
+            log(stage, f"ignoring {path}: the run was stopped while it was being written")
     wait_for_everyone()  # every process has decided before the main one changes the folder
     if is_main():
+        if resume is not None:
+            for path in broken:
+                shutil.rmtree(path)  # the trainer writes these steps again
         if resume is None and partial.exists():
             shutil.rmtree(partial)  # an interrupted run of other inputs: nothing in it can be reused
         partial.mkdir(parents=True, exist_ok=True)

@@ -63,11 +63,19 @@ stages:
     proc.wait()
     assert not (tmp_path / "run" / "pretrain").exists()  # nothing that looks complete
     assert json.loads((partial / "alignkit_stage.json").read_text())["status"] == "running"
-    done = max(int(p.name.split("-")[1]) for p in (partial / "checkpoints").glob("checkpoint-*"))
+    complete = [p for p in (partial / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    done = max(int(p.name.split("-")[1]) for p in complete)
     assert 0 < done < 400
+    # A kill can land while the trainer writes a checkpoint (it writes trainer_state.json last): make sure one such
+    # checkpoint is there, newer than the last complete one, and that the run skips it.
+    cut = partial / "checkpoints" / f"checkpoint-{done + 10}"
+    cut.mkdir(exist_ok=True)
+    (cut / "trainer_state.json").unlink(missing_ok=True)
+    (cut / "model.safetensors").write_bytes(b"cut off")
 
     code, out, err = alignkit(capsys, "run", recipe)
     assert code == 0
+    assert f"ignoring {cut}: the run was stopped while it was being written" in err
     assert f"pretrain: resuming from {partial / 'checkpoints' / f'checkpoint-{done}'}" in err
     history = json.loads((tmp_path / "run" / "pretrain" / "metrics.json").read_text())["log_history"]
     assert history[-1]["step"] == 400

@@ -230,3 +230,16 @@ stages:
     (tokenizer / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
     code, out, err = alignkit(capsys, "run", recipe)
     assert summary(out) == {"pretrain": "trained"} and "its config changed" in err
+
+
+def test_resume_skips_checkpoints_cut_off_mid_save(tmp_path):
+    from alignkit.pipeline import last_checkpoint
+
+    assert last_checkpoint(tmp_path / "none") == (None, [])
+    for step, state in [(10, "{}"), (20, "{}"), (30, '{"global_step": 3'), (40, None)]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    resume, broken = last_checkpoint(tmp_path)
+    assert resume == str(tmp_path / "checkpoint-20")  # 30's state was truncated, 40 has none
+    assert broken == [tmp_path / "checkpoint-40", tmp_path / "checkpoint-30"]
