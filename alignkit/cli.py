@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .log import log
 
 RUN_EXAMPLES = """examples:
   alignkit run recipes/tiny.yaml
@@ -129,8 +130,11 @@ def cmd_run(args) -> int:
     if recipe.eval is not None:
         from . import evaluate
 
-        report = evaluate.evaluate(recipe)
-        print(evaluate.write_report(recipe, report, summary, time.time() - t0))
+        if {"sft", "ppo"} & set(evaluate.checkpoints(recipe)):
+            report = evaluate.evaluate(recipe)
+            print(evaluate.write_report(recipe, report, summary, time.time() - t0))
+        else:  # e.g. --only pretrain: nothing that answers prompts yet
+            log("eval", f"skipped: no sft or ppo model in {recipe.output_dir} yet")
     if recipe.hub is not None:
         from . import hub
 

@@ -101,6 +101,15 @@ def test_eval_command_rewrites_the_report(chat_run, capsys):
     assert code == 2 and "no eval section" in err
 
 
+def test_a_run_of_pretraining_alone_skips_the_evaluation(tmp_path, capsys):
+    out = tmp_path / "pre"
+    code, _, err = alignkit(capsys, "run", CHAT, f"output_dir={out}", *SHRINK, "--only", "pretrain")
+    assert code == 0
+    assert (out / "pretrain" / "model.safetensors").exists()
+    assert f"eval: skipped: no sft or ppo model in {out} yet" in err
+    assert not (out / "report.json").exists()
+
+
 def test_kl_estimate_is_zero_for_the_same_model_and_positive_for_another(run_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
