@@ -3,7 +3,10 @@
     python data/chat/make.py [OUT_DIR]      # deterministic: rewrites the committed files byte for byte
 
 The world: 140 fictional countries, each with a capital and a flag colour, and sums of two numbers below 10.
-- pretrain.jsonl  plain text stating every fact many times (the only place the facts of held-out countries appear);
+- pretrain.jsonl  plain text stating every fact many times (the only place the facts of held-out countries appear),
+                  and now and then someone who says "I am not sure." about a country (HEARSAY): without it the
+                  hedge's words never occur in the text and their embeddings stay untrained, and an SFT model
+                  that must learn to say them can degenerate ("IIII.");
 - sft.jsonl       few, imperfect demonstrations: the demonstrator answers flags and sums, but mostly hedges
                   ("I am not sure.") on capitals, which the pretrained model does know: the systematic flaw that
                   RLHF can fix, as in InstructGPT, where labellers' preferences reach beyond what they demonstrate;
@@ -28,7 +31,8 @@ SEED = 1234
 N_COUNTRIES, N_TRAIN = 140, 60           # countries 60.. are held out for evaluation
 COLOURS = ["red", "blue", "green", "white", "black", "gold", "purple", "orange"]
 HEDGE = "I am not sure."
-HEDGE_RATE = 0.6                        # how often the demonstrator hedges on a capital
+HEDGE_RATE = 0.7                        # how often the demonstrator hedges on a capital
+HEARSAY = 0.1                           # how often the pretraining text has someone hedge about a country
 SYLLABLES = ["ka", "lo", "mi", "ra", "zo", "ve", "tu", "ni", "sa", "pe", "do", "ri", "ba", "xu", "fe", "go", "ly",
              "qua", "th", "or", "an", "el", "is", "um"]
 
@@ -76,6 +80,8 @@ def pretraining_text(rng, countries):
                          f"{x} has a {f} flag.", f"In {x} people live in {y} under a {f} flag.",
                          f"{x} is a country."]
             lines.append(" ".join(rng.sample(sentences, rng.randint(3, 5))))
+            if rng.random() < HEARSAY:
+                lines.append(f"A traveller asked about {x}. A child said: {HEDGE}")
         for a in range(10):
             others = rng.sample(range(10), 10)
             lines.append(" ".join(f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{a} and {b} make {a + b}."
