@@ -163,8 +163,8 @@ def last_checkpoint(folder: Path) -> tuple[str | None, list[Path]]:
     a full disk) and cannot be resumed from."""
     if not folder.is_dir():
         return None, []
-    steps = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:]), reverse=True)
+    step = {p: p.name.removeprefix("checkpoint-") for p in folder.glob("checkpoint-*") if p.is_dir()}
+    steps = sorted((p for p, n in step.items() if n.isdigit()), key=lambda p: int(step[p]), reverse=True)
     broken = []
     for path in steps:
         try:
