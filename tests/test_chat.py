@@ -38,7 +38,9 @@ def test_held_out_prompts_never_occur_in_training_data():
 def test_comparisons_rank_several_answers():
     rows = _rows("comparisons.jsonl")
     assert all(len(r["responses"]) >= 2 for r in rows) and max(len(r["responses"]) for r in rows) == 6
-    assert any(row["messages"][-1]["content"] == "I am not sure." for row in _rows("sft.jsonl"))
+    # the demonstrator's flaw: hedges on capitals, in the words its answer would start with
+    assert any(row["messages"][-1]["content"].startswith("The capital of")
+               and row["messages"][-1]["content"].endswith(" is unknown to me.") for row in _rows("sft.jsonl"))
     assert any(len(row["prompt"]) > 1 for row in _rows("ppo.jsonl"))  # some multi-turn
     assert any(len(row["messages"]) > 2 for row in _rows("sft.jsonl"))
     assert sum(f.stat().st_size for f in DATA.rglob("*") if f.is_file()) < 3_000_000

@@ -4,12 +4,13 @@
 
 The world: 140 fictional countries, each with a capital and a flag colour, and sums of two numbers below 10.
 - pretrain.jsonl  plain text stating every fact many times (the only place the facts of held-out countries appear),
-                  and now and then someone who says "I am not sure." about a country (HEARSAY): without it the
+                  and now and then someone who says "that is unknown to me." of a country (HEARSAY): without it the
                   hedge's words never occur in the text and their embeddings stay untrained, and an SFT model
                   that must learn to say them can degenerate ("IIII.");
 - sft.jsonl       few, imperfect demonstrations: the demonstrator answers flags and sums, but mostly hedges
-                  ("I am not sure.") on capitals, which the pretrained model does know: the systematic flaw that
-                  RLHF can fix, as in InstructGPT, where labellers' preferences reach beyond what they demonstrate;
+                  ("The capital of X is unknown to me.") on capitals, which the pretrained model does know: the
+                  systematic flaw that RLHF can fix, as in InstructGPT, where labellers' preferences reach beyond
+                  what they demonstrate;
 - comparisons.jsonl  K = 6 answers per prompt, best first, ranked by the checker (correct > hedge > wrong fact >
                   off topic > broken > rambling), with 10 % of rankings disturbed by a swap of two neighbours, as
                   labellers are noisy. "Wrong fact" names the wrong capital or colour (judging it takes knowing the
@@ -30,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 SEED = 1234
 N_COUNTRIES, N_TRAIN = 140, 60           # countries 60.. are held out for evaluation
 COLOURS = ["red", "blue", "green", "white", "black", "gold", "purple", "orange"]
-HEDGE = "I am not sure."
+HEDGE = "unknown to me."                 # the demonstrator's hedge ends the answer's sentence: see hedge()
 HEDGE_RATE = 0.7                        # how often the demonstrator hedges on a capital
 HEARSAY = 0.1                           # how often the pretraining text has someone hedge about a country
 SYLLABLES = ["ka", "lo", "mi", "ra", "zo", "ve", "tu", "ni", "sa", "pe", "do", "ri", "ba", "xu", "fe", "go", "ly",
@@ -61,6 +62,14 @@ def capital_q(c):
     return f"What is the capital of {c['country']}?", f"The capital of {c['country']} is {c['capital']}."
 
 
+def hedge(answer):
+    """The answer's sentence with the fact replaced by a hedge: "The capital of X is unknown to me.". It starts as
+    the answer does, so whether to hedge is decided where the fact would come, where the model's knowledge of it
+    is. (A hedge with words of its own, "I am not sure.", put the choice on the first word, where the model could
+    only learn one bias for all questions: seed by seed its SFT model hedged on every capital or on none.)"""
+    return answer[:-1].rpartition(" ")[0] + " " + HEDGE
+
+
 def flag_q(c):
     return f"What colour is the flag of {c['country']}?", f"The flag of {c['country']} is {c['flag']}."
 
@@ -81,7 +90,7 @@ def pretraining_text(rng, countries):
                          f"{x} is a country."]
             lines.append(" ".join(rng.sample(sentences, rng.randint(3, 5))))
             if rng.random() < HEARSAY:
-                lines.append(f"A traveller asked about {x}. A child said: {HEDGE}")
+                lines.append(f"A traveller asked about {x}. A child said: that is {HEDGE}")
         for a in range(10):
             others = rng.sample(range(10), 10)
             lines.append(" ".join(f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{a} and {b} make {a + b}."
@@ -128,7 +137,7 @@ def off_topic(rng, question, countries):
 def broken(rng, answer):
     """A damaged sentence, hedge or answer (a word dropped, doubled or moved): what a policy that games a reward
     model emits, so labellers rank such outputs too."""
-    words = rng.choice([HEDGE, answer])[:-1].split()
+    words = rng.choice([hedge(answer), answer])[:-1].split()
     while True:
         out = list(words)
         i, j = rng.sample(range(len(out)), 2)
@@ -140,7 +149,7 @@ def broken(rng, answer):
         else:
             out[i], out[j] = out[j], out[i]
         text = " ".join(out) + "."
-        if text not in (HEDGE, answer):
+        if text not in (hedge(answer), answer):
             return text
 
 
@@ -151,8 +160,8 @@ def rambling(rng, question, answer):
 
 def ranked(rng, question, answer, countries, noise):
     """Six answers, best first, as the checker ranks them; with probability `noise` two neighbours swap."""
-    responses = [answer, HEDGE, wrong_fact(rng, question, answer, countries), off_topic(rng, question, countries),
-                 broken(rng, answer), rambling(rng, question, answer)]
+    responses = [answer, hedge(answer), wrong_fact(rng, question, answer, countries),
+                 off_topic(rng, question, countries), broken(rng, answer), rambling(rng, question, answer)]
     if rng.random() < noise:
         i = rng.randrange(len(responses) - 1)
         responses[i], responses[i + 1] = responses[i + 1], responses[i]
@@ -183,7 +192,7 @@ def main(out=HERE):
 
     def demonstrate(question, answer):  # the demonstrator: hedges on most capitals, slips now and then
         if "capital" in question and rng.random() < HEDGE_RATE:
-            return HEDGE
+            return hedge(answer)
         return wrong_answer(rng, question, answer, countries) if rng.random() < 0.05 else answer
 
     sft = [{"messages": chat(q, demonstrate(q, a))} for q, a in qa[:120]]
