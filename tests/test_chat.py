@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,25 @@ def test_held_out_prompts_never_occur_in_training_data():
         assert not leaked, f"{name} holds held-out prompts: {leaked[:3]}"
     # and the held-out comparisons ask only held-out questions
     assert {r["prompt"][0]["content"] for r in _rows("eval_comparisons.jsonl")} <= set(questions)
+
+
+def test_held_out_facts_appear_only_in_the_pretraining_text():
+    # not even as a wrong or off-topic answer: the reward model would learn that held-out names mean a bad answer
+    held = set()
+    for row in _rows("eval.jsonl"):
+        reference = row["reference"][:-1]
+        if reference.startswith("The capital of "):
+            held |= set(reference.removeprefix("The capital of ").split(" is "))  # the country and its capital
+        elif " plus " in reference:
+            held.add(reference.rpartition(" is ")[0] + " is")                      # "4 plus 7 is"
+    assert len(held) > 150
+    for name in ("sft.jsonl", "comparisons.jsonl", "ppo.jsonl"):
+        text = (DATA / name).read_text()
+        # whole words: the held-out capital "Fely" is part of the training country "Felyia"
+        leaked = sorted(h for h in held if re.search(rf"\b{re.escape(h)}\b", text))
+        assert not leaked, f"{name} mentions held-out countries, capitals or sums: {leaked[:5]}"
+    pretraining = (DATA / "pretrain.jsonl").read_text()
+    assert all(h in pretraining for h in held if " plus " not in h)  # where the facts come from
 
 
 def test_comparisons_rank_several_answers():

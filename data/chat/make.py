@@ -15,7 +15,9 @@ The world: 140 fictional countries, each with a capital and a flag colour, and s
                   off topic > broken > rambling), with 10 % of rankings disturbed by a swap of two neighbours, as
                   labellers are noisy. "Wrong fact" names the wrong capital or colour (judging it takes knowing the
                   fact); "off topic" states a fact about another country or sum (judging it takes reading the
-                  question); "broken" is a hedge or an answer with a word dropped, doubled or moved;
+                  question); "broken" is a hedge or an answer with a word dropped, doubled or moved. Wrong and
+                  off-topic answers name training countries and sums only: held-out facts appear in no file but
+                  pretrain.jsonl, not even as a wrong answer (see main());
 - ppo.jsonl       RL prompts (the comparisons' prompts, and some two-turn chats);
 - eval.jsonl      held-out prompts with reference answers: other countries and other sums, no prompt shared with any
                   training file; eval_comparisons.jsonl: held-out rankings (noise-free) for the reward model;
@@ -24,6 +26,7 @@ The world: 140 fictional countries, each with a capital and a flag colour, and s
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -124,12 +127,12 @@ def wrong_fact(rng, question, answer, countries):
     return f"{head} {rng.choice(options)}."
 
 
-def off_topic(rng, question, countries):
+def off_topic(rng, question, countries, sums):
     """A true statement about another country (or another sum): checking it takes only reading the question."""
     if "plus" in question:
         a, b = (int(w) for w in question[:-1].split() if w.isdigit())
-        c = rng.choice([n for n in range(10) if n != b])
-        return f"{a} plus {c} is {a + c}."
+        x, y = rng.choice([s for s in sums if s != (a, b)])
+        return f"{x} plus {y} is {x + y}."
     other = rng.choice([c for c in countries if c["country"] not in question])
     return (capital_q if "capital" in question else flag_q)(other)[1]
 
@@ -138,6 +141,7 @@ def broken(rng, answer):
     """A damaged sentence, hedge or answer (a word dropped, doubled or moved): what a policy that games a reward
     model emits, so labellers rank such outputs too."""
     words = rng.choice([hedge(answer), answer])[:-1].split()
+    own_sum = {" ".join(words[:3]) + " is"} if words[1] == "plus" else set()
     while True:
         out = list(words)
         i, j = rng.sample(range(len(out)), 2)
@@ -149,8 +153,8 @@ def broken(rng, answer):
         else:
             out[i], out[j] = out[j], out[i]
         text = " ".join(out) + "."
-        if text not in (hedge(answer), answer):
-            return text
+        if text not in (hedge(answer), answer) and set(re.findall(r"\b\d+ plus \d+ is\b", text)) <= own_sum:
+            return text  # (no words that state another sum, which might be a held-out one: "4 9 plus 5 is 9.")
 
 
 def rambling(rng, question, answer):
@@ -158,10 +162,11 @@ def rambling(rng, question, answer):
     return rng.choice([question, f"{head} {head} {head}.", "The the the.", f"{head}."])
 
 
-def ranked(rng, question, answer, countries, noise):
-    """Six answers, best first, as the checker ranks them; with probability `noise` two neighbours swap."""
+def ranked(rng, question, answer, countries, sums, noise):
+    """Six answers, best first, as the checker ranks them; with probability `noise` two neighbours swap. Wrong
+    and off-topic answers name only `countries` and `sums`."""
     responses = [answer, hedge(answer), wrong_fact(rng, question, answer, countries),
-                 off_topic(rng, question, countries), broken(rng, answer), rambling(rng, question, answer)]
+                 off_topic(rng, question, countries, sums), broken(rng, answer), rambling(rng, question, answer)]
     if rng.random() < noise:
         i = rng.randrange(len(responses) - 1)
         responses[i], responses[i + 1] = responses[i + 1], responses[i]
@@ -186,21 +191,25 @@ def main(out=HERE):
 
     write_jsonl(out, "pretrain.jsonl", pretraining_text(rng, countries))
 
-    # Training questions, and which files use them: no held-out country or sum appears in any of them.
+    # Training questions, and the files made from them. No held-out country, capital or sum appears in any of
+    # them, not even in a wrong or off-topic answer: where held-out names turned up only in bad answers, the
+    # reward model learnt that "The capital of <held-out country> is ..." is off topic and scored every held-out
+    # answer low (one seed ranked the right answer to a held-out capital above a wrong one 32% of the time).
     qa = [capital_q(c) for c in train] + [flag_q(c) for c in train] + [sum_q(a, b) for a, b in train_sums]
     rng.shuffle(qa)
 
     def demonstrate(question, answer):  # the demonstrator: hedges on most capitals, slips now and then
         if "capital" in question and rng.random() < HEDGE_RATE:
             return hedge(answer)
-        return wrong_answer(rng, question, answer, countries) if rng.random() < 0.05 else answer
+        return wrong_answer(rng, question, answer, train) if rng.random() < 0.05 else answer
 
     sft = [{"messages": chat(q, demonstrate(q, a))} for q, a in qa[:120]]
     sft += [{"messages": chat(q1, demonstrate(q1, a1), q2, demonstrate(q2, a2))}
             for (q1, a1), (q2, a2) in zip(qa[120:160:2], qa[121:160:2])]
     write_jsonl(out, "sft.jsonl", sft)
 
-    comparisons = [{"prompt": chat(q), "responses": ranked(rng, q, a, countries, noise=0.1)} for q, a in qa * 6]
+    comparisons = [{"prompt": chat(q), "responses": ranked(rng, q, a, train, train_sums, noise=0.1)}
+                   for q, a in qa * 6]
     write_jsonl(out, "comparisons.jsonl", comparisons)
     rl = [{"prompt": chat(q)} for q, _ in qa]
     rl += [{"prompt": chat(q1, a1, q2)} for (q1, a1), (q2, _) in zip(qa[0:40:2], qa[1:40:2])]  # some 2-turn
@@ -209,7 +218,8 @@ def main(out=HERE):
     held_qa = [capital_q(c) for c in held] + [flag_q(c) for c in held] + [sum_q(a, b) for a, b in held_sums]
     write_jsonl(out, "eval.jsonl", [{"prompt": chat(q), "reference": a} for q, a in held_qa])
     write_jsonl(out, "eval_comparisons.jsonl",
-                [{"prompt": chat(q), "responses": ranked(rng, q, a, countries, noise=0.0)} for q, a in held_qa])
+                [{"prompt": chat(q), "responses": ranked(rng, q, a, held, held_sums, noise=0.0)}
+                 for q, a in held_qa])
 
     corpus = [r["text"] for r in map(json.loads, open(out / "pretrain.jsonl"))] + [q for q, _ in qa + held_qa]
     # the hedge and the chat roles appear nowhere in the pretraining text: name them often enough to become tokens
