@@ -124,7 +124,7 @@ def _mean(values) -> float | None:
 
 def evaluate(recipe: Recipe) -> dict:
     """The `eval` metrics of every checkpoint, the reward model's held-out accuracy and the win rate against SFT."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from . import models
 
@@ -161,7 +161,8 @@ def evaluate(recipe: Recipe) -> dict:
         if sft_model is not None:
             if name == "sft":
                 kl = 0.0
-            else:
+            else:  # the same samples on every evaluation of this checkpoint: a rerun reports the same KL
+                set_seed(recipe.seed)
                 samples = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size, sample=True)
                 own = _logprobs(model, tokenizer, prompts, samples, spec.batch_size)
                 ref = _logprobs(sft_model, tokenizer, prompts, samples, spec.batch_size)

@@ -113,12 +113,14 @@ def test_report_plots_are_valid_pngs(chat_run):
 
 
 def test_eval_command_rewrites_the_report(chat_run, capsys):
+    before = json.loads((chat_run / "report.json").read_text())
     (chat_run / "report.json").unlink()
     code, out, err = alignkit(capsys, "eval", CHAT, f"output_dir={chat_run}", *SHRINK)
     assert code == 0
     report = json.loads((chat_run / "report.json").read_text())
     assert all(v["status"] == "reused" for v in report["stages"].values())
     assert set(report["eval"]) == {"base", "sft", "ppo"}
+    assert report["eval"] == before["eval"]  # the same models measure the same, the sampled KL included
     code, out, err = alignkit(capsys, "eval", REPO / "recipes" / "tiny.yaml", f"output_dir={chat_run}")
     assert code == 2 and "no eval section" in err
 
