@@ -140,7 +140,8 @@ def off_topic(rng, question, countries, sums):
 def broken(rng, answer):
     """A damaged sentence, hedge or answer (a word dropped, doubled or moved): what a policy that games a reward
     model emits, so labellers rank such outputs too."""
-    words = rng.choice([hedge(answer), answer])[:-1].split()
+    sound = [hedge(answer), answer]
+    words = rng.choice(sound)[:-1].split()
     own_sum = {" ".join(words[:3]) + " is"} if words[1] == "plus" else set()
     while True:
         out = list(words)
@@ -153,7 +154,7 @@ def broken(rng, answer):
         else:
             out[i], out[j] = out[j], out[i]
         text = " ".join(out) + "."
-        if text not in (hedge(answer), answer) and set(re.findall(r"\b\d+ plus \d+ is\b", text)) <= own_sum:
+        if text not in sound and set(re.findall(r"\b\d+ plus \d+ is\b", text)) <= own_sum:
             return text  # (no words that state another sum, which might be a held-out one: "4 9 plus 5 is 9.")
 
 
