@@ -44,6 +44,19 @@ def test_two_processes_train_the_pipeline_and_only_the_main_one_writes(run_dir, 
     assert sorted(p.name for p in out.iterdir()) == sorted(STAGES)
 
 
+def test_a_failing_process_ends_the_run_with_its_message_and_no_launcher_traceback(tmp_path):
+    """A child's error reaches the user as alignkit's own message and exit status, not torchrun's failure table."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={out}", "--only", "reward",
+                           "--num-processes", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]  # the child's status: bad input
+    assert f"reward needs the sft stage's output, but {out / 'sft'} is missing" in done.stderr
+    assert "alignkit: process " in done.stderr and "of 2 failed (exit status 2)" in done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    assert not (out / "reward").exists()
+
+
 def _lora_count(config, r, extra=0):
     """LoRA on GPT-2's fused attention (c_attn: n_embd -> 3 n_embd): r * (n_embd + 3 n_embd) per layer."""
     return config.n_layer * r * (config.n_embd + 3 * config.n_embd) + extra
