@@ -482,8 +482,14 @@ RESERVED = {
 
 def check_trainer(stage: str, settings: dict, key: str, problems: list[Problem]):
     """Check a trainer block against TRL's config class and build it; None when it has problems."""
-    return check_config_class(trainer_config_class(stage), settings, key, problems, RESERVED,
-                              output_dir="/nonexistent/alignkit-validate", **machine_settings(settings))
+    import importlib
+
+    config = check_config_class(trainer_config_class(stage), settings, key, problems, RESERVED,
+                                output_dir="/nonexistent/alignkit-validate", **machine_settings(settings))
+    module = importlib.import_module(f"alignkit.stages.{stage}")
+    if config is not None and hasattr(module, "check_config"):  # a trainer's own rules across keys
+        module.check_config(config, key, problems)
+    return config
 
 
 def machine_settings(settings: dict) -> dict:

@@ -102,6 +102,22 @@ def test_reserved_and_inconsistent_trainer_settings(capsys):
     assert code == 2 and "stages.sft.trainer: SFTConfig rejected these settings" in err and "sideways" in err
 
 
+def test_ppo_batch_arithmetic_is_checked_before_anything_trains(tmp_path, capsys):
+    """TRL's PPOTrainer checks its mini-batch split only when it starts, after pretrain, sft and reward have trained;
+    alignkit checks it with the recipe, so a run with a bad split trains nothing."""
+    out = tmp_path / "run"
+    code, _, err = alignkit(capsys, "run", TINY, f"output_dir={out}", "stages.ppo.trainer.num_mini_batches=3")
+    assert code == 2 and "stages.ppo.trainer.num_mini_batches: 3 does not divide" in err
+    assert "= 8)" in err and "use one of [1, 2, 4, 8]" in err  # tiny.yaml: 8 prompts per process per batch
+    assert not out.exists()
+    code, _, err = alignkit(capsys, "validate", TINY, "stages.ppo.trainer.num_mini_batches=2",
+                            "stages.ppo.trainer.gradient_accumulation_steps=3")
+    assert code == 0, err  # 8 x 3 = 24 splits in two
+    code, _, err = alignkit(capsys, "validate", TINY, "stages.ppo.trainer.num_mini_batches=2",
+                            "stages.ppo.trainer.whiten_rewards=true")
+    assert code == 2 and "stages.ppo.trainer.whiten_rewards: whitening needs mini-batches of at least 8" in err
+
+
 def test_bad_yaml_names_the_line(tmp_path, capsys):
     path = _write(tmp_path, "output_dir: x\nstages: [\n")
     code, out, err = alignkit(capsys, "validate", path)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .. import data, models
-from ..errors import UserError
+from ..errors import Problem, UserError
 from ..log import log
 from ..recipe import Recipe
 from . import train_metrics, trainer_config
@@ -36,6 +36,20 @@ def config_class():
     with warnings.catch_warnings():  # "experimental API" is known and pinned
         warnings.simplefilter("ignore")
         return _experimental()[0]
+
+
+def check_config(args, key: str, problems: list[Problem]) -> None:
+    """What TRL's PPOTrainer checks only when it starts, after the earlier stages have trained: checked with the recipe."""
+    rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps  # prompts per process per batch
+    if rollout % args.num_mini_batches:
+        fits = [n for n in range(1, rollout + 1) if rollout % n == 0]
+        problems.append(Problem(f"{key}.num_mini_batches", f"{args.num_mini_batches} does not divide a process's "
+                                f"rollout batch (per_device_train_batch_size x gradient_accumulation_steps = "
+                                f"{rollout}), which PPO splits into num_mini_batches; use one of {fits}"))
+    elif args.whiten_rewards and rollout // args.num_mini_batches < 8:
+        problems.append(Problem(f"{key}.whiten_rewards", f"whitening needs mini-batches of at least 8 answers per "
+                                f"process; these have {rollout // args.num_mini_batches}: lower num_mini_batches or "
+                                f"raise per_device_train_batch_size"))
 
 
 def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
