@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("alignkit: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print("alignkit: interrupted; run the same command again to resume: finished stages are reused, pretrain, "
+              "sft and reward go on from their last checkpoint, ppo starts again (TRL's PPO cannot resume)",
+              file=sys.stderr)
         return 130
 
 
