@@ -120,7 +120,8 @@ def cmd_run(args) -> int:
     t0 = time.time()
     recipe = load_recipe(args.recipe, args.overrides)
     if args.num_processes > 1 and distributed.world_size() == 1:
-        pipeline.check_data(recipe, list(recipe.stages))  # bad data is one clear error, not one per process
+        # bad data or a missing upstream stage is one clear error here, not one per process
+        pipeline.check_data(recipe, pipeline.select(recipe, args.only, args.start))
         return distributed.launch(_without_num_processes(args.argv), args.num_processes)
     summary = pipeline.run(recipe, only=args.only, start=args.start, force=args.force)
     if not distributed.is_main():

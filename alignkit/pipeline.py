@@ -120,14 +120,33 @@ def check_data(recipe: Recipe, stages, local_only: bool = False) -> list[str]:
     return unread
 
 
-def run(recipe: Recipe, only: str | None = None, start: str | None = None, force: bool = False) -> dict:
-    """Run the recipe's stages in order; returns {stage: {"status": "trained" | "reused", "seconds": float}}."""
+def select(recipe: Recipe, only: str | None = None, start: str | None = None) -> list[str]:
+    """The stages `--only` / `--from` choose; raises UserError when one that they need, and do not choose, has no
+    complete output."""
     names = list(recipe.stages)
     for flag, stage in (("--only", only), ("--from", start)):
         if stage is not None and stage not in names:
             raise UserError(f"{flag} {stage}: the recipe {recipe.source} has no {stage} stage; its stages are "
                             f"{', '.join(names)}")
     selected = [only] if only else names[names.index(start):] if start else names
+    out = Path(recipe.output_dir)
+    for stage in selected:
+        for up in upstream(recipe, stage).values():
+            if up is not None and up not in selected and not _complete(out / up):
+                raise UserError(f"{stage} needs the {up} stage's output, but {out / up} is missing or incomplete; "
+                                f"run it first: alignkit run {recipe.source} --only {up}")
+    return selected
+
+
+def _complete(folder: Path) -> dict | None:
+    manifest = read_manifest(folder)
+    return manifest if manifest and manifest.get("status") == "complete" else None
+
+
+def run(recipe: Recipe, only: str | None = None, start: str | None = None, force: bool = False) -> dict:
+    """Run the recipe's stages in order; returns {stage: {"status": "trained" | "reused", "seconds": float}}."""
+    names = list(recipe.stages)
+    selected = select(recipe, only, start)
     out = Path(recipe.output_dir)
     check_data(recipe, selected)
 
@@ -136,15 +155,11 @@ def run(recipe: Recipe, only: str | None = None, start: str | None = None, force
     for stage in names:
         folder = out / stage
         manifest = read_manifest(folder)
-        complete = manifest if manifest and manifest.get("status") == "complete" else None
+        complete = _complete(folder)
         if stage not in selected:
             fingerprints[stage] = complete["fingerprint"] if complete else None
             continue
-        roles = upstream(recipe, stage)
-        for role, up in roles.items():
-            if up is not None and fingerprints.get(up) is None:
-                raise UserError(f"{stage} needs the {up} stage's output, but {out / up} is missing or incomplete; "
-                                f"run it first: alignkit run {recipe.source} --only {up}")
+        roles = upstream(recipe, stage)  # select() made sure that each is chosen or complete
         parts = fingerprint_parts(recipe, stage, {up: fingerprints[up] for up in roles.values() if up})
         fp = _hash(parts)
         fingerprints[stage] = fp

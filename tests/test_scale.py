@@ -44,17 +44,32 @@ def test_two_processes_train_the_pipeline_and_only_the_main_one_writes(run_dir, 
     assert sorted(p.name for p in out.iterdir()) == sorted(STAGES)
 
 
-def test_a_failing_process_ends_the_run_with_its_message_and_no_launcher_traceback(tmp_path):
+def test_a_failing_process_ends_the_run_with_its_message_and_no_launcher_traceback(run_copy):
     """A child's error reaches the user as alignkit's own message and exit status, not torchrun's failure table."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    before = json.loads((run_copy / "ppo" / "alignkit_stage.json").read_text())
+    # the policy's context (128 tokens) has no room for the prompt: found by the ppo stage, in each process
+    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={run_copy}", "--only",
+                           "ppo", "stages.ppo.trainer.response_length=200", "--num-processes", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]  # the child's status: bad input
+    assert "stages.ppo.trainer.response_length (200) leaves no room for a prompt" in done.stderr
+    assert "alignkit: process " in done.stderr and "of 2 failed (exit status 2)" in done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    # the earlier ppo output is kept as it was; the failed attempt is marked as not finished
+    assert json.loads((run_copy / "ppo" / "alignkit_stage.json").read_text()) == before
+    assert json.loads((run_copy / "ppo.partial" / "alignkit_stage.json").read_text())["status"] == "running"
+
+
+def test_a_missing_upstream_stage_is_named_once_before_any_process_starts(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={out}", "--only", "reward",
                            "--num-processes", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]  # the child's status: bad input
-    assert f"reward needs the sft stage's output, but {out / 'sft'} is missing" in done.stderr
-    assert "alignkit: process " in done.stderr and "of 2 failed (exit status 2)" in done.stderr
-    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
-    assert not (out / "reward").exists()
+    assert done.returncode == 2
+    assert done.stderr.count(f"reward needs the sft stage's output, but {out / 'sft'} is missing") == 1
+    assert "process" not in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
 
 
 def _lora_count(config, r, extra=0):
