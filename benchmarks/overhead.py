@@ -1,0 +1,111 @@
+"""What alignkit's layer costs: each stage through `alignkit run` against plain TRL doing the same training.
+
+    python benchmarks/overhead.py [--width 256] [--repeats 3] [--out runs/bench-overhead]
+
+Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times sft, reward and ppo,
+each in a fresh process, both ways, on the same upstream folders, data and trainer settings:
+  - alignkit: `alignkit run recipes/tiny.yaml --only STAGE --force` (recipe and data checks, conversion, length
+    checks, fingerprints, the stage folder and its manifest);
+  - plain TRL: what a user would write by hand: load the upstream model and tokenizer, `load_dataset("json")`, build
+    TRL's trainer with the recipe's trainer block (plus the settings the stage cannot run without on this machine:
+    output_dir, use_cpu, max_length at the model's context, PPO's stop_token "eos"), train, save.
+Prints the wall seconds of each process (imports included; the best of --repeats runs, to damp noise) and the ratio
+alignkit / plain TRL. PPO's classes come from alignkit.stages.ppo, the one module that imports TRL's experimental API.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "tiny.yaml"
+STAGES = ("sft", "reward", "ppo")
+
+
+def plain(stage: str, out: Path) -> None:
+    """The stage in plain TRL, from the alignkit run's upstream folders (tokenizer with pad token and chat template)."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    # the recipe's trainer block as it stands (checkpoints every save_steps, as alignkit's stage writes them)
+    settings = dict(recipe["stages"][stage]["trainer"], seed=recipe["seed"], use_cpu=not torch.cuda.is_available(),
+                    output_dir=str(out / f"plain-{stage}"))
+    data = load_dataset("json", data_files=str(REPO / recipe["stages"][stage]["dataset"]["path"]), split="train")
+    context = 128  # n_positions, as main() sets it
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        tokenizer = AutoTokenizer.from_pretrained(out / "pretrain")
+        model = AutoModelForCausalLM.from_pretrained(out / "pretrain")
+        trainer = SFTTrainer(model=model, args=SFTConfig(max_length=context, **settings), train_dataset=data,
+                             processing_class=tokenizer)
+    elif stage == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        tokenizer = AutoTokenizer.from_pretrained(out / "sft")
+        model = AutoModelForSequenceClassification.from_pretrained(out / "sft", num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = RewardTrainer(model=model, args=RewardConfig(max_length=context, **settings), train_dataset=data,
+                                processing_class=tokenizer)
+    else:
+        sys.path.insert(0, str(REPO))
+        from alignkit.stages.ppo import _experimental
+
+        PPOConfig, PPOTrainer = _experimental()
+        tokenizer = AutoTokenizer.from_pretrained(out / "sft", padding_side="left")
+        policy, ref = (AutoModelForCausalLM.from_pretrained(out / "sft") for _ in range(2))
+        reward, value = (AutoModelForSequenceClassification.from_pretrained(out / "reward", num_labels=1)
+                         for _ in range(2))
+        data = data.map(lambda row: {"input_ids": tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]},
+            remove_columns=data.column_names)
+        args = PPOConfig(stop_token="eos", save_strategy="no", **settings)  # as alignkit's ppo stage sets them
+        trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
+                             value_model=value, train_dataset=data, eval_dataset=data.select(range(8)))
+    trainer.train()
+    trainer.save_model(str(out / f"plain-{stage}" / "model"))
+
+
+def timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def main():
+    if sys.argv[1:2] == ["--plain"]:
+        return plain(sys.argv[2], Path(sys.argv[3]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=256, help="n_embd of the tiny GPT-2 (64 is recipes/tiny.yaml)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="runs/bench-overhead")
+    args = parser.parse_args()
+    out = (REPO / args.out / f"width{args.width}").resolve()
+    size = [f"model.config.n_embd={args.width}", f"model.config.n_head={max(2, args.width // 64)}",
+            "model.config.n_layer=4", "model.config.n_positions=128"]
+    alignkit = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={out}", *size]
+    print(f"training the pipeline once ({out}) ...", file=sys.stderr)
+    timed(alignkit)
+    rows = {}
+    for stage in STAGES:
+        print(f"{stage} ...", file=sys.stderr)
+        ours = min(timed([*alignkit, "--only", stage, "--force"]) for _ in range(args.repeats))
+        theirs = min(timed([sys.executable, __file__, "--plain", stage, str(out)]) for _ in range(args.repeats))
+        rows[stage] = (ours, theirs)
+    print(f"\nrecipes/tiny.yaml, GPT-2 of 4 layers and width {args.width}; wall seconds of a fresh process per stage, "
+          f"best of {args.repeats}\n")
+    print(f"{'stage':8s}{'alignkit':>10s}{'plain TRL':>11s}{'ratio':>8s}{'difference':>12s}")
+    for stage, (ours, theirs) in rows.items():
+        print(f"{stage:8s}{ours:9.1f}s{theirs:10.1f}s{ours / theirs:8.2f}{ours - theirs:+11.1f}s")
+
+
+if __name__ == "__main__":
+    main()
