@@ -154,6 +154,25 @@ def test_overlength_error_keeps_the_old_output(run_copy, capsys):
     assert json.loads((run_copy / "sft" / "alignkit_stage.json").read_text())["status"] == "complete"
 
 
+def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, capsys):
+    """TRL checks a chat template for answer markers only when SFTTrainer is built; that ends the run as bad input."""
+    tokenizer = AutoTokenizer.from_pretrained(run_copy / "pretrain")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m.role + ': ' + m.content + eos_token }}{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")  # no {% generation %}
+    tokenizer.save_pretrained(run_copy / "pretrain")
+    before = (run_copy / "sft" / "model.safetensors").read_bytes()
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft", "--force")
+    assert code == 2
+    assert "alignkit: error: sft: TRL refused the stage's settings" in err and "chat template" in err
+    assert "stages.sft.trainer.assistant_only_loss: false" in err  # the fix
+    assert "Traceback" not in err
+    assert (run_copy / "sft" / "model.safetensors").read_bytes() == before
+    # the fix it names works
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
+                              "stages.sft.trainer.assistant_only_loss=false")
+    assert code == 0 and summary(out) == {"sft": "trained"}, err
+
+
 def test_qlora_stages_write_adapters_and_merged_models(run_copy, capsys):
     from peft import AutoPeftModelForCausalLM
 

@@ -1,12 +1,15 @@
 """The four stages, one module each, all the same shape: `config_class()` and `run(recipe, folder, inputs, resume)`.
 
-This file holds the few helpers they share: building TRL's config from a trainer block, and collecting metrics.
+This file holds the few helpers they share: building TRL's config from a trainer block, turning what TRL's trainers
+refuse when they are built into a clear error, and collecting metrics.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import UserError
 from ..log import log
 from ..models import context_length
 from ..recipe import Recipe, machine_settings, trainer_config_class
@@ -29,6 +32,20 @@ def trainer_config(stage: str, recipe: Recipe, folder: Path, model=None, **fixed
     settings.update(fixed)
     settings.update(machine_settings(settings))
     return cls(output_dir=str(folder / "checkpoints"), **settings)
+
+
+@contextmanager
+def refused_by_trl(stage: str):
+    """TRL's trainers check some settings only when they are built, against the model, tokenizer and data (a chat
+    template without answer markers under assistant_only_loss, a dataset of the wrong kind): their ValueError is the
+    recipe's to fix, so it ends the run as one, not as a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        fix = (f"set stages.{stage}.trainer.assistant_only_loss: false (learn whole chats), or train from a tokenizer "
+               "whose chat template marks answers with {% generation %}" if "chat template" in str(e) else
+               f"fix stages.{stage} (its trainer block, dataset, or the model's tokenizer) as the message says")
+        raise UserError(f"{stage}: TRL refused the stage's settings when building its trainer: {e}\n  {fix}") from None
 
 
 def train_metrics(trainer, result=None) -> dict:

@@ -14,7 +14,7 @@ from .. import data, models
 from ..errors import Problem, UserError
 from ..log import log
 from ..recipe import Recipe
-from . import train_metrics, trainer_config
+from . import refused_by_trl, train_metrics, trainer_config
 
 TRL_PPO = "trl>=1.12,<1.13"
 
@@ -39,7 +39,8 @@ def config_class():
 
 
 def check_config(args, key: str, problems: list[Problem]) -> None:
-    """What TRL's PPOTrainer checks only when it starts, after the earlier stages have trained: checked with the recipe."""
+    """What TRL's PPOTrainer checks only when it starts, after the earlier stages have trained: checked with the
+    recipe instead."""
     rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps  # prompts per process per batch
     if rollout % args.num_mini_batches:
         fits = [n for n in range(1, rollout + 1) if rollout % n == 0]
@@ -94,9 +95,10 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     # keep the end of a long prompt: the question and the generation prompt
     train = prompts.map(lambda row: {"input_ids": prompt_ids(row)[-limit:]}, remove_columns=prompts.column_names,
                         load_from_cache_file=False)
-    trainer = PPOTrainer(args=args, processing_class=left, model=policy, ref_model=ref, reward_model=reward,
-                         value_model=value, train_dataset=train, eval_dataset=train.select(range(min(8, len(train)))),
-                         peft_config=peft_config)
+    with refused_by_trl("ppo"):
+        trainer = PPOTrainer(args=args, processing_class=left, model=policy, ref_model=ref, reward_model=reward,
+                             value_model=value, train_dataset=train, peft_config=peft_config,
+                             eval_dataset=train.select(range(min(8, len(train)))))
     trainer.train()
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer)

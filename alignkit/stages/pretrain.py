@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import data, models
 from ..log import log
 from ..recipe import Recipe
-from . import train_metrics, trainer_config
+from . import refused_by_trl, train_metrics, trainer_config
 
 
 def config_class():
@@ -32,8 +32,9 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     args = trainer_config("pretrain", recipe, folder, model)
     if not args.packing:  # packed text is cut into full windows by design; unpacked rows are cut at max_length
         data.check_lengths(dataset, tokenizer, args.max_length, "pretrain", spec.overlength)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"))
+    with refused_by_trl("pretrain"):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"))
     result = trainer.train(resume_from_checkpoint=resume)
     models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result)

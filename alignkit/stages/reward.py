@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import data, models
 from ..recipe import Recipe
-from . import train_metrics, trainer_config
+from . import refused_by_trl, train_metrics, trainer_config
 
 
 def config_class():
@@ -29,8 +29,9 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
                        .input_ids) for side in ("chosen", "rejected"))
 
     data.check_lengths(dataset, tokenizer, args.max_length, "reward", spec.overlength, "pairs", measure=longest)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=models.lora_config(recipe, "reward", "SEQ_CLS"))
+    with refused_by_trl("reward"):
+        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                peft_config=models.lora_config(recipe, "reward", "SEQ_CLS"))
     result = trainer.train(resume_from_checkpoint=resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
     return train_metrics(trainer, result)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import data, models
 from ..recipe import Recipe
-from . import train_metrics, trainer_config
+from . import refused_by_trl, train_metrics, trainer_config
 
 
 def config_class():
@@ -24,8 +24,9 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     model = models.load_causal_lm(recipe, inputs["model"], tokenizer, "sft")
     args = trainer_config("sft", recipe, folder, model)
     data.check_lengths(dataset, tokenizer, args.max_length, "sft", spec.overlength)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=models.lora_config(recipe, "sft", "CAUSAL_LM"))
+    with refused_by_trl("sft"):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=models.lora_config(recipe, "sft", "CAUSAL_LM"))
     result = trainer.train(resume_from_checkpoint=resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result)
