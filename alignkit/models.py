@@ -59,11 +59,15 @@ def prepare_tokenizer(tokenizer, recipe: Recipe):
         else:
             tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         log("", f"tokenizer: added pad token {PAD_TOKEN!r} (id {tokenizer.pad_token_id}), distinct from EOS")
-    if not tokenizer.chat_template:
-        template = recipe.model.chat_template
-        if template and "{" not in template:
+    template = recipe.model.chat_template
+    if template:  # the recipe's template replaces the tokenizer's own
+        if "{" not in template:
             template = recipe.resolve(template).read_text(encoding="utf-8")
-        tokenizer.chat_template = template or DEFAULT_CHAT_TEMPLATE
+        if tokenizer.chat_template and tokenizer.chat_template != template:
+            log("", "tokenizer: its chat template replaced by model.chat_template")
+        tokenizer.chat_template = template
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -48,8 +48,8 @@ class Model:
         default=None, metadata={"help": "Hub id or local folder of the tokenizer (default: name_or_path)"})
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "Jinja chat template, or a .jinja file, used when the tokenizer has none "
-                          "(default: alignkit's 'User:/Assistant:' template that ends each answer with EOS)"})
+        metadata={"help": "Jinja chat template, or a .jinja file, replacing the tokenizer's own (default: the "
+                          "tokenizer's, else alignkit's 'User:/Assistant:' template that ends each answer with EOS)"})
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model and tokenizer"})
 
 

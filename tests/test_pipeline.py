@@ -5,6 +5,7 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
+from alignkit.models import DEFAULT_CHAT_TEMPLATE
 from conftest import FAST, TINY, alignkit, summary
 
 STAGES = ["pretrain", "sft", "reward", "ppo"]
@@ -154,7 +155,7 @@ def test_overlength_error_keeps_the_old_output(run_copy, capsys):
     assert json.loads((run_copy / "sft" / "alignkit_stage.json").read_text())["status"] == "complete"
 
 
-def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, capsys):
+def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, tmp_path, capsys):
     """TRL checks a chat template for answer markers only when SFTTrainer is built; that ends the run as bad input."""
     tokenizer = AutoTokenizer.from_pretrained(run_copy / "pretrain")
     tokenizer.chat_template = ("{% for m in messages %}{{ m.role + ': ' + m.content + eos_token }}{% endfor %}"
@@ -167,10 +168,17 @@ def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, cap
     assert "stages.sft.trainer.assistant_only_loss: false" in err  # the fix
     assert "Traceback" not in err
     assert (run_copy / "sft" / "model.safetensors").read_bytes() == before
-    # the fix it names works
+    # both fixes it names work: learning whole chats, or a template that marks the answers
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
                               "stages.sft.trainer.assistant_only_loss=false")
     assert code == 0 and summary(out) == {"sft": "trained"}, err
+    template = tmp_path / "chat.jinja"
+    template.write_text(DEFAULT_CHAT_TEMPLATE)
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
+                              f"model.chat_template={template}")
+    assert code == 0 and summary(out) == {"sft": "trained"}, err
+    assert "its chat template replaced by model.chat_template" in err
+    assert AutoTokenizer.from_pretrained(run_copy / "sft").chat_template == DEFAULT_CHAT_TEMPLATE
 
 
 def test_qlora_stages_write_adapters_and_merged_models(run_copy, capsys):

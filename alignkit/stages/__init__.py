@@ -42,8 +42,8 @@ def refused_by_trl(stage: str):
     try:
         yield
     except ValueError as e:
-        fix = (f"set stages.{stage}.trainer.assistant_only_loss: false (learn whole chats), or train from a tokenizer "
-               "whose chat template marks answers with {% generation %}" if "chat template" in str(e) else
+        fix = (f"set stages.{stage}.trainer.assistant_only_loss: false (learn whole chats), or set model.chat_template "
+               "to a template that marks answers with {% generation %}" if "chat template" in str(e) else
                f"fix stages.{stage} (its trainer block, dataset, or the model's tokenizer) as the message says")
         raise UserError(f"{stage}: TRL refused the stage's settings when building its trainer: {e}\n  {fix}") from None
 
