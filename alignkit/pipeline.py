@@ -132,14 +132,13 @@ def select(recipe: Recipe, only: str | None = None, start: str | None = None) ->
     out = Path(recipe.output_dir)
     for stage in selected:
         for up in upstream(recipe, stage).values():
-            if up is not None and up not in selected and not _complete(out / up):
+            if up is not None and up not in selected and not _complete(read_manifest(out / up)):
                 raise UserError(f"{stage} needs the {up} stage's output, but {out / up} is missing or incomplete; "
                                 f"run it first: alignkit run {recipe.source} --only {up}")
     return selected
 
 
-def _complete(folder: Path) -> dict | None:
-    manifest = read_manifest(folder)
+def _complete(manifest: dict | None) -> dict | None:
     return manifest if manifest and manifest.get("status") == "complete" else None
 
 
@@ -155,7 +154,7 @@ def run(recipe: Recipe, only: str | None = None, start: str | None = None, force
     for stage in names:
         folder = out / stage
         manifest = read_manifest(folder)
-        complete = _complete(folder)
+        complete = _complete(manifest)
         if stage not in selected:
             fingerprints[stage] = complete["fingerprint"] if complete else None
             continue
