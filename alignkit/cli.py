@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Stopped, UserError
 from .log import log
 
 RUN_EXAMPLES = """examples:
@@ -112,17 +112,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    import shlex
     import time
 
-    from . import distributed, pipeline
+    from . import distributed, guard, pipeline
     from .recipe import load_recipe
 
     t0 = time.time()
     recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_progress_bars()
     if args.num_processes > 1 and distributed.world_size() == 1:
         # bad data or a missing upstream stage is one clear error here, not one per process
         pipeline.check_data(recipe, pipeline.select(recipe, args.only, args.start))
         return distributed.launch(_without_num_processes(args.argv), args.num_processes)
+    with guard.signals("alignkit " + shlex.join(args.argv)):  # SIGTERM and Ctrl-C: save, say how to go on
+        return _run(recipe, args, t0)
+
+
+def _run(recipe, args, t0: float) -> int:
+    import time
+
+    from . import distributed, pipeline
+
     summary = pipeline.run(recipe, only=args.only, start=args.start, force=args.force)
     if not distributed.is_main():
         return 0  # the main process evaluates, reports and pushes
@@ -222,7 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except UserError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)
+        if os.environ.get("ALIGNKIT_DEBUG"):
+            raise
         return 2
+    except Stopped as e:  # SIGTERM or Ctrl-C during `run`: what was saved and the command that goes on
+        print(f"alignkit: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("alignkit: interrupted; run the same command again to resume: finished stages are reused, pretrain, "
               "sft and reward go on from their last checkpoint, ppo starts again (TRL's PPO cannot resume)",
@@ -244,3 +260,12 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
     # TRL 1.12's configs set transformers' renamed gradient_checkpointing field themselves
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)
+
+
+def _quiet_progress_bars() -> None:
+    """A run's terminal shows alignkit's progress lines; the libraries' bars for every map, load and save hide them."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()

@@ -32,3 +32,15 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     """A problem in a dataset file; the message starts with `file:line` where one is known."""
+
+
+class NonFinite(UserError):
+    """A NaN or infinite loss, gradient, reward, KL or weight: the stage stops and is not marked complete."""
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C stopped the run; `exit_status` is 128 + the signal's number (143, 130)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum, self.exit_status = signum, 128 + signum

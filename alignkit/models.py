@@ -95,29 +95,50 @@ def build_model(recipe: Recipe, tokenizer):
     return fit_to_tokenizer(model, tokenizer)
 
 
-def _load_kwargs(recipe: Recipe, path: str, stage: str | None) -> dict:
+def _load_kwargs(recipe: Recipe, path: str, stage: str | None, dropout: bool = True) -> dict:
     kwargs = {"revision": recipe.model.revision} if path == recipe.model.name_or_path else {}
     quantization = recipe.adapters(stage)[1] if stage else None
     if quantization:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
+    if not dropout:
+        # set before the model is built: some architectures (OPT) apply dropout from their config, functionally,
+        # where no later switch on the modules reaches
+        kwargs["config"] = config = read_config(recipe, path)
+        for key in dropout_settings(config):
+            setattr(config, key, 0.0)
     return kwargs
 
 
-def load_causal_lm(recipe: Recipe, path: str, tokenizer, stage: str | None = None):
-    """A causal LM from a folder or Hub id; quantized as `stage`'s settings say (full precision without a stage)."""
+def dropout_settings(config) -> dict[str, float]:
+    """The dropout probabilities a model config sets, whatever the architecture names them (GPT-2's resid_pdrop,
+    OPT's dropout and attention_dropout, BERT-style hidden_dropout_prob, ...)."""
+    return {k: v for k, v in config.to_dict().items()
+            if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or k.endswith("pdrop")) and v > 0}
+
+
+def read_config(recipe: Recipe, path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_where(recipe, path),
+                                      revision=recipe.model.revision if path == recipe.model.name_or_path else None)
+
+
+def load_causal_lm(recipe: Recipe, path: str, tokenizer, stage: str | None = None, dropout: bool = True):
+    """A causal LM from a folder or Hub id; quantized as `stage`'s settings say (full precision without a stage);
+    with `dropout` False every dropout probability in its config is 0."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(_where(recipe, path), **_load_kwargs(recipe, path, stage))
+        model = AutoModelForCausalLM.from_pretrained(_where(recipe, path), **_load_kwargs(recipe, path, stage, dropout))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
                         "  fix model.name_or_path (a local folder, or a Hub id reachable from here)") from None
     return fit_to_tokenizer(model, tokenizer)
 
 
-def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = None):
+def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = None, dropout: bool = True):
     """A one-output sequence classifier; from a causal LM folder its score head starts untrained."""
     import transformers
     from transformers import AutoModelForSequenceClassification
@@ -125,8 +146,12 @@ def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = 
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is expected from an LM
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(_where(recipe, path), num_labels=1,
-                                                                   **_load_kwargs(recipe, path, stage))
+        kwargs = _load_kwargs(recipe, path, stage, dropout)
+        if "config" in kwargs:  # given a config object, from_pretrained takes no config settings beside it
+            kwargs["config"].num_labels = 1
+        else:
+            kwargs["num_labels"] = 1
+        model = AutoModelForSequenceClassification.from_pretrained(_where(recipe, path), **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
     return fit_to_tokenizer(model, tokenizer)

@@ -3,8 +3,12 @@
 Each stage writes {output_dir}/{stage}/. While it trains it works in {output_dir}/{stage}.partial/, so an old output
 stays whole until the new one is complete, and an interrupted stage resumes from the checkpoints kept there. A stage
 folder holds a manifest (alignkit_stage.json) whose fingerprint covers the stage's config, its data and its upstream
-stages; a later run reuses the output while the fingerprint matches. In a run of many processes every process trains
-and only the main one writes (distributed.py).
+stages, and which lists the files of the output; a later run reuses the output while the fingerprint matches and the
+files are there. In a run of many processes every process trains and only the main one writes (distributed.py).
+
+Finishing a stage is ordered so that a kill at any instant leaves either the old complete output or a new one that
+`recover()` completes: the manifest is marked complete in {stage}.partial, the old output is renamed aside to
+{stage}.old, the new one renamed into place, then {stage}.old and the checkpoints are deleted.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from . import data
+from . import data, files
 from .distributed import is_main, wait_for_everyone, world_size
 from .errors import UserError
 from .log import log
@@ -47,9 +51,61 @@ def read_manifest(folder: Path) -> dict | None:
         return None
 
 
+def output_files(folder: Path) -> dict[str, int]:
+    """The files of a stage's output and their sizes (checkpoints and the manifest aside)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and p.relative_to(folder).parts[0] != "checkpoints"}
+
+
+def missing_files(folder: Path, manifest: dict) -> list[str]:
+    """The files a complete manifest lists that are gone or of another size (an output damaged after it was
+    written). A manifest from before files were listed needs at least the model's config.json."""
+    listed = manifest.get("files", {"config.json": None})
+    return [name for name, size in listed.items()
+            if not (folder / name).is_file() or (size is not None and (folder / name).stat().st_size != size)]
+
+
+def read_complete(folder: Path) -> dict | None:
+    """The manifest of a complete stage output whose files are all there, else None."""
+    manifest = read_manifest(folder)
+    if not manifest or manifest.get("status") != "complete" or missing_files(folder, manifest):
+        return None
+    return manifest
+
+
 def complete_stages(run_dir: Path) -> list[str]:
     """The stages of a run folder whose output is complete, in pipeline order."""
-    return [s for s in STAGES if (read_manifest(Path(run_dir) / s) or {}).get("status") == "complete"]
+    return [s for s in STAGES if read_complete(Path(run_dir) / s)]
+
+
+def recover(folder: Path) -> None:
+    """Finish what a kill interrupted while a stage was being put in place (main process only): a complete
+    {stage}.partial is moved in, {stage}.old is restored or removed, leftover checkpoints are removed."""
+    partial, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    if read_complete(partial):
+        log(folder.name, f"finishing the move of {partial} into place (the last run stopped while doing it)")
+        _swap(partial, folder)
+    if old.exists():
+        if folder.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, folder)
+    if (folder / "checkpoints").exists() and read_complete(folder):
+        shutil.rmtree(folder / "checkpoints")
+
+
+def _swap(partial: Path, folder: Path) -> None:
+    """Put a complete {stage}.partial in place of {stage}: the old output is renamed aside first, never deleted
+    before the new one is in place."""
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+    os.replace(partial, folder)
+    if old.exists():
+        shutil.rmtree(old)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # only needed to resume the run that wrote them
 
 
 def _hash(obj) -> str:
@@ -83,11 +139,14 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
             "upstream": upstream_fps}
 
 
-def _why(old: dict | None, new: dict) -> str:
+def _why(old: dict | None, new: dict, folder: Path) -> str:
     if not old:
         return "no earlier output"
     if old.get("status") != "complete":
         return "the earlier run did not finish"
+    gone = missing_files(folder, old)
+    if gone:
+        return f"its output is damaged: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} missing or cut"
     names = {"config": "its config", "data": "its data", "upstream": "an upstream stage"}
     changed = [names[k] for k in names if old.get("parts", {}).get(k) != new[k]]
     return (" and ".join(changed) + " changed") if changed else "forced"
@@ -98,6 +157,7 @@ def check_data(recipe: Recipe, stages, local_only: bool = False) -> list[str]:
     With `local_only`, Hub datasets are left unread (nothing is downloaded); returns the keys left unread."""
     import datasets
 
+    bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     problems = []
     specs = [(f"stages.{stage}.dataset", recipe.stages[stage].dataset, stage) for stage in stages]
@@ -114,7 +174,8 @@ def check_data(recipe: Recipe, stages, local_only: bool = False) -> list[str]:
             data.load(spec, kind, recipe)
         except UserError as e:
             problems.append(f"  {key}: {e}")
-    datasets.enable_progress_bars()
+    if bars:
+        datasets.enable_progress_bars()
     if problems:
         raise UserError(f"{recipe.source}: the data has {len(problems)} problem(s):\n" + "\n".join(problems))
     return unread
@@ -132,21 +193,21 @@ def select(recipe: Recipe, only: str | None = None, start: str | None = None) ->
     out = Path(recipe.output_dir)
     for stage in selected:
         for up in upstream(recipe, stage).values():
-            if up is not None and up not in selected and not _complete(read_manifest(out / up)):
+            if up is not None and up not in selected and not read_complete(out / up):
                 raise UserError(f"{stage} needs the {up} stage's output, but {out / up} is missing or incomplete; "
                                 f"run it first: alignkit run {recipe.source} --only {up}")
     return selected
 
 
-def _complete(manifest: dict | None) -> dict | None:
-    return manifest if manifest and manifest.get("status") == "complete" else None
-
-
 def run(recipe: Recipe, only: str | None = None, start: str | None = None, force: bool = False) -> dict:
     """Run the recipe's stages in order; returns {stage: {"status": "trained" | "reused", "seconds": float}}."""
     names = list(recipe.stages)
-    selected = select(recipe, only, start)
     out = Path(recipe.output_dir)
+    if is_main():
+        for stage in names:
+            recover(out / stage)
+    wait_for_everyone()
+    selected = select(recipe, only, start)
     check_data(recipe, selected)
 
     fingerprints: dict[str, str | None] = {}
@@ -154,7 +215,7 @@ def run(recipe: Recipe, only: str | None = None, start: str | None = None, force
     for stage in names:
         folder = out / stage
         manifest = read_manifest(folder)
-        complete = _complete(manifest)
+        complete = read_complete(folder)
         if stage not in selected:
             fingerprints[stage] = complete["fingerprint"] if complete else None
             continue
@@ -166,7 +227,7 @@ def run(recipe: Recipe, only: str | None = None, start: str | None = None, force
             log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
             summary[stage] = {"status": "reused", "seconds": complete.get("seconds", 0.0)}
             continue
-        summary[stage] = _train(recipe, stage, folder, roles, fp, parts, _why(complete or manifest, parts), force)
+        summary[stage] = _train(recipe, stage, folder, roles, fp, parts, _why(complete or manifest, parts, folder), force)
     return summary
 
 
@@ -174,7 +235,8 @@ def last_checkpoint(folder: Path) -> tuple[str | None, list[Path]]:
     """The newest checkpoint in folder that was written to the end, and the newer ones that were not.
 
     The Trainer writes trainer_state.json last, so a checkpoint without a readable one was cut off mid-save (a kill,
-    a full disk) and cannot be resumed from."""
+    a full disk). One with a state but without its weights or optimizer state was cut off while being deleted (the
+    Trainer removes old checkpoints as it goes). Neither can be resumed from."""
     if not folder.is_dir():
         return None, []
     step = {p: p.name.removeprefix("checkpoint-") for p in folder.glob("checkpoint-*") if p.is_dir()}
@@ -183,10 +245,31 @@ def last_checkpoint(folder: Path) -> tuple[str | None, list[Path]]:
     for path in steps:
         try:
             json.loads((path / "trainer_state.json").read_text())
-            return str(path), broken
         except (OSError, ValueError):
             broken.append(path)
+            continue
+        if _has_weights(path):
+            return str(path), broken
+        broken.append(path)
     return None, broken
+
+
+def _has_weights(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds weights and optimizer state: plain files, a safetensors index whose shards are all
+    there, or DeepSpeed's / FSDP's folders."""
+    if any(checkpoint.glob("global_step*")) or any(checkpoint.glob("pytorch_model_fsdp*")):
+        return True
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return False
+        weights = all((checkpoint / s).is_file() for s in shards)
+    else:
+        weights = any((checkpoint / name).is_file() for name in
+                      ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin"))
+    return weights and any((checkpoint / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
 
 
 def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts: dict, why: str, force: bool) -> dict:
@@ -205,8 +288,8 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
         if resume is None and partial.exists():
             shutil.rmtree(partial)  # an interrupted run of other inputs: nothing in it can be reused
         partial.mkdir(parents=True, exist_ok=True)
-        _write_json(partial / MANIFEST, {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts})
-        (partial / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        files.write_json(partial / MANIFEST, {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts})
+        files.write_text(partial / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     wait_for_everyone()
 
     out = folder.parent
@@ -229,20 +312,14 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
     if is_main():
         metrics["seconds"] = seconds
         metrics["processes"] = world_size()
-        _write_json(partial / "metrics.json", metrics)
-        shutil.rmtree(partial / "checkpoints", ignore_errors=True)  # only needed to resume this run
-        _write_json(partial / MANIFEST, {"stage": stage, "status": "complete", "fingerprint": fp, "parts": parts,
-                                         "inputs": inputs, "seconds": seconds, "processes": world_size(),
-                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
+        files.write_json(partial / "metrics.json", metrics)
+        # complete from here on: a kill after this line leaves a partial folder that recover() moves into place
+        files.write_json(partial / MANIFEST, {"stage": stage, "status": "complete", "fingerprint": fp, "parts": parts,
+                                              "inputs": inputs, "seconds": seconds, "processes": world_size(),
+                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                              "files": output_files(partial)})
+        _swap(partial, folder)
     wait_for_everyone()  # the next stage reads this one's output
-    log(stage, f"done in {seconds:.1f}s -> {folder}")
+    figures = "".join(f", {k} {v:.4g}" for k, v in metrics.get("figures", {}).items())
+    log(stage, f"done in {seconds:.1f}s{figures} -> {folder}")
     return {"status": "trained", "seconds": seconds}
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)

@@ -48,12 +48,13 @@ def refused_by_trl(stage: str):
         raise UserError(f"{stage}: TRL refused the stage's settings when building its trainer: {e}\n  {fix}") from None
 
 
-def train_metrics(trainer, result=None) -> dict:
-    """What a stage reports: the trainer's final metrics, its whole log history, and the parameters it trained
-    (PPO trains a policy and a value model)."""
+def train_metrics(trainer, result=None, figures: dict | None = None) -> dict:
+    """What a stage reports: the trainer's final metrics, its key figures (last loss, accuracy, reward, KL), its whole
+    log history, and the parameters it trained (PPO trains a policy and a value model)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     parts = {"policy": model.policy, "value": model.value_model} if hasattr(model, "policy") else {"model": model}
-    return {"train": dict(result.metrics) if result is not None else {}, "log_history": trainer.state.log_history,
+    return {"train": dict(result.metrics) if result is not None else {}, "figures": figures or {},
+            "log_history": trainer.state.log_history,
             "parameters": {name: parameter_counts(part) for name, part in parts.items()}}
 
 

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 
 from .. import data, models
-from ..errors import Problem, UserError
+from ..errors import NonFinite, Problem, UserError
 from ..log import log
 from ..recipe import Recipe
+from ..guard import divergence_fix, fit
 from . import refused_by_trl, train_metrics, trainer_config
 
 TRL_PPO = "trl>=1.12,<1.13"
@@ -63,11 +64,17 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
         log("ppo", "TRL's PPO cannot resume from a checkpoint; training starts again")
 
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
-    policy = models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo")
+    # Dropout off in all four models (TRL switches off dropout modules only; some architectures apply it from their
+    # config): with it on, the policy's log-probabilities differ from the reference's before any update.
+    policy = models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
+    switched_off = models.dropout_settings(models.read_config(recipe, inputs["model"]))
+    if switched_off:
+        log("ppo", "dropout off in the policy, reference, reward and value models (alignkit: "
+                   f"{', '.join(f'{k} {v:g}' for k, v in switched_off.items())} -> 0)")
     peft_config = models.lora_config(recipe, "ppo", "CAUSAL_LM")
     # With LoRA the reference is the policy with its adapter disabled, not a second copy.
-    ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo")
-    reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo")
+    ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
+    reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo", dropout=False)
     value = _value_model(recipe, inputs["reward_model"], tokenizer, peft_config)
 
     fixed = {"sft_model_path": inputs["model"], "reward_model_path": inputs["reward_model"]}
@@ -99,18 +106,27 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
         trainer = PPOTrainer(args=args, processing_class=left, model=policy, ref_model=ref, reward_model=reward,
                              value_model=value, train_dataset=train, peft_config=peft_config,
                              eval_dataset=train.select(range(min(8, len(train)))))
-    trainer.train()
+    try:
+        _, figures = fit(trainer, "ppo", folder, resumable=False)
+    except RuntimeError as e:  # sampling from a policy whose weights blew up: the one place TRL 1.12 meets it
+        if "probability tensor contains" not in str(e):
+            raise
+        raise NonFinite(f"ppo: training diverged after update {trainer.state.global_step}: sampling from the policy "
+                        f"met NaN or infinite probabilities. The stage is not marked complete.\n  "
+                        f"{divergence_fix('ppo', args)}") from None
+    for key, value in switched_off.items():  # the saved model keeps the dropout it came with, for later fine-tuning
+        setattr(policy.config, key, value)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
-    return train_metrics(trainer)
+    return train_metrics(trainer, figures=figures)
 
 
 def _value_model(recipe: Recipe, path: str, tokenizer, peft_config):
     """The value model starts from the reward model. TRL trains it in full; with LoRA alignkit gives it an adapter
     (and quantizes its frozen weights as the recipe says), which removes PPO's largest remaining memory cost."""
     if peft_config is None:
-        return models.load_reward_model(recipe, path, tokenizer)
+        return models.load_reward_model(recipe, path, tokenizer, dropout=False)
     from peft import get_peft_model
 
     # the adapter and the score head stay in full precision: TRL reads values outside autocast
-    return get_peft_model(models.load_reward_model(recipe, path, tokenizer, "ppo"),
+    return get_peft_model(models.load_reward_model(recipe, path, tokenizer, "ppo", dropout=False),
                           models.lora_config(recipe, "ppo", "SEQ_CLS"))

@@ -7,6 +7,7 @@ from pathlib import Path
 from .. import data, models
 from ..log import log
 from ..recipe import Recipe
+from ..guard import fit
 from . import refused_by_trl, train_metrics, trainer_config
 
 
@@ -29,12 +30,17 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
         model = models.build_model(recipe, tokenizer)
     else:
         model = models.load_causal_lm(recipe, recipe.model.name_or_path, tokenizer, "pretrain")
-    args = trainer_config("pretrain", recipe, folder, model)
-    if not args.packing:  # packed text is cut into full windows by design; unpacked rows are cut at max_length
+    fixed = {}
+    if spec.trainer.get("packing") and "packing_strategy" not in spec.trainer:
+        fixed["packing_strategy"] = "wrapped"
+        log("pretrain", "packing_strategy=wrapped (alignkit: TRL's 'bfd' cuts every document at max_length and drops "
+                        "the rest without a word; 'wrapped' keeps every token)")
+    args = trainer_config("pretrain", recipe, folder, model, **fixed)
+    if not args.packing or args.packing_strategy == "bfd":  # 'wrapped' and 'bfd_split' keep every token
         data.check_lengths(dataset, tokenizer, args.max_length, "pretrain", spec.overlength)
     with refused_by_trl("pretrain"):
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"))
-    result = trainer.train(resume_from_checkpoint=resume)
+    result, figures = fit(trainer, "pretrain", folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
-    return train_metrics(trainer, result)
+    return train_metrics(trainer, result, figures)

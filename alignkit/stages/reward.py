@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .. import data, models
 from ..recipe import Recipe
+from ..guard import fit
 from . import refused_by_trl, train_metrics, trainer_config
 
 
@@ -32,6 +33,6 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     with refused_by_trl("reward"):
         trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                 peft_config=models.lora_config(recipe, "reward", "SEQ_CLS"))
-    result = trainer.train(resume_from_checkpoint=resume)
+    result, figures = fit(trainer, "reward", folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
-    return train_metrics(trainer, result)
+    return train_metrics(trainer, result, figures)

@@ -1,0 +1,209 @@
+"""What watches a stage while it trains: a non-finite value stops it, a signal stops it at a step boundary with a
+checkpoint, and the terminal shows alignkit's own progress line (TRL's raw log dicts go to the stage's log.jsonl).
+
+Every stage trains through `fit(trainer, ...)`, which attaches these to TRL's trainer as Trainer callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+from .distributed import is_main, world_size
+from .errors import NonFinite, Stopped
+from .log import log
+
+LOG_FILE = "log.jsonl"  # every log dict the trainer produced, one JSON object a line, in the stage folder
+
+
+# --- signals ------------------------------------------------------------------------------------------------------
+
+_pending: int | None = None  # a signal received while a stage trains, acted on at the next step boundary
+_training = False
+_command = "alignkit run ..."
+
+
+def _name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _on_signal(signum, frame):
+    global _pending
+    if _training and _pending is None and world_size() == 1:
+        _pending = signum
+        log("", f"{_name(signum)} received: stopping at the end of this step, with a checkpoint where the stage can "
+                "resume (send it again to stop at once)")
+        return
+    # outside training, a second signal, or several processes (which could not agree on one step to stop at)
+    raise Stopped(signum, f"stopped by {_name(signum)}; finished stages and the checkpoints written so far are kept: "
+                          f"run the same command again to go on: {_command}")
+
+
+@contextmanager
+def signals(command: str):
+    """Handle SIGTERM (how clusters preempt) and SIGINT (Ctrl-C) for the whole run: during training they stop at the
+    next step boundary with a checkpoint; elsewhere they stop at once. `command` is what resumes the run."""
+    global _command, _pending
+    _command, _pending = command, None
+    try:
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: leave the signals as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class _StopOnSignal(TrainerCallback):
+    """On a pending signal: save a checkpoint at this step boundary (where the stage saves checkpoints), then stop."""
+
+    def __init__(self, stage: str, resumable: bool):
+        self.stage, self.resumable, self.saving = stage, resumable, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _pending is None:
+            return
+        if self.resumable and args.save_strategy != "no":
+            control.should_save, self.saving = True, True  # the trainer saves, then calls on_save below
+            return
+        raise Stopped(_pending, f"stopped by {_name(_pending)} in {self.stage} at step {state.global_step}; "
+                                f"{self.stage} saves no checkpoint it could resume from, so it starts again. Finished "
+                                f"stages are kept: run the same command again to go on: {_command}")
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.saving:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            raise Stopped(_pending, f"stopped by {_name(_pending)} in {self.stage} at step {state.global_step} of "
+                                    f"{state.max_steps}; saved {checkpoint}. Run the same command again to resume "
+                                    f"from it: {_command}")
+
+
+# --- non-finite values --------------------------------------------------------------------------------------------
+
+
+class _FiniteGuard(TrainerCallback):
+    """Stops the stage at the first step whose gradients, or whose logged loss, reward or KL, are not finite: before
+    the optimizer applies them, so the weights in memory and every checkpoint written stay good."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def _stop(self, args, step: int, what: str):
+        checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+        kept = f"its last good checkpoint is kept ({checkpoints[-1]})" if checkpoints else "no checkpoint was written"
+        raise NonFinite(f"{self.stage}: training diverged at step {step}: {what}. The stage is not marked complete; "
+                        f"{kept}.\n  {divergence_fix(self.stage, args)}")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        if not grads:  # DeepSpeed keeps gradients elsewhere; the logged loss and grad_norm are checked below
+            return
+        largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
+        if not torch.isfinite(largest):
+            self._stop(args, state.global_step + 1, f"the gradients hold {'NaN' if largest.isnan() else 'infinite'} values (the loss "
+                                    "was NaN or infinite, or overflowed in the backward pass)")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = {k: v for k, v in (logs or {}).items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            self._stop(args, state.global_step, "NaN or infinite values logged: " +
+                       ", ".join(f"{k} = {v}" for k, v in bad.items()))
+
+
+def divergence_fix(stage: str, args) -> str:
+    lower = f"lower stages.{stage}.trainer.learning_rate (now {args.learning_rate:g})"
+    if stage != "ppo" and not args.max_grad_norm:  # TRL 1.12's PPO does not clip gradients
+        lower += ", or turn gradient clipping on (max_grad_norm: 1.0)"
+    return f"{lower}, then run again (a changed config starts the stage afresh)"
+
+
+def check_finite(model, stage: str, args) -> None:
+    """Saved weights must be finite before a stage is declared complete."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if p.numel() and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFinite(f"{stage}: the trained weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]});"
+                        f" the stage is not marked complete.\n  {divergence_fix(stage, args)}")
+
+
+# --- progress -----------------------------------------------------------------------------------------------------
+
+# What the progress line shows of a log dict, by stage kind: (key in TRL's logs, label)
+SHOWN = [("loss", "loss"), ("accuracy", "accuracy"), ("objective/scores", "reward"), ("objective/kl", "kl"),
+         ("grad_norm", "grad norm")]
+
+
+class _Progress(TrainerCallback):
+    """One line per log event, at most every `every` seconds (and at the start and end): step, the figures that
+    matter, speed and time left. Every log dict goes to {stage folder}/log.jsonl."""
+
+    def __init__(self, stage: str, folder: Path, every: float = 10.0):
+        self.stage, self.path, self.every = stage, folder / LOG_FILE, every
+        self.start = self.last = None
+        self.first_step, self.printed = 0, -1
+        self.latest: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step, self.last = time.time(), state.global_step, 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not is_main() or not logs:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
+        self.latest.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        now, step = time.time(), state.global_step
+        if step != self.printed and (now - self.last >= self.every or step >= state.max_steps):
+            self.last, self.printed = now, step
+            log(self.stage, self._line(state, now))
+
+    def _line(self, state, now: float) -> str:
+        done, total = state.global_step, state.max_steps or 0
+        rate = (done - self.first_step) / max(now - self.start, 1e-9)
+        parts = [f"step {done}/{total}" if total else f"step {done}"]
+        parts += [f"{label} {self.latest[k]:.4g}" for k, label in SHOWN if k in self.latest]
+        if rate > 0:
+            parts.append(f"{rate:.2f} steps/s" if rate < 10 else f"{rate:.0f} steps/s")
+            if total > done:
+                parts.append(f"{_clock((total - done) / rate)} left")
+        return "  ".join(parts)
+
+    def summary(self) -> dict:
+        """The last value of each figure that matters."""
+        return {label: self.latest[k] for k, label in SHOWN if k in self.latest and k != "grad_norm"}
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def fit(trainer, stage: str, folder: Path, resume: str | None = None, resumable: bool = True):
+    """Train `trainer` under alignkit's watch: non-finite values stop it, a signal stops it at a step boundary with a
+    checkpoint (where `resumable`), and progress is alignkit's own. Returns (train result, key figures)."""
+    global _training
+    for quiet in (PrinterCallback, ProgressCallback):  # TRL's raw log dicts and bars: they go to log.jsonl instead
+        trainer.remove_callback(quiet)
+    progress = _Progress(stage, folder)
+    for callback in (_FiniteGuard(stage), _StopOnSignal(stage, resumable), progress):
+        trainer.add_callback(callback)
+    _training = True
+    try:
+        result = trainer.train(resume_from_checkpoint=resume) if resumable else trainer.train()
+    finally:
+        _training = False
+    check_finite(trainer.accelerator.unwrap_model(trainer.model), stage, trainer.args)  # before anything is saved
+    return result, progress.summary()
