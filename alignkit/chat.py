@@ -1,7 +1,9 @@
 """`alignkit chat`: talk to a model in the terminal, multi-turn, through its chat template, tokens streamed as they come.
 
 Works on a run folder (its last policy stage, or --stage), a stage folder, any local model folder or a Hub id. A
-tokenizer without a chat template gets alignkit's default one, as the stages use.
+tokenizer without a chat template gets alignkit's default one, as the stages use. An answer may use what the model's
+context leaves after the conversation, up to 256 tokens or --max-new-tokens; the oldest exchanges are dropped when
+that would be less than min(64, context / 4).
 """
 
 from __future__ import annotations
@@ -57,18 +59,33 @@ def load(target: str):
     return model.to(device).eval(), tokenizer, notes
 
 
+DEFAULT_MAX_NEW_TOKENS = 256  # the longest answer without --max-new-tokens, where the context leaves that much
+
+
+def min_answer_tokens(limit: int) -> int:
+    """The room always kept for an answer: old exchanges are dropped rather than leave less than this."""
+    return max(1, min(64, limit // 4))
+
+
 def main(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give a number of tokens, 1 or more")
     target = resolve(args.model, args.stage)
     model, tokenizer, notes = load(target)
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
+    floor = min_answer_tokens(limit)
+    longest = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if args.max_new_tokens is not None and longest + floor > limit:  # said once here, not at every capped answer
+        notes.append(f"--max-new-tokens {longest} does not fit the model's context of {limit} tokens beside a "
+                     "prompt: an answer stops where the context ends")
     print(f"chatting with {target}; /reset forgets the conversation, /exit or Ctrl-D quits", flush=True)
     for note in notes:
         print(f"note: {note}", flush=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
     sampling = {"do_sample": False} if args.greedy else \
         {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     while True:
@@ -86,15 +103,24 @@ def main(args) -> int:
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
-        ids = _prompt_ids(tokenizer, system, history, limit - args.max_new_tokens)
+        # old exchanges go only when they leave the answer less than `floor`: a conversation keeps its memory
+        # rather than room for the longest answer; a message refused as too long keeps the conversation as it was
+        kept = list(history)
+        ids, dropped = _prompt_ids(tokenizer, system, kept, limit - min(longest, floor))
         if ids is None:
             history.pop()
-            print(f"(that message alone is longer than the model's context of {limit} tokens)", flush=True)
+            alone = "that message alone" + (" (with the system prompt)" if system else "")
+            print(f"({alone} is longer than the model's context of {limit} tokens allows, with room for an answer "
+                  f"of {min(longest, floor)})", flush=True)
             continue
+        history = kept
+        if dropped:
+            oldest = "its oldest exchange" if dropped == 1 else f"its {dropped} oldest exchanges"
+            print(f"(the conversation outgrew the model's context of {limit} tokens: forgot {oldest})", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
-                                 max_new_tokens=args.max_new_tokens, streamer=streamer,
+                                 max_new_tokens=min(longest, limit - ids.shape[1]), streamer=streamer,
                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                  else tokenizer.eos_token_id, **sampling)
         sys.stdout.flush()
@@ -103,13 +129,17 @@ def main(args) -> int:
 
 
 def _prompt_ids(tokenizer, system: list[dict], history: list[dict], room: int):
-    """The conversation's tokens, dropping the oldest exchanges while it does not fit the context."""
+    """The conversation's tokens (at most `room`) and how many of its oldest exchanges were dropped (from `history`
+    too) to fit; None if the last message alone does not fit."""
+    dropped = 0
     while history:
         text = tokenizer.apply_chat_template(system + history, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        # (verbose=False: a message too long for the context is refused below, not warned about by transformers)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
         if ids.shape[1] <= room:
-            return ids
+            return ids, dropped
         if len(history) <= 1:
-            return None
+            return None, dropped
         del history[:2]  # the oldest question and its answer
-    return None
+        dropped += 1
+    return None, dropped

@@ -25,9 +25,12 @@ evaluating base, sft and ppo and writing {output_dir}/report.md (as `alignkit ev
 VALIDATE_EXAMPLES = """examples:
   alignkit validate recipes/tiny.yaml
   alignkit validate recipes/hh-gpt2.yaml stages.sft.trainer.learning_rate=2e-5
+  alignkit validate recipes/*.yaml                  # several recipes: each is checked, all are reported
 
-Checks the recipe with the same loader as `run` (every trainer block against TRL's config class) and reads every
-stage's local dataset; loads no model and downloads nothing (Hub datasets are read when the recipe runs)."""
+Checks each recipe with the same loader as `run` (every key and its range, trainer blocks against TRL's config
+classes, the model config built without weights, the chat template rendered) and reads every stage's local dataset;
+loads no model and downloads nothing (Hub datasets are read when the recipe runs). Arguments with '=' or starting
+with '~' are overrides, applied to every recipe; the others are recipes. Exits 2 if any recipe has a problem."""
 
 PUSH_EXAMPLES = """examples:
   alignkit push runs/chat --repo-id you/chat-ppo                 # the last policy stage (ppo) to you/chat-ppo
@@ -82,8 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--num-processes", type=int, default=1, metavar="N",
                      help="train data-parallel in N processes on this machine (torchrun: one per GPU, or CPU "
                           "processes over gloo); for DeepSpeed, FSDP or several machines use accelerate launch")
-    command("validate", "check a recipe and its data without training",
-            "Check a recipe as `run` would, without loading any model.", VALIDATE_EXAMPLES)
+    validate = commands.add_parser("validate", help="check recipes and their data without training",
+                                   description="Check recipes as `run` would, without loading any model.",
+                                   epilog=VALIDATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    validate.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files")
+    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                          help="set a recipe key by its dotted path in every recipe; ~KEY removes one")
     command("eval", "evaluate a run's checkpoints and write its report",
             "Evaluate base, sft and ppo on the recipe's held-out prompts.", EVAL_EXAMPLES,
             recipe_help="the recipe YAML file (its output_dir holds the run)")
@@ -104,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("model", help="a run's output_dir, a stage folder, a model folder or a Hub id")
     chat.add_argument("--stage", choices=("pretrain", "sft", "ppo"), help="which stage of a run (default: the last)")
     chat.add_argument("--system", help="a system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
+    chat.add_argument("--max-new-tokens", type=int, metavar="N",
+                      help="longest answer, capped at what the model's context leaves after the conversation "
+                           "(default: what it leaves, up to 256)")
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -202,21 +211,32 @@ def cmd_eval(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    """Check every recipe named, each with the same overrides; report each one's problems, exit 2 if any had some."""
     from . import pipeline
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    unread = pipeline.check_data(recipe, list(recipe.stages), local_only=True)
-    print(f"{args.recipe}: ok ({' -> '.join(recipe.stages)}; output in {recipe.output_dir})")
-    if unread:
-        print("  Hub datasets, read when the recipe runs: " + ", ".join(unread))
-    return 0
+    failed = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path, args.overrides)
+            unread = pipeline.check_data(recipe, list(recipe.stages), local_only=True)
+        except UserError as e:
+            print(f"alignkit: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: ok ({' -> '.join(recipe.stages)}; output in {recipe.output_dir})")
+        if unread:
+            print("  Hub datasets, read when the recipe runs: " + ", ".join(unread))
+    if failed and len(args.recipes) > 1:
+        print(f"alignkit: error: {failed} of {len(args.recipes)} recipes have problems (above)", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    # KEY=VALUE and ~KEY overrides may stand anywhere, before or after the options
+    # KEY=VALUE and ~KEY overrides may stand anywhere, before or after the options; every other positional argument
+    # is a recipe (validate takes several)
     command = next((a for a in argv if not a.startswith("-")), None)
     overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")] \
         if command in ("run", "validate", "eval") else []

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DataError
-from .recipe import DATA_SUFFIXES, Dataset as DatasetSpec, Recipe
+from .recipe import DATA_SUFFIXES, Dataset as DatasetSpec, Recipe, utf8_error
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+MAX_DEPTH = 16  # levels of lists and objects in a row; a conversational row has 3 (row, messages, message)
 NEEDS = {
     "pretrain": "a 'text' column",
     "eval": "a 'prompt' column (with an optional 'reference' answer), or 'messages'",
@@ -45,7 +46,7 @@ def load(spec: DatasetSpec, stage: str, recipe: Recipe):
             ds = ds.remove_columns(want)
         ds = ds.rename_column(have, want)
     if len(ds) == 0:
-        raise DataError(f"{locate(None)}: no rows")
+        raise DataError(f"{locate(None)}: no rows; add rows to it, or point the dataset's path at a file that has them")
     fmt = spec.format if spec.format != "auto" else detect_format(ds.column_names, ds[0])
     columns: list[str] = []
 
@@ -77,24 +78,28 @@ def _read(spec: DatasetSpec, recipe: Recipe):
     local = recipe.resolve(spec.path)
     if local.is_file():
         kind = DATA_SUFFIXES.get(local.suffix)
+        if _is_pickle(local):
+            named = "" if kind is None else f", not a {local.suffix} file"
+            raise DataError(f"{spec.path}: a Python pickle{named}; alignkit never unpickles data (loading a pickle "
+                            f"runs code from the file): save the rows as {', '.join(DATA_SUFFIXES)} instead")
         if kind is None:
             raise DataError(f"{spec.path}: unsupported file type {local.suffix!r}; use "
                             f"{', '.join(DATA_SUFFIXES)}")
         if kind == "json":
             rows, lines = _read_json(local, spec.path)
+            for row, line in zip(rows, lines):
+                # datasets' type inference takes time exponential in the nesting on some rows: 22 levels, seconds
+                if _depth(row) > MAX_DEPTH:
+                    raise DataError(_too_deep(spec.path, line)) from None
             try:
                 ds = datasets.Dataset.from_list(rows)
             except Exception as e:  # pyarrow refuses mixed types across rows
                 raise DataError(f"{spec.path}: the rows do not share one shape ({e}); a column must hold the same "
                                 "kind of value (text, or a list of messages) in every row") from None
             return ds, lambda i: spec.path if i is None else f"{spec.path}:{lines[i]}"
-        if kind == "csv":  # every cell is text: "2" stays an answer, not a number
-            import pandas
-
-            frame = pandas.read_csv(local, dtype=str, keep_default_na=False)
-            return datasets.Dataset.from_pandas(frame, preserve_index=False), \
-                lambda i: spec.path if i is None else f"{spec.path}:{i + 2}"
-        return datasets.Dataset.from_parquet(str(local)), lambda i: spec.path if i is None else f"{spec.path}: row {i + 1}"
+        if kind == "csv":
+            return _read_csv(local, spec.path), lambda i: spec.path if i is None else f"{spec.path}:{i + 2}"
+        return _read_parquet(local, spec.path), lambda i: spec.path if i is None else f"{spec.path}: row {i + 1}"
     try:
         ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
     except Exception as e:
@@ -104,15 +109,92 @@ def _read(spec: DatasetSpec, recipe: Recipe):
     return ds, lambda i: f"{spec.path} [{spec.split}]" + ("" if i is None else f" row {i}")
 
 
+def _read_text(path: Path, shown: str) -> str:
+    """A data file's text; a file that is not UTF-8 is named with the line of its first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as some editors write, is harmless
+    except UnicodeDecodeError as e:
+        line, what = utf8_error(data, e)
+        raise DataError(f"{shown}:{line}: {what}") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether a file starts as Python's pickles of protocol 2 and later do (0x80, then the protocol)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _too_deep(shown: str, line: int | None = None) -> str:
+    return (f"{shown}{f':{line}' if line else ''}: nested too deeply (lists or objects inside each other more than "
+            f"{MAX_DEPTH} levels); a row holds text, or lists of {{role, content}} messages: flatten it")
+
+
+def _depth(value) -> int:
+    """How deeply lists and mappings nest in value, counted without recursion (the data may be nested past the limit)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _read_csv(path: Path, shown: str):
+    """Rows of a CSV file with a header line; every cell is text, so "2" stays an answer, not a number."""
+    import io
+
+    import datasets
+    import pandas
+
+    text = _read_text(path, shown)
+    try:
+        frame = pandas.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pandas.errors.EmptyDataError:
+        raise DataError(f"{shown}: empty: no header line and no rows; a CSV file starts with a header naming its "
+                        "columns (e.g. prompt,completion), then one row per line") from None
+    except pandas.errors.ParserError as e:
+        found = re.search(r"(line|row) (\d+)", str(e))  # pandas counts rows from 0, the header's
+        line = f":{int(found.group(2)) + (found.group(1) == 'row')}" if found else ""
+        raise DataError(f"{shown}{line}: not valid CSV ({_tail(e)}); check its quotes (a field that opens a quote "
+                        "must close it) and that every row has as many fields as the header") from None
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _read_parquet(path: Path, shown: str):
+    """Rows of a Parquet file, read with pyarrow (whose errors name what is wrong with the file)."""
+    import datasets
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as e:  # not Parquet, cut short, or corrupt inside
+        raise DataError(f"{shown}: not a readable Parquet file ({_tail(e)}); write it again (e.g. pandas' "
+                        "DataFrame.to_parquet) or use JSON Lines") from None
+    return datasets.Dataset(table)
+
+
+def _tail(e: BaseException) -> str:
+    """An error's own words without the file name it repeats."""
+    text = " ".join(str(e).split())
+    return text.split(": ", 1)[1] if text.startswith(("Could not open", "Error tokenizing")) and ": " in text else text
+
+
 def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
     """Rows of a JSON Lines file or a JSON array, with the line each row starts on."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, shown)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{shown}:{e.lineno}: not valid JSON: {e.msg}") from None
+            raise DataError(f"{shown}:{e.lineno}: not valid JSON: {e.msg}; fix the file there") from None
+        except RecursionError:
+            raise DataError(_too_deep(shown)) from None
         for i, row in enumerate(data):
             if not isinstance(row, dict):
                 raise DataError(f"{shown}: element {i + 1} of the array is {type(row).__name__}, expected an object")
@@ -126,6 +208,8 @@ def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{shown}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be one "
                             "JSON object") from None
+        except RecursionError:
+            raise DataError(_too_deep(shown, n)) from None
         if not isinstance(row, dict):
             raise DataError(f"{shown}:{n}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)

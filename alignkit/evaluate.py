@@ -11,16 +11,20 @@ against SFT. Writes {output_dir}/report.json, report.md and PNG plots.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
 
-from . import data
+from . import data, files
 from .log import log
 from .pipeline import complete_stages
 from .recipe import Recipe
 
 CHECKPOINTS = {"base": "pretrain", "sft": "sft", "ppo": "ppo"}
+KL_NOTE = ("kl_to_sft is a sampled estimate, the mean of log p_checkpoint - log p_sft over the checkpoint's sampled "
+           "answers, so for a model close to SFT it can come out slightly below zero: sampling noise, not a negative "
+           "divergence (the true KL is never negative).")
 
 
 def _normalize(text: str) -> str:
@@ -230,8 +234,9 @@ def write_report(recipe: Recipe, report: dict, stages: dict, wall_seconds: float
     out = Path(recipe.output_dir)
     report = {"wall_seconds": wall_seconds, "stages": stages, **report}
     plots = _plots(out, report["eval"])
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_markdown(recipe, report, plots))
+    # each file replaced whole: a kill mid-write leaves the previous report, never a cut-off one
+    files.write_json(out / "report.json", report)
+    files.write_text(out / "report.md", _markdown(recipe, report, plots))
     log("eval", f"report: {out / 'report.md'}")
     return out / "report.md"
 
@@ -241,6 +246,16 @@ def _history(out: Path, stage: str) -> list[dict]:
         return json.loads((out / stage / "metrics.json").read_text())["log_history"]
     except (OSError, ValueError, KeyError):
         return []
+
+
+def _save(fig, path: Path) -> None:
+    """A figure as PNG, written as files.write_text writes text: a temporary file, synced, renamed over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=80)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _plots(out: Path, results: dict) -> list[str]:
@@ -258,7 +273,7 @@ def _plots(out: Path, results: dict) -> list[str]:
             ax.plot(*zip(*points), marker=".")
             ax.set(title=f"{stage} training loss", xlabel="step", ylabel="loss")
         fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=80)
+        _save(fig, out / "loss.png")
         plt.close(fig)
         made.append("loss.png")
     ppo = [h for h in _history(out, "ppo") if "objective/scores" in h]
@@ -270,7 +285,7 @@ def _plots(out: Path, results: dict) -> list[str]:
         axes[1].plot(episodes, [h["objective/kl"] for h in ppo], marker=".", color="tab:red")
         axes[1].set(title="PPO KL to the SFT model", xlabel="episode", ylabel="nats per response")
         fig.tight_layout()
-        fig.savefig(out / "ppo.png", dpi=80)
+        _save(fig, out / "ppo.png")
         plt.close(fig)
         made.append("ppo.png")
     return made + [_eval_plot(out, results)]
@@ -295,7 +310,7 @@ def _eval_plot(out: Path, results: dict) -> str:
     axes[1].bar(names, [results[n]["reward_mean"] or 0 for n in names], color="tab:green")
     axes[1].set(title="reward model's mean score")
     fig.tight_layout()
-    fig.savefig(out / "eval.png", dpi=80)
+    _save(fig, out / "eval.png")
     plt.close(fig)
     return "eval.png"
 
@@ -311,6 +326,11 @@ def eval_table(results: dict) -> list[str]:
         [f"| {name} | " + " | ".join(fmt(values.get(c)) for c in columns) + " |" for name, values in results.items()]
 
 
+def shows_kl(results: dict) -> bool:
+    """Whether the table holds a sampled KL (sft's own is 0 by definition, not an estimate)."""
+    return any(v.get("kl_to_sft") is not None for name, v in results.items() if name != "sft")
+
+
 def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
     lines = [f"# alignkit report: {recipe.source}", "",
              f"Wall time {report['wall_seconds']:.0f} s. Stages: " +
@@ -321,7 +341,8 @@ def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
               "gold_accuracy: share of answers equal to the reference"
               f" ({recipe.eval.match} match, ignoring case and end punctuation). kl_to_sft: nats per response, on the "
               "checkpoint's own samples at temperature 1. length_mean: tokens per answer. repetition: share of an "
-              "answer's token bigrams that repeat an earlier one.", ""]
+              "answer's token bigrams that repeat an earlier one."
+              + (" " + KL_NOTE if shows_kl(report["eval"]) else ""), ""]
     lines += [f"![{p}]({p})" for p in plots] + ["", "## Sample answers", ""]
     for sample in report["samples"]:
         lines.append(f"**Prompt** `{sample['prompt']!r}` (reference: {sample['reference']!r})")

@@ -8,6 +8,7 @@ writes it anywhere. Only two calls touch the network: HfApi.create_repo and HfAp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,8 @@ KEY_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "total_episode
                 "response_length", "temperature", "num_ppo_epochs", "cliprange", "vf_coef", "missing_eos_penalty",
                 "bf16", "gradient_checkpointing")
 STAGE_TAGS = {"pretrain": [], "sft": ["sft"], "reward": ["reward-model"], "ppo": ["rlhf", "ppo"]}
+SHORTENED = ("# alignkit push shortened the training machine's local paths: relative to the run's parent folder "
+             "where they lay under it, else to their last component\n")
 
 
 def push_run(run_dir: Path, repo_id: str | None, stages: list[str] | None, private: bool | None,
@@ -98,9 +101,44 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
         config = json.loads((staged / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = base  # a Hub id, not this machine's path
         (staged / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if (folder / "metrics.json").exists():  # the stage's record, as a merged push carries it
+            shutil.copy2(folder / "metrics.json", staged / "metrics.json")
     else:
         shutil.copytree(folder, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SKIP))
+    # the run's own recipe.yaml keeps its paths; the Hub gets none of this machine's (an unreadable one is not sent)
+    recipe = _recipe(run_dir, stage)
+    (staged / "recipe.yaml").unlink(missing_ok=True)
+    if recipe:
+        shared = portable(recipe, run_dir)
+        (staged / "recipe.yaml").write_text((SHORTENED if shared != recipe else "")
+                                            + yaml.safe_dump(shared, sort_keys=False))
     return base
+
+
+def local_path(value: str) -> bool:
+    """Whether a recipe string is an absolute path of this machine (or one under a home folder, ~)."""
+    return value.startswith("~") or os.path.isabs(value)
+
+
+def shorten(value, run_dir: Path):
+    """A local absolute path made relative to the run folder's parent when it lies under it, else its last component;
+    anything else as it is."""
+    if not isinstance(value, str) or not local_path(value):
+        return value
+    path = Path(os.path.expanduser(value)).resolve()
+    try:
+        return str(path.relative_to(run_dir.resolve().parent))
+    except ValueError:
+        return "~" if path == Path.home().resolve() else path.name or "."  # (a home folder's name is a user's)
+
+
+def portable(obj, run_dir: Path):
+    """A copy of a recipe (nested dicts and lists) with every local path shortened."""
+    if isinstance(obj, dict):
+        return {k: portable(v, run_dir) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, run_dir) for v in obj]
+    return shorten(obj, run_dir)
 
 
 def _upstream_stage(run_dir: Path, stage: str) -> str | None:
@@ -133,14 +171,15 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
         pipeline_tag="text-classification" if stage == "reward" else "text-generation",
         tags=["alignkit", "trl", *dict.fromkeys(t for s in lineage for t in STAGE_TAGS[s])])
     model = recipe.get("model") or {}
-    start = model.get("name_or_path") or f"an untrained {(model.get('config') or {}).get('model_type', 'model')} " \
-                                          f"built from a config ({_inline(model.get('config'))})"
+    start = shorten(model.get("name_or_path"), run_dir) or \
+        f"an untrained {(model.get('config') or {}).get('model_type', 'model')} built from a config " \
+        f"({_inline(model.get('config'))})"
     rows = []
     for s in lineage:
         spec = recipe["stages"][s]
         manifest = read_manifest(run_dir / s) or {}
         settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
-        rows.append(f"| {s} | `{spec['dataset']['path']}` | {_inline(settings)} | "
+        rows.append(f"| {s} | `{shorten(spec['dataset']['path'], run_dir)}` | {_inline(settings)} | "
                     f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |")
     lines = [
         f"# {repo_id}", "",
@@ -155,11 +194,12 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
         "| stage | dataset | key settings | processes | time |", "|---|---|---|---|---|", *rows, "",
     ]
     if report and report.get("eval"):
-        from .evaluate import eval_table, fmt
+        from .evaluate import KL_NOTE, eval_table, fmt, shows_kl
 
         lines += ["## Evaluation (held-out prompts)", "", *eval_table(report["eval"]), "",
                   f"Reward model pairwise accuracy on held-out comparisons: {fmt(report.get('reward_accuracy'))}; "
-                  f"win rate of ppo against sft: {fmt(report.get('win_rate_vs_sft'))}.", ""]
+                  f"win rate of ppo against sft: {fmt(report.get('win_rate_vs_sft'))}."
+                  + (" " + KL_NOTE if shows_kl(report["eval"]) else ""), ""]
     load = (f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained('{repo_id}')"
             if adapter else f"from transformers import AutoModelForCausalLM\n"
                             f"model = AutoModelForCausalLM.from_pretrained('{repo_id}')")

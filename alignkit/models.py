@@ -130,12 +130,19 @@ def load_causal_lm(recipe: Recipe, path: str, tokenizer, stage: str | None = Non
     with `dropout` False every dropout probability in its config is 0."""
     from transformers import AutoModelForCausalLM
 
+    model = _from_pretrained(AutoModelForCausalLM, recipe, path, _load_kwargs(recipe, path, stage, dropout))
+    return fit_to_tokenizer(model, tokenizer)
+
+
+def _from_pretrained(cls, recipe: Recipe, path: str, kwargs: dict):
+    """cls.from_pretrained, with a folder or Hub id that holds no loadable model (no weights, an unreachable id)
+    reported as bad input that names it."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(_where(recipe, path), **_load_kwargs(recipe, path, stage, dropout))
+        return cls.from_pretrained(_where(recipe, path), **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
-                        "  fix model.name_or_path (a local folder, or a Hub id reachable from here)") from None
-    return fit_to_tokenizer(model, tokenizer)
+                        "  give a folder that holds a whole model (config.json and its weights) or a Hub id reachable "
+                        "from here") from None
 
 
 def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = None, dropout: bool = True):
@@ -151,7 +158,7 @@ def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = 
             kwargs["config"].num_labels = 1
         else:
             kwargs["num_labels"] = 1
-        model = AutoModelForSequenceClassification.from_pretrained(_where(recipe, path), **kwargs)
+        model = _from_pretrained(AutoModelForSequenceClassification, recipe, path, kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
     return fit_to_tokenizer(model, tokenizer)

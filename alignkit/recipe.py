@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -23,6 +24,45 @@ from .errors import Problem, RecipeError
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Where a model config keeps its context length, in the order models.context_length reads them.
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
+
+# What numeric settings must be, alignkit's and TRL's alike: key -> (the rule in words, the test). Out of range they
+# fail only once their stage starts, after the earlier stages have trained, or train silently wrong (epochs -1 trains
+# nothing, total_episodes 0 skips PPO). A rule applies wherever its key occurs: a recipe field or a trainer block.
+RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "seed": (">= 0", lambda v: v >= 0),
+    "max_new_tokens": (">= 1", lambda v: v >= 1),
+    "batch_size": (">= 1", lambda v: v >= 1),
+    "max_rows": (">= 1", lambda v: v >= 1),
+    "learning_rate": ("> 0", lambda v: v > 0),
+    "per_device_train_batch_size": (">= 1", lambda v: v >= 1),
+    "per_device_eval_batch_size": (">= 1", lambda v: v >= 1),
+    "gradient_accumulation_steps": (">= 1", lambda v: v >= 1),
+    "num_train_epochs": ("> 0 (0 or less trains nothing)", lambda v: v > 0),
+    "max_steps": ("-1 (train num_train_epochs) or >= 1", lambda v: v == -1 or v >= 1),
+    "total_episodes": (">= 1 (0 skips PPO)", lambda v: v >= 1),
+    "response_length": (">= 1", lambda v: v >= 1),
+    "kl_coef": (">= 0", lambda v: v >= 0),
+    "num_mini_batches": (">= 1 (PPO splits each rollout batch into this many)", lambda v: v >= 1),
+    "num_ppo_epochs": (">= 1", lambda v: v >= 1),
+    "local_rollout_forward_batch_size": (">= 1", lambda v: v >= 1),
+    "temperature": ("> 0", lambda v: v > 0),
+    "cliprange": ("> 0", lambda v: v > 0),
+    "cliprange_value": ("> 0", lambda v: v > 0),
+    "vf_coef": (">= 0", lambda v: v >= 0),
+    "gamma": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "lam": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "max_length": (">= 1", lambda v: v >= 1),
+    "logging_steps": ("> 0", lambda v: v > 0),
+    "save_steps": ("> 0", lambda v: v > 0),
+    "eval_steps": ("> 0", lambda v: v > 0),
+    "warmup_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "warmup_steps": (">= 0 (below 1: a share of the steps)", lambda v: v >= 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "max_grad_norm": (">= 0", lambda v: v >= 0),
+    "num_sample_generations": (">= 0", lambda v: v >= 0),
+}
 
 
 @dataclass
@@ -131,22 +171,34 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_traine
     """Read, override and check a recipe; raise RecipeError listing every problem found."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise RecipeError(str(path), [Problem("", f"cannot read the recipe: {e.strerror}")]) from None
     try:
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as some editors write, is harmless
+    except UnicodeDecodeError as e:
+        line, what = utf8_error(data, e)
+        raise RecipeError(str(path), [Problem("", what, where=f"line {line}")]) from None
+    duplicates: list[Problem] = []
+    try:
         raw = yaml.safe_load(text)
-        lines = _line_map(text)
+        lines = _line_map(text, duplicates)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        raise RecipeError(str(path), [Problem(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+        where = f"line {mark.line + 1}" if mark else None
+        raise RecipeError(str(path), [Problem("", f"not valid YAML: {getattr(e, 'problem', e)}; fix the syntax there "
+                                                  "(indentation, a missing colon or closing bracket, quotes)",
+                                              where=where)]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise RecipeError(str(path), [Problem("", "nested too deeply to read; a recipe is a few levels of mappings")]) \
+            from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(str(path), [Problem("", "expected a mapping of keys (output_dir, model, stages, ...)")])
+        raise RecipeError(str(path), [Problem("", "expected a mapping of keys (output_dir, model, stages, ...); write "
+                                                  "the recipe as `key: value` lines, as recipes/tiny.yaml does")])
 
-    problems: list[Problem] = []
+    problems: list[Problem] = duplicates  # PyYAML keeps the last of two equal keys without a word
     overridden = set()
     for item in overrides:
         key = _apply_override(raw, item, problems)
@@ -203,7 +255,7 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> str | None
 def _build(cls, data, key: str, problems: list[Problem]):
     """Turn a mapping into the dataclass `cls`, recording a problem for every unknown, missing or mistyped key."""
     if not isinstance(data, dict):
-        problems.append(Problem(key, f"expected a mapping, got {_show(data)}"))
+        problems.append(Problem(key, f"expected a mapping, got {_show(data)}; {_mapping_hint(cls, key, data)}"))
         return None
     fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     hints = typing.get_type_hints(cls)
@@ -226,16 +278,56 @@ def _build(cls, data, key: str, problems: list[Problem]):
             value = _build(tp, value, sub, problems)
         elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             if not isinstance(value, dict):
-                problems.append(Problem(sub, f"expected a mapping, got {_show(value)}"))
+                problems.append(Problem(sub, f"expected a mapping of stage names to their settings, got "
+                                             f"{_show(value)}; e.g. {name}: {{sft: {{dataset: {{path: data/sft.jsonl}}}}}}"))
                 continue
             value = {k: _build(typing.get_args(tp)[1], v, f"{sub}.{k}", problems) for k, v in value.items()}
         else:
-            value = check_value(value, tp, sub, problems)
+            start = len(problems)
+            value = check_value(value, tp, sub, problems, f.metadata.get("help", ""))
+            if len(problems) == start:
+                check_range(name, value, sub, problems, f.default)
         values[name] = value
     try:
         return cls(**values)
     except TypeError:  # a required field was missing: already reported
         return None
+
+
+def _mapping_hint(cls, key: str, value) -> str:
+    """How to write a section given as a scalar or a list: `model: gpt2` -> `model: {name_or_path: gpt2}`."""
+    leaf = key.rpartition(".")[2] or "it"
+    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
+    if not isinstance(value, str):
+        return f"give {leaf} its keys, one per line below it: {', '.join(names)}"
+    example, inner = value, cls
+    nesting = []
+    while dataclasses.is_dataclass(inner):  # the first field, as far down as it goes: {dataset: {path: x}}
+        first = dataclasses.fields(inner)[0]
+        nesting.append(first.name)
+        inner = typing.get_type_hints(inner)[first.name]
+    for name in reversed(nesting):
+        example = f"{{{name}: {example}}}"
+    return f"write it as {leaf}: {example} (its keys: {', '.join(names)})"
+
+
+def check_range(name: str, value, key: str, problems: list[Problem], default=None) -> None:
+    """Check a number against its rule in RANGES (a key without a rule, and a value of the wrong type, pass)."""
+    rule = RANGES.get(name)
+    if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return  # not a rule's key, or a type or non-finite problem reported on its own
+    if not rule[1](value):
+        known = default not in (None, dataclasses.MISSING)
+        problems.append(Problem(key, f"must be {rule[0]}, got {value!r}; set a value in that range, or remove the key "
+                                     f"to get the default{f' ({default!r})' if known else ''}"))
+
+
+def _non_finite(value) -> bool:
+    """Whether a number in value (nested in mappings and lists too) is NaN or infinite, as YAML's .nan and .inf are."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_non_finite(v) for v in items)
 
 
 def _unknown_keys(data: dict, known, key: str, owner: str, problems: list[Problem]) -> None:
@@ -246,15 +338,18 @@ def _unknown_keys(data: dict, known, key: str, owner: str, problems: list[Proble
             problems.append(Problem(f"{key}.{name}" if key else str(name), f"unknown key for {owner}; {fix}"))
 
 
-def check_value(value, tp, key: str, problems: list[Problem]):
-    """Check `value` against the annotation `tp`; a number written as a string (YAML reads 1e-5 so) becomes a float."""
+def check_value(value, tp, key: str, problems: list[Problem], about: str = ""):
+    """Check `value` against the annotation `tp`; a number written as a string (YAML reads 1e-5 so) becomes a float.
+    `about` says what the key is, for the message."""
     if _accepts(float, tp) and isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             pass
     if not _fits(value, tp):
-        problems.append(Problem(key, f"expected {_describe(tp)}, got {_show(value)}"))
+        wanted = _describe(tp)
+        problems.append(Problem(key, f"expected {wanted}, got {_show(value)}; write {wanted.removesuffix(' (or null)')} "
+                                     f"here{f' ({about})' if about else ''}"))
     return value
 
 
@@ -315,24 +410,33 @@ def _show(value) -> str:
 
 
 def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> None:
+    """Every check that needs no model loaded. Values of the wrong type are already reported, so each check here
+    looks only at values of the type it expects (a section given as a scalar arrives as None)."""
     base = recipe.source.parent
     m = recipe.model
-    if (m.name_or_path is None) == (m.config is None):
-        problems.append(Problem("model", "set exactly one of model.name_or_path (a pretrained model) and "
-                                         "model.config (an untrained model built from a config)"))
-    if m.config is not None and m.tokenizer is None:
-        problems.append(Problem("model.tokenizer", "required with model.config: a tokenizer folder or Hub id"))
-    for key in ("name_or_path", "tokenizer"):
-        _check_local(getattr(m, key), f"model.{key}", base, problems, folder=True)
-    if m.chat_template and "{" not in m.chat_template:
-        _check_local(m.chat_template, "model.chat_template", base, problems, folder=False, always_local=True)
-    if m.config is not None:
-        _check_model_config(m.config, problems)
+    context = None  # (the model's context length, where it comes from), where it is known without a download
+    if isinstance(m, Model):
+        if (m.name_or_path is None) == (m.config is None):
+            problems.append(Problem("model", "set exactly one of model.name_or_path (a pretrained model) and "
+                                             "model.config (an untrained model built from a config)"))
+        if m.config is not None and m.tokenizer is None:
+            problems.append(Problem("model.tokenizer", "required with model.config: a tokenizer folder or Hub id"))
+        _check_local(m.name_or_path, "model.name_or_path", base, problems, folder="a model folder (with config.json)")
+        _check_local(m.tokenizer, "model.tokenizer", base, problems, folder="a tokenizer folder")
+        if isinstance(m.chat_template, str):
+            if "{" not in m.chat_template:
+                _check_local(m.chat_template, "model.chat_template", base, problems, always_local=True,
+                             suffixes=(".jinja", ".j2"))
+            _check_chat_template(m.chat_template, base, problems)
+        if isinstance(m.config, dict):
+            context = _check_model_config(m.config, problems)
+        elif isinstance(m.name_or_path, str) and (local := resolve_path(m.name_or_path, base)) and local.is_dir():
+            context = _check_local_model(local, problems)
 
     names = list(recipe.stages)
     for name in names:
         if name not in STAGES:
-            hint = difflib.get_close_matches(name, STAGES, n=1)
+            hint = difflib.get_close_matches(str(name), STAGES, n=1)
             problems.append(Problem(f"stages.{name}", "unknown stage; " + (f"did you mean {hint[0]}?" if hint else
                                     f"stages are {', '.join(STAGES)}")))
     known = [n for n in names if n in STAGES]
@@ -341,25 +445,36 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
                                           f"(got {', '.join(known)})"))
     if not names:
         problems.append(Problem("stages", "no stages: name at least one of " + ", ".join(STAGES)))
+    if isinstance(m, Model) and m.config is not None and known and "pretrain" not in known:
+        problems.append(Problem("model.config", f"builds an untrained model, which only a pretrain stage trains, but "
+                                                f"this recipe starts with {known[0]}; add a pretrain stage before it, "
+                                                "or replace model.config with model.name_or_path (a pretrained model)"))
     for name in known:
         stage = recipe.stages[name]
         if stage is None:
             continue
         key = f"stages.{name}"
         if stage.dataset is not None:
-            _check_local(stage.dataset.path, f"{key}.dataset.path", base, problems, folder=False)
+            _check_local(stage.dataset.path, f"{key}.dataset.path", base, problems)
         if stage.reward_model is not None:
             if name != "ppo":
                 problems.append(Problem(f"{key}.reward_model", "only the ppo stage takes a reward_model"))
             else:
-                _check_local(stage.reward_model, f"{key}.reward_model", base, problems, folder=True)
-        if check_trainers:
-            check_trainer(name, stage.trainer, f"{key}.trainer", problems)
+                _check_local(stage.reward_model, f"{key}.reward_model", base, problems,
+                             folder="a reward model folder (a reward stage's output)")
+        if check_trainers and isinstance(stage.trainer, dict):
+            config = check_trainer(name, stage.trainer, f"{key}.trainer", problems)
+            if name == "ppo" and config is not None and context and config.response_length >= context[0]:
+                told = "" if "response_length" in stage.trainer else "TRL's default of "
+                problems.append(Problem(f"{key}.trainer.response_length", f"{told}{config.response_length} tokens "
+                                        f"leave no room for a prompt in the model's context of {context[0]} tokens "
+                                        f"({context[1]}); set response_length below {context[0]}, with room to spare "
+                                        "for the prompts"))
     if recipe.eval is not None:
         for key in ("dataset", "comparisons"):
             spec = getattr(recipe.eval, key)
             if spec is not None:
-                _check_local(spec.path, f"eval.{key}.path", base, problems, folder=False)
+                _check_local(spec.path, f"eval.{key}.path", base, problems)
     if recipe.hub is not None:
         _check_hub(recipe, known, problems)
     if "ppo" in known and "reward" not in known and recipe.stages["ppo"] and not recipe.stages["ppo"].reward_model:
@@ -382,26 +497,26 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
         return
     for name in known:
         stage = recipe.stages[name]
-        if stage is None or (name == "pretrain" and m.config is not None):
+        if stage is None or (name == "pretrain" and isinstance(m, Model) and m.config is not None):
             continue  # pretraining from scratch trains every weight, unquantized
         lora, quantization = recipe.adapters(name)
-        if quantization is None:
-            continue
+        if not isinstance(quantization, dict):
+            continue  # none, or of a wrong type that is reported already
         where = f"stages.{name}.quantization" if stage.quantization else "quantization"
         if lora is None:
             problems.append(Problem(where, f"the {name} stage would train quantized weights in full, which cannot be "
                                            "done; give it LoRA settings to train adapters over them (QLoRA)"))
-        if stage.trainer.get("bf16") is False:
+        if isinstance(stage.trainer, dict) and stage.trainer.get("bf16") is False:
             problems.append(Problem(f"stages.{name}.trainer.bf16", "with quantization TRL casts the LoRA "
                                     "adapters to bf16 (as QLoRA does), so training needs bf16 on; remove bf16: false"))
 
 
 def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> None:
     hub = recipe.hub
-    if not is_repo_id(hub.repo_id):
+    if isinstance(hub.repo_id, str) and not is_repo_id(hub.repo_id):
         problems.append(Problem("hub.repo_id", f"expected owner/name (your user or organisation, then the repo), got "
                                                f"{hub.repo_id!r}"))
-    for stage in hub.stages or []:
+    for stage in hub.stages if isinstance(hub.stages, list) else []:
         if stage not in known:
             problems.append(Problem("hub.stages", f"{stage!r} is not a stage of this recipe ({', '.join(known)})"))
     if hub.weights == "adapter" and not any(recipe.adapters(s)[0] for s in known if recipe.stages[s]):
@@ -409,14 +524,27 @@ def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> Non
                                                "only; use weights: merged"))
 
 
-def _check_local(value, key, base: Path, problems, folder: bool, always_local: bool = False) -> None:
-    """Report a local path that does not exist. Hub ids (`name` or `owner/name`) are left for load time."""
-    if value is None or resolve_path(value, base) is not None:
-        return
-    if always_local or not is_hub_id(value, base):
-        what = "folder" if folder else "file"
-        problems.append(Problem(key, f"{what} not found: {value} (looked in {Path.cwd()} and {base.resolve()}); "
-                                     "fix the path, or give a Hub id as owner/name"))
+def _check_local(value, key, base: Path, problems, folder: str | None = None, always_local: bool = False,
+                 suffixes=tuple(DATA_SUFFIXES)) -> None:
+    """Report a local path that does not exist, or is a file where `folder` (what the folder holds) is expected, or a
+    folder where a file (one of `suffixes`) is. Hub ids (`name` or `owner/name`) are left for load time."""
+    if not isinstance(value, str):
+        return  # None, or a wrong type that is reported already
+    found = resolve_path(value, base)
+    if found is None:
+        if always_local or not is_hub_id(value, base):
+            what = "folder" if folder else "file"
+            problems.append(Problem(key, f"{what} not found: {value} (looked in {Path.cwd()} and {base.resolve()}); "
+                                         "fix the path, or give a Hub id as owner/name"))
+    elif folder and not found.is_dir():
+        problems.append(Problem(key, f"{value} is a file, but {folder} is expected here; give the folder that holds "
+                                     "it"))
+    elif not folder and not found.is_file():
+        inside = sorted(p.name for p in found.iterdir() if p.is_file() and p.suffix in suffixes) if found.is_dir() \
+            else []
+        problems.append(Problem(key, f"{value} is {'a folder' if found.is_dir() else 'not a regular file'}, but a "
+                                     f"file is expected here; name a file" + (
+                                         f" in it, e.g. {Path(value) / inside[0]}" if inside else "")))
 
 
 def is_hub_id(value: str, base: Path = Path(".")) -> bool:
@@ -433,24 +561,221 @@ def is_repo_id(value: str) -> bool:
 def resolve_path(path: str, base: Path) -> Path | None:
     p = Path(path).expanduser()
     for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, base / p]):
-        if candidate.exists():
-            return candidate.resolve()
+        try:
+            if candidate.exists():
+                return candidate.resolve()
+        except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte: nothing there
+            pass
     return None
 
 
-def _check_model_config(config: dict, problems) -> None:
+def _not_a_causal_lm(model_type: str) -> str | None:
+    """Why transformers' `model_type` is no decoder-only causal LM, or None when it is one.
+
+    AutoModelForCausalLM's mapping alone is not enough: it also maps encoders (bert, roberta: a head that sees the
+    tokens after each position unless the model is rebuilt as a decoder) and the decoder halves of encoder-decoder
+    models (bart, marian). So a type must be in the causal-LM mapping and in neither the masked-LM nor the
+    seq2seq mapping."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return "is an encoder-decoder architecture"
+    if model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "has no causal language model in transformers"
+    if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "is an encoder (a masked LM): its causal-LM head would see the tokens it is to predict"
+    return None
+
+
+CAUSAL_FIX = "alignkit trains decoder-only causal LMs: use one such as gpt2, llama, opt or gpt_neox"
+
+
+def _context_length(values: dict) -> int | None:
+    return next((values[k] for k in CONTEXT_KEYS if isinstance(values.get(k), int) and values[k] > 0), None)
+
+
+def _check_local_model(folder: Path, problems) -> tuple[int, str] | None:
+    """A local model folder's architecture (a causal LM) and context length, from its config.json."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no readable config.json (an adapter folder, say): loading the model tells
+    if not isinstance(config, dict):
+        return None
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and (why := _not_a_causal_lm(model_type)):
+        problems.append(Problem("model.name_or_path", f"its config.json says model_type {model_type!r}, which {why}; "
+                                                      f"{CAUSAL_FIX}"))
+    context = _context_length(config)
+    return (context, f"{folder / 'config.json'}") if context else None
+
+
+def _check_model_config(config: dict, problems) -> tuple[int, str] | None:
+    """Check model.config as far as possible without weights: known keys, a causal LM, and that the model builds (on
+    PyTorch's meta device, which allocates nothing). Returns its context length and where it comes from."""
     from transformers import AutoConfig
 
     model_type = config.get("model_type")
     if not model_type:
         problems.append(Problem("model.config.model_type", "required: the architecture, e.g. gpt2"))
-        return
+        return None
     try:
         defaults = AutoConfig.for_model(model_type).to_dict()
-    except ValueError:
+    except (ValueError, TypeError):  # an unknown (or unhashable) name
         problems.append(Problem("model.config.model_type", f"unknown architecture {model_type!r}; e.g. gpt2"))
-        return
+        return None
+    start = len(problems)
     _unknown_keys({k: v for k, v in config.items()}, defaults, "model.config", f"{model_type}'s config", problems)
+    for name, value in config.items():
+        if _non_finite(value):
+            problems.append(Problem(f"model.config.{name}", f"expected finite numbers, got {_show(value)}; write a "
+                                                            "number (YAML reads .nan and .inf as not-a-number and "
+                                                            "infinity)"))
+    why = _not_a_causal_lm(model_type)
+    if why:
+        problems.append(Problem("model.config.model_type", f"{model_type!r} {why}; {CAUSAL_FIX}"))
+    if len(problems) > start:
+        return None
+    settings = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        built = AutoConfig.for_model(model_type, **settings)
+    except Exception as e:  # the config class's own validation (ValueError, TypeError, huggingface_hub's errors)
+        problems.append(Problem("model.config", f"{model_type}'s config refused these settings: {_one_line(e)}; fix "
+                                                "them as it says"))
+        return None
+    refusal = _build_on_meta(built)
+    if refusal:
+        problems.append(Problem("model.config", f"a {model_type} model cannot be built from these settings: {refusal}"))
+        return None
+    context = _context_length(built.to_dict())
+    return (context, f"model.config's {next(k for k in CONTEXT_KEYS if k in built.to_dict())}") if context else None
+
+
+def _build_on_meta(config) -> str | None:
+    """Instantiate the causal LM on the meta device (shapes only, no memory); what goes wrong, or None."""
+    import logging
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class Notes(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    # Encoder LM heads say "add `is_decoder=True`" and build anyway; they would see the tokens they are to predict.
+    # Their warnings are collected here instead of printed: the verdict below says what matters.
+    logger, notes = logging.getLogger("transformers"), Notes()
+    level, handlers = logger.level, logger.handlers
+    logger.handlers = [notes]
+    logger.setLevel(logging.WARNING)
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e):  # e.g. a negative size; what the meta device cannot do is left to the real build
+            return f"{_one_line(e)}; fix the sizes in model.config"
+    except Exception as e:  # transformers' layers check their shapes (ValueError, AssertionError, ZeroDivisionError)
+        return f"{_one_line(e)}; fix model.config as the message says (e.g. n_embd divisible by n_head)"
+    finally:
+        logger.handlers = handlers
+        logger.setLevel(level)
+    if any("is_decoder" in m for m in notes.messages):
+        return f"its causal-LM class is an encoder's head, which would see the tokens it is to predict; {CAUSAL_FIX}"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line, without a closing period (the fix follows it)."""
+    return " ".join(str(e).split()).rstrip(".") or type(e).__name__
+
+
+# A small conversation for checking a chat template, in the shapes alignkit renders: a whole chat (training) and a
+# prompt that asks for the answer (PPO, evaluation). Placeholder special tokens, as a tokenizer would pass its own.
+SAMPLE_CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What is two plus two?"},
+               {"role": "assistant", "content": "Four."}]
+SAMPLE_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def _check_chat_template(value: str, base: Path, problems: list[Problem]) -> None:
+    """Compile model.chat_template (inline, or a file) and render the sample chat in transformers' own sandbox (the
+    environment apply_chat_template uses), so that a template that breaks is named here, not in a stage's traceback."""
+    import jinja2
+    from transformers.utils import chat_template_utils
+
+    key, template = "model.chat_template", value
+    where = "line {} of the template"
+    if "{" not in value:  # a file
+        local = resolve_path(value, base)
+        if local is None or not local.is_file():
+            return  # reported by _check_local
+        data = local.read_bytes()
+        try:
+            template = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line, what = utf8_error(data, e)
+            problems.append(Problem(key, f"{value}:{line}: {what}"))
+            return
+        where = f"{value}:{{}}"
+
+    def line_of(e: BaseException) -> int | None:
+        import traceback
+
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == "<template>"]
+        return getattr(e, "lineno", None) or (lines[-1] if lines else None)
+
+    def at(n: int | None) -> str:
+        return f" ({where.format(n)})" if n else ""
+
+    try:
+        compiled = chat_template_utils._compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        problems.append(Problem(key, f"not a valid Jinja template: {(e.message or '').rstrip('.')}{at(e.lineno)}; "
+                                     "fix its syntax"))
+        return
+    # The sandbox turns a dunder attribute (''.__class__) into an empty value instead of failing: name it here.
+    nodes = jinja2.nodes
+    for node in compiled.environment.parse(template).find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem):
+            name = node.arg.value if isinstance(node.arg, nodes.Const) else None
+        else:
+            name = node.args[0].value if node.name == "attr" and node.args and isinstance(node.args[0], nodes.Const) \
+                else None
+        if isinstance(name, str) and name.startswith("__"):
+            problems.append(Problem(key, f"reads {name!r}{at(node.lineno)}, which transformers' sandbox refuses (a "
+                                         "template may not reach Python internals); remove it: a chat template reads "
+                                         "messages, add_generation_prompt and the special tokens"))
+            return
+
+    def render(chat: list[dict], generation_prompt: bool) -> str:
+        rendered, _ = chat_template_utils.render_jinja_template(
+            conversations=[chat], chat_template=template, add_generation_prompt=generation_prompt, **SAMPLE_TOKENS)
+        return rendered[0]
+
+    try:
+        try:
+            whole = render(SAMPLE_CHAT, False)
+            render(SAMPLE_CHAT[:2], True)
+        except jinja2.TemplateError as e:
+            if type(e) is not jinja2.TemplateError:  # only raise_exception() raises the base class
+                raise
+            whole = render(SAMPLE_CHAT[1:], False)  # the template refuses a system turn, as some do: try without
+            render(SAMPLE_CHAT[1:2], True)
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError,
+            RecursionError) as e:
+        problems.append(Problem(key, f"fails to render a sample chat (system, user, assistant) in transformers' "
+                                     f"sandbox: {type(e).__name__}: {_one_line(e)}{at(line_of(e))}; fix the template"))
+        return
+    if not all(m["content"] in whole for m in SAMPLE_CHAT[1:]):
+        problems.append(Problem(key, "renders a sample chat without its messages' text; a chat template must write "
+                                     "each message's content (it gets them as `messages`, each {role, content})"))
 
 
 def _check_quantization(settings: dict, problems, key: str = "quantization") -> None:
@@ -462,6 +787,12 @@ def _check_quantization(settings: dict, problems, key: str = "quantization") -> 
     _unknown_keys(settings, known, key, "BitsAndBytesConfig", problems)
     if not (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
         problems.append(Problem(key, "set load_in_4bit: true or load_in_8bit: true"))
+    elif settings.get("load_in_4bit") and settings.get("load_in_8bit"):
+        problems.append(Problem(key, "load_in_4bit and load_in_8bit are both set; a model loads in one of them: "
+                                     "remove one (4-bit for QLoRA)"))
+    for name, value in settings.items():
+        if _non_finite(value):
+            problems.append(Problem(f"{key}.{name}", f"expected a finite number, got {_show(value)}; write a number"))
 
 
 def trainer_config_class(stage: str):
@@ -484,7 +815,12 @@ def check_trainer(stage: str, settings: dict, key: str, problems: list[Problem])
     """Check a trainer block against TRL's config class and build it; None when it has problems."""
     import importlib
 
-    config = check_config_class(trainer_config_class(stage), settings, key, problems, RESERVED,
+    if settings.get("fp16") is True and (settings.get("use_cpu") is True or not has_accelerator()):
+        # transformers keeps fp16 off without a GPU and says nothing: the stage would train in fp32
+        problems.append(Problem(f"{key}.fp16", "fp16 needs a GPU, and this machine has none (transformers would "
+                                               "ignore it and train in fp32); use bf16: true, or remove fp16"))
+    # the ranges go first: PPO's check_config below divides by num_mini_batches
+    config = check_config_class(trainer_config_class(stage), settings, key, problems, RESERVED, ranges=True,
                                 output_dir="/nonexistent/alignkit-validate", **machine_settings(settings))
     module = importlib.import_module(f"alignkit.stages.{stage}")
     if config is not None and hasattr(module, "check_config"):  # a trainer's own rules across keys
@@ -492,20 +828,26 @@ def check_trainer(stage: str, settings: dict, key: str, problems: list[Problem])
     return config
 
 
+def has_accelerator() -> bool:
+    """A GPU (CUDA or ROCm), an Intel XPU or Apple's MPS."""
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+
+
 def machine_settings(settings: dict) -> dict:
     """Settings this machine needs. TRL turns bf16 on by default, which transformers refuses on a machine with no
     accelerator unless use_cpu is set; there it means bf16 autocast on the CPU."""
     if "use_cpu" in settings:
         return {}
-    import torch
-
-    accelerated = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
-        torch.backends.mps.is_available()
-    return {} if accelerated else {"use_cpu": True}
+    return {} if has_accelerator() else {"use_cpu": True}
 
 
-def check_config_class(cls, settings: dict, key: str, problems: list[Problem], reserved=None, **fixed):
-    """Check `settings` against a dataclass config of another library (TRL, peft), then construct it."""
+def check_config_class(cls, settings: dict, key: str, problems: list[Problem], reserved=None, ranges: bool = False,
+                       **fixed):
+    """Check `settings` against a dataclass config of another library (TRL, peft), then construct it. With `ranges`,
+    numbers are checked against RANGES too."""
     if not isinstance(settings, dict):
         problems.append(Problem(key, f"expected a mapping, got {_show(settings)}"))
         return None
@@ -520,7 +862,15 @@ def check_config_class(cls, settings: dict, key: str, problems: list[Problem], r
         if reserved and name in reserved:
             problems.append(Problem(f"{key}.{name}", f"{reserved[name]}; remove this key"))
             continue
-        values[name] = check_value(value, hints.get(name, Any), f"{key}.{name}", problems)
+        before = len(problems)
+        values[name] = check_value(value, hints.get(name, Any), f"{key}.{name}", problems, f"see {cls.__name__}")
+        if len(problems) > before:
+            continue
+        if _non_finite(values[name]):
+            problems.append(Problem(f"{key}.{name}", f"expected a finite number, got {values[name]!r}; write a number "
+                                                     "(YAML reads .nan and .inf as not-a-number and infinity)"))
+        elif ranges:
+            check_range(name, values[name], f"{key}.{name}", problems, fields[name].default)
     if len(problems) > start:
         return None
     settings.update(values)  # keep the checked values (a float read from "1e-5")
@@ -531,16 +881,37 @@ def check_config_class(cls, settings: dict, key: str, problems: list[Problem], r
         return None
 
 
-def _line_map(text: str) -> dict[str, int]:
-    """Map each dotted key of a YAML document to the line it is written on."""
+def utf8_error(data: bytes, e: UnicodeDecodeError) -> tuple[int, str]:
+    """The line of the first byte of `data` that is not UTF-8, and what to say about it."""
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - data.rfind(b"\n", 0, e.start)
+    return line, (f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {column} cannot be decoded ({e.reason}); "
+                  "save the file as UTF-8")
+
+
+def _line_map(text: str, duplicates: list[Problem] | None = None) -> dict[str, int]:
+    """Map each dotted key of a YAML document to the line it is written on; a key written twice in one mapping goes
+    to `duplicates`."""
     lines: dict[str, int] = {}
 
     def walk(node, prefix):
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in node.value:
+                if k.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: keys written after it override the merged ones, as meant
                 path = f"{prefix}.{k.value}" if prefix else str(k.value)
-                lines[path] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if k.value in seen and duplicates is not None:
+                    duplicates.append(Problem(path, f"written twice, on lines {seen[k.value]} and {line}; YAML keeps "
+                                                    "only the last, so the first is silently ignored: remove one",
+                                              where=f"line {line}"))
+                seen[k.value] = line
+                lines[path] = line
                 walk(v, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix}[{i}]")
 
     walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
     return lines

@@ -1,4 +1,5 @@
-"""The offline chat recipe, shrunk to a few steps: its data, the evaluation and the report."""
+"""The offline chat recipe, shrunk to a few steps: its data, the evaluation and the report; and the tiny recipe's
+report, which every test session's run writes."""
 
 import json
 import math
@@ -121,7 +122,7 @@ def test_eval_command_rewrites_the_report(chat_run, capsys):
     assert all(v["status"] == "reused" for v in report["stages"].values())
     assert set(report["eval"]) == {"base", "sft", "ppo"}
     assert report["eval"] == before["eval"]  # the same models measure the same, the sampled KL included
-    code, out, err = alignkit(capsys, "eval", REPO / "recipes" / "tiny.yaml", f"output_dir={chat_run}")
+    code, out, err = alignkit(capsys, "eval", REPO / "recipes" / "tiny.yaml", f"output_dir={chat_run}", "~eval")
     assert code == 2 and "no eval section" in err
 
 
@@ -150,3 +151,54 @@ def test_kl_estimate_is_zero_for_the_same_model_and_positive_for_another(run_dir
     assert _logprobs(base, tok, prompts, samples, 16) == pytest.approx(own, abs=1e-4)
     kl = sum(a - b for a, b in zip(own, _logprobs(sft, tok, prompts, samples, 16))) / len(prompts)
     assert kl > 1.0  # 20 epochs of SFT moved the model far from its base
+
+
+# --- the tiny recipe's report (conftest's run_dir) ----------------------------------------------------------------
+
+TINY_DATA = REPO / "data" / "tiny"
+
+
+def test_tiny_held_out_prompts_never_occur_in_training_data():
+    def rows(name):
+        with open(TINY_DATA / name) as f:
+            return [json.loads(line) for line in f]
+
+    questions = [row["prompt"][-1]["content"] for row in rows("eval.jsonl")]
+    assert len(questions) == len(set(questions)) >= 12 and all(row["reference"] for row in rows("eval.jsonl"))
+    for name in ("pretrain.jsonl", "sft.jsonl", "reward.jsonl", "ppo.jsonl"):
+        text = (TINY_DATA / name).read_text()
+        assert not [q for q in questions if q in text], name
+    assert {r["prompt"][0]["content"] for r in rows("eval_comparisons.jsonl")} == set(questions)
+
+
+def test_tiny_run_writes_a_report_with_every_checkpoint(run_dir):
+    from alignkit.evaluate import KL_NOTE
+
+    markdown = (run_dir / "report.md").read_text()
+    for name in ("base", "sft", "ppo"):
+        assert f"| {name} | " in markdown
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["eval_prompts"] == 18 and set(report["eval"]) == {"base", "sft", "ppo"}
+    assert _unit(report["reward_accuracy"]) and _unit(report["win_rate_vs_sft"])
+    # the KL column is a sampled estimate, which can come out below zero (the tiny ppo model's does): said once
+    assert isinstance(report["eval"]["ppo"]["kl_to_sft"], float)
+    assert markdown.count(KL_NOTE) == 1 and "can come out slightly below zero" in KL_NOTE
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_eval_replaces_report_files_whole(run_copy, capsys):
+    """Each report file is written beside its place and renamed over it (a kill mid-write leaves the old one whole,
+    not a cut-off one): the old file lives on, unchanged, under a hard link taken before."""
+    names = ["report.md", "report.json", "loss.png", "ppo.png", "eval.png"]
+    before = {}
+    for name in names:
+        (run_copy / f"old-{name}").hardlink_to(run_copy / name)
+        before[name] = (run_copy / name).read_bytes()
+    code, out, err = alignkit(capsys, "eval", REPO / "recipes" / "tiny.yaml", f"output_dir={run_copy}")
+    assert code == 0, err
+    for name in names:
+        old, new = run_copy / f"old-{name}", run_copy / name
+        assert old.read_bytes() == before[name] and not old.samefile(new), name  # written in place, it would change
+        assert new.stat().st_size > 0
+    assert json.loads((run_copy / "report.json").read_text())["stages"]["ppo"]["status"] == "reused"
+    assert not [p.name for p in run_copy.iterdir() if p.name.endswith(".tmp")]

@@ -51,28 +51,46 @@ class Terminal:
         return code
 
 
-def _greedy_answers(folder, questions, max_new_tokens, template=None, system=None):
-    """What the model answers, turn after turn, computed directly with transformers."""
+def _greedy_answers(folder, questions, max_new_tokens, template=None, system=None, context=None):
+    """What the model answers, turn after turn, computed directly with transformers. With `context` (the model's
+    length), as alignkit chat keeps a conversation within it: the oldest exchanges go when the prompt would leave
+    less than min(64, context / 4) tokens for the answer (32 for the tiny model), an answer gets what the context
+    leaves, and a message that does not fit even alone is refused (None) and forgotten."""
     tok = AutoTokenizer.from_pretrained(folder)
     if template:
         tok.chat_template = template
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    history, answers = ([{"role": "system", "content": system}] if system else []), []
+    history, answers = [], []
+    system = [{"role": "system", "content": system}] if system else []
     for q in questions:
         history.append({"role": "user", "content": q})
-        text = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+        def prompt():
+            text = tok.apply_chat_template(system + history, tokenize=False, add_generation_prompt=True)
+            return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+        ids, longest = prompt(), max_new_tokens
+        if context:
+            room = context - min(max_new_tokens, min(64, context // 4))
+            while ids.shape[1] > room and len(history) > 1:
+                del history[:2]
+                ids = prompt()
+            if ids.shape[1] > room:
+                history.pop()
+                answers.append(None)
+                continue
+            longest = min(max_new_tokens, context - ids.shape[1])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=longest,
                                  do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
         answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
         history.append({"role": "assistant", "content": answers[-1]})
     return answers
 
 
-def _questions():
+def _questions(count=2):
     with open(REPO / "data" / "tiny" / "ppo.jsonl") as f:
-        return [json.loads(line)["prompt"][-1]["content"] for line in f][:2]
+        return [json.loads(line)["prompt"][-1]["content"] for line in f][:count]
 
 
 def test_two_turns_with_a_runs_last_stage(run_dir):
@@ -81,11 +99,68 @@ def test_two_turns_with_a_runs_last_stage(run_dir):
     assert all(expected)
     term = Terminal(run_dir, "--greedy", "--max-new-tokens", "12", "--system", "Be brief.")
     banner = term.read_until(PROMPT)
-    assert f"chatting with {run_dir / 'ppo'}" in banner
+    assert f"chatting with {run_dir / 'ppo'}" in banner and "note:" not in banner  # 12 tokens fit the context
     for question, answer in zip(questions, expected):
         shown = term.say(question)
         assert question in shown  # the terminal echoes what was typed
         assert answer in shown.split(question, 1)[1], shown  # the answer follows it, before the next prompt
+    assert term.close() == 0
+
+
+REFUSED = "is longer than the model's context"
+FORGOT = "the conversation outgrew the model's context of 128 tokens: forgot its"
+
+
+def _answer(shown: str, question: str) -> str:
+    """The answer printed after a question's echo, before the next prompt."""
+    return shown.split(question, 1)[1].removesuffix(PROMPT).strip()
+
+
+def test_defaults_answer_within_a_small_context(run_dir):
+    # README's own command, no options: the tiny model's context is 128 tokens, less than the 256 an answer may
+    # take by default, so an answer gets what the context leaves after the prompt
+    term = Terminal(run_dir)
+    assert "note:" not in term.read_until(PROMPT)
+    answers = []
+    for question in _questions():
+        shown = term.say(question)
+        assert REFUSED not in shown, shown
+        answers.append(_answer(shown, question))
+    # sampled at temperature 0.7: an answer may end at once (the tiny model puts about 1% on EOS first), two cannot
+    # both reasonably do so
+    assert any(answers), term.seen
+    assert term.close() == 0
+
+
+def test_a_long_conversation_forgets_its_oldest_exchanges(run_dir):
+    questions = _questions(6)
+    too_long = "What is " + " plus ".join(["two"] * 60) + "?"  # more than 128 tokens alone
+    said = questions[:3] + [too_long] + questions[3:]
+    expected = _greedy_answers(run_dir / "ppo", said, 256, context=128)
+    assert expected[3] is None and all(a is not None for i, a in enumerate(expected) if i != 3)
+    term = Terminal(run_dir, "--greedy")
+    term.read_until(PROMPT)
+    for message, answer in zip(said, expected):
+        shown = term.say(message)
+        if answer is None:  # refused, with the conversation kept as it was
+            assert "(that message alone is longer than the model's context of 128 tokens allows" in shown, shown
+        else:
+            assert REFUSED not in shown and answer in _answer(shown, message), shown
+    # six exchanges of about 25 tokens do not fit 128 - 32: the oldest went, and the answers above are those of
+    # the shortened conversation
+    assert FORGOT in term.seen
+    assert term.close() == 0
+
+
+def test_max_new_tokens_beyond_the_context_is_capped_with_one_note(run_dir):
+    questions = _questions(3)
+    expected = _greedy_answers(run_dir / "ppo", questions, 500, context=128)
+    term = Terminal(run_dir, "--greedy", "--max-new-tokens", "500")
+    assert "note: --max-new-tokens 500 does not fit the model's context of 128 tokens" in term.read_until(PROMPT)
+    for question, answer in zip(questions, expected):
+        shown = term.say(question)
+        assert REFUSED not in shown and answer in _answer(shown, question), shown
+    assert term.seen.count("note:") == 1  # said once, not at every answer
     assert term.close() == 0
 
 

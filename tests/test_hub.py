@@ -5,13 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAST, TINY, alignkit, summary
+from conftest import FAST, REPO, TINY, alignkit, summary
 
 TOKEN = "hf_alignkitTestSecret0123456789"
-EVAL = ["eval.dataset.path=data/tiny/ppo.jsonl", "eval.max_new_tokens=8"]
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def _nowhere(token: str, *folders: Path):
 
 
 def test_hub_section_pushes_merged_models_with_tokenizer_and_card(run_copy, hub, capsys):
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *EVAL, "hub.repo_id=alice/tiny",
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "hub.repo_id=alice/tiny",
                               "hub.stages=[sft, ppo]", "hub.private=true")
     assert code == 0, err
     assert summary(out) == dict.fromkeys(["pretrain", "sft", "reward", "ppo"], "reused")
@@ -72,9 +72,11 @@ def test_hub_section_pushes_merged_models_with_tokenizer_and_card(run_copy, hub,
         assert f"| {stage} | `{dataset}` |" in text
     assert "kl_coef: 0.3" in text and "total_episodes: 48" in text  # key settings of each stage
     assert "untrained gpt2 built from a config" in text
-    report = json.loads((run_copy / "report.json").read_text())
+    report = json.loads((run_copy / "report.json").read_text())  # tiny.yaml's eval section wrote it
     for checkpoint in ("base", "sft", "ppo"):  # the evaluation table, row by row
-        assert f"| {checkpoint} | – | {report['eval'][checkpoint]['reward_mean']:.3f} |" in text
+        values = report["eval"][checkpoint]
+        assert f"| {checkpoint} | {values['gold_accuracy']:.3f} | {values['reward_mean']:.3f} |" in text
+    assert "kl_to_sft is a sampled estimate" in text
     sft_card = ModelCard.load(hub["uploads"]["alice/tiny-sft"] / "README.md")
     assert "| ppo |" not in sft_card.text.split("## Evaluation")[0]  # its lineage stops at sft
     _nowhere(TOKEN, run_copy, *hub["uploads"].values())
@@ -111,8 +113,53 @@ def test_push_command_sends_lora_adapters_pointing_at_the_hub(run_copy, hub, cap
     base = hub_module.stage_files(run_copy, "ppo", staged, True, {"sft": "bob/chat-sft", "ppo": "bob/chat"})
     assert base == "bob/chat-sft"
     assert PeftConfig.from_pretrained(staged).base_model_name_or_path == "bob/chat-sft"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= _files(staged)
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml",
+            "metrics.json"} <= _files(staged)
     _nowhere(TOKEN, run_copy, *hub["uploads"].values())
+
+
+def test_pushed_recipes_carry_no_local_paths(run_copy, hub, tmp_path, capsys):
+    # ppo trained again on datasets and a tokenizer named by absolute paths, as a recipe outside the repo names them
+    data = REPO / "data" / "tiny"
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "ppo",
+                              f"stages.ppo.dataset.path={data / 'ppo.jsonl'}", f"model.tokenizer={data / 'tokenizer'}",
+                              f"eval.dataset.path={data / 'eval.jsonl'}")
+    assert code == 0, err
+    written = (run_copy / "ppo" / "recipe.yaml").read_text()
+    assert str(run_copy) in written and str(data / "ppo.jsonl") in written  # the run's own file keeps them
+
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "carol/tiny", "--stage", "sft", "--stage", "ppo")
+    assert code == 0, err
+    assert (run_copy / "ppo" / "recipe.yaml").read_text() == written
+    local = {str(run_copy), str(run_copy.resolve()), str(tmp_path.parent), str(tmp_path.parent.resolve()), str(REPO)}
+    for folder in hub["uploads"].values():
+        for f in folder.rglob("*"):
+            if f.is_file():
+                content = f.read_bytes()
+                assert not [p for p in local if p.encode() in content], f
+    shared = (hub["uploads"]["carol/tiny"] / "recipe.yaml").read_text()
+    assert shared.startswith("# alignkit push shortened the training machine's local paths")
+    recipe = yaml.safe_load(shared)
+    assert recipe["output_dir"] == "run"  # relative to the run folder's parent
+    assert recipe["stages"]["ppo"]["dataset"]["path"] == "ppo.jsonl" and recipe["model"]["tokenizer"] == "tokenizer"
+    assert recipe["stages"]["sft"]["dataset"]["path"] == "data/tiny/sft.jsonl"  # relative paths stay as they are
+    assert recipe["eval"]["dataset"]["path"] == "eval.jsonl"
+    card = (hub["uploads"]["carol/tiny"] / "README.md").read_text()
+    assert "| ppo | `ppo.jsonl` |" in card and "| sft | `data/tiny/sft.jsonl` |" in card
+
+
+def test_local_paths_are_shortened_relative_to_the_runs_parent(tmp_path):
+    from alignkit.hub import portable
+
+    run = tmp_path / "runs" / "chat"
+    recipe = {"output_dir": str(run), "model": {"name_or_path": "openai-community/gpt2", "tokenizer": "~/tok"},
+              "stages": {"sft": {"dataset": {"path": str(tmp_path / "runs" / "data" / "sft.jsonl"), "max_rows": 3},
+                                 "trainer": {"report_to": [str(tmp_path / "elsewhere" / "logs")], "bf16": False}}},
+              "seed": 42}
+    assert portable(recipe, run) == {
+        "output_dir": "chat", "model": {"name_or_path": "openai-community/gpt2", "tokenizer": "tok"},
+        "stages": {"sft": {"dataset": {"path": "data/sft.jsonl", "max_rows": 3},
+                           "trainer": {"report_to": ["logs"], "bf16": False}}}, "seed": 42}
 
 
 def test_push_without_a_token_or_with_a_failing_upload_is_a_clear_error(run_dir, monkeypatch, tmp_path, capsys):

@@ -47,7 +47,9 @@ def test_every_stage_output_is_complete(run_dir):
         assert "stages:" in (folder / "recipe.yaml").read_text()
         assert json.loads((folder / "metrics.json").read_text())["log_history"]
         assert not (folder / "checkpoints").exists()
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(STAGES)  # no .partial folder left
+    # the stages and the eval section's report; no .partial folder or half-written (.tmp) file left
+    assert sorted(p.name for p in run_dir.iterdir() if p.name not in ("report.md", "report.json")
+                  and p.suffix != ".png") == sorted(STAGES)
 
 
 def test_every_stage_changes_its_parameters(run_dir):
@@ -157,12 +159,12 @@ def test_overlength_error_keeps_the_old_output(run_copy, capsys):
 
 def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, tmp_path, capsys):
     """TRL checks a chat template for answer markers only when SFTTrainer is built; that ends the run as bad input."""
-    tokenizer = AutoTokenizer.from_pretrained(run_copy / "pretrain")
-    tokenizer.chat_template = ("{% for m in messages %}{{ m.role + ': ' + m.content + eos_token }}{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: {% endif %}")  # no {% generation %}
-    tokenizer.save_pretrained(run_copy / "pretrain")
+    unmarked = tmp_path / "unmarked.jinja"  # no {% generation %} markers
+    unmarked.write_text("{% for m in messages %}{{ m.role + ': ' + m.content + eos_token }}{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
     before = (run_copy / "sft" / "model.safetensors").read_bytes()
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft", "--force")
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
+                              f"model.chat_template={unmarked}")
     assert code == 2
     assert "alignkit: error: sft: TRL refused the stage's settings" in err and "chat template" in err
     assert "stages.sft.trainer.assistant_only_loss: false" in err  # the fix
@@ -172,13 +174,14 @@ def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, tmp
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
                               "stages.sft.trainer.assistant_only_loss=false")
     assert code == 0 and summary(out) == {"sft": "trained"}, err
-    template = tmp_path / "chat.jinja"
-    template.write_text(DEFAULT_CHAT_TEMPLATE)
+    template = tmp_path / "chat.jinja"  # alignkit's marked template, written differently from the tokenizer's own
+    marked = "{#- a recipe's own template -#}\n" + DEFAULT_CHAT_TEMPLATE
+    template.write_text(marked)
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
                               f"model.chat_template={template}")
     assert code == 0 and summary(out) == {"sft": "trained"}, err
     assert "its chat template replaced by model.chat_template" in err
-    assert AutoTokenizer.from_pretrained(run_copy / "sft").chat_template == DEFAULT_CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(run_copy / "sft").chat_template == marked
 
 
 def test_qlora_stages_write_adapters_and_merged_models(run_copy, capsys):
@@ -263,10 +266,16 @@ def test_resume_skips_checkpoints_cut_off_mid_save(tmp_path):
     from alignkit.pipeline import last_checkpoint
 
     assert last_checkpoint(tmp_path / "none") == (None, [])
-    for step, state in [(10, "{}"), (20, "{}"), (30, '{"global_step": 3'), (40, None)]:
-        (tmp_path / f"checkpoint-{step}").mkdir()
+    # 10 and 20 whole; 30's state cut short; 40 has none; 50 lost its weights while being deleted
+    for step, state, weights in [(10, "{}", True), (20, "{}", True), (30, '{"global_step": 3', True),
+                                 (40, None, True), (50, "{}", False)]:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
         if state is not None:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+            (folder / "trainer_state.json").write_text(state)
+        (folder / "optimizer.pt").write_bytes(b"state")
+        if weights:
+            (folder / "model.safetensors").write_bytes(b"weights")
     resume, broken = last_checkpoint(tmp_path)
-    assert resume == str(tmp_path / "checkpoint-20")  # 30's state was truncated, 40 has none
-    assert broken == [tmp_path / "checkpoint-40", tmp_path / "checkpoint-30"]
+    assert resume == str(tmp_path / "checkpoint-20")
+    assert broken == [tmp_path / f"checkpoint-{n}" for n in (50, 40, 30)]

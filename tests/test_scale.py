@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,19 +42,23 @@ def test_two_processes_train_the_pipeline_and_only_the_main_one_writes(run_dir, 
     model = AutoModelForCausalLM.from_pretrained(out / "ppo")
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] == model.config.vocab_size
     assert AutoModelForSequenceClassification.from_pretrained(out / "reward").config.num_labels == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted(STAGES)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(STAGES)  # no .partial folder left
+    assert (out / "report.md").is_file()
 
 
 def test_a_failing_process_ends_the_run_with_its_message_and_no_launcher_traceback(run_copy):
     """A child's error reaches the user as alignkit's own message and exit status, not torchrun's failure table."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = json.loads((run_copy / "ppo" / "alignkit_stage.json").read_text())
-    # the policy's context (128 tokens) has no room for the prompt: found by the ppo stage, in each process
+    # a reward model folder whose weights are gone: its config passes validation, loading it fails in each process
+    broken = run_copy.parent / "reward-without-weights"
+    shutil.copytree(run_copy / "reward", broken)
+    (broken / "model.safetensors").unlink()
     done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={run_copy}", "--only",
-                           "ppo", "stages.ppo.trainer.response_length=200", "--num-processes", "2"],
+                           "ppo", f"stages.ppo.reward_model={broken}", "--num-processes", "2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]  # the child's status: bad input
-    assert "stages.ppo.trainer.response_length (200) leaves no room for a prompt" in done.stderr
+    assert f"cannot load the model '{broken}'" in done.stderr, done.stderr[-3000:]
     assert "alignkit: process " in done.stderr and "of 2 failed (exit status 2)" in done.stderr
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
     # the earlier ppo output is kept as it was; the failed attempt is marked as not finished

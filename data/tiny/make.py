@@ -1,6 +1,8 @@
 """Regenerates data/tiny/: a few dozen rows per stage and a byte-level BPE tokenizer, for the smoke recipe and tests.
 
 Deterministic: `python data/tiny/make.py [OUT_DIR]` rewrites the committed files byte for byte.
+eval.jsonl holds held-out prompts with reference answers (the known capitals and colours asked in other words, and
+sums of five, which no training file asks); eval_comparisons.jsonl, pairs on those prompts for the reward model.
 """
 
 import json
@@ -26,6 +28,25 @@ def facts():
         for b in range(5):
             rows.append((f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}."))
     return rows
+
+
+def held_out():
+    """Questions that no training file asks, with their answers: the world's facts in other words, and new sums."""
+    rows = []
+    for country, city in CAPITALS.items():
+        rows.append((f"Which city is the capital of {country}?", f"The capital of {country} is {city}."))
+    for thing, colour in COLOURS.items():
+        rows.append((f"What is the colour of {thing}?", f"{thing[0].upper() + thing[1:]} is {colour}."))
+    for a in range(6):  # training sums add at most four
+        rows.append((f"What is {NUMBERS[a]} plus five?", f"{NUMBERS[a]} plus five is {NUMBERS[a + 5]}."))
+    return rows
+
+
+def wrong_fact(rng, answer):
+    """The answer with its last word (the fact) replaced by another of its kind."""
+    head, _, fact = answer[:-1].rpartition(" ")
+    kinds = [list(CAPITALS.values()), list(COLOURS.values()), NUMBERS]
+    return f"{head} {rng.choice([w for w in next(k for k in kinds if fact in k) if w != fact])}."
 
 
 def write_jsonl(out, name, rows):
@@ -65,6 +86,14 @@ def main(out=HERE):
     write_jsonl(out, "reward.jsonl", reward)
 
     write_jsonl(out, "ppo.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q, _ in qa])
+
+    # held-out evaluation, from a generator of its own so that the training files above stay as they were
+    rng, held = random.Random(1), held_out()
+    write_jsonl(out, "eval.jsonl", [{"prompt": [{"role": "user", "content": q}], "reference": a} for q, a in held])
+    write_jsonl(out, "eval_comparisons.jsonl",
+                [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+                  "rejected": [{"role": "assistant", "content": bad}]}
+                 for q, a in held for bad in (wrong_fact(rng, a), "I do not know.", a.split(" is ")[0] + " is")])
     make_tokenizer(out, [r["text"] for r in map(json.loads, open(out / "pretrain.jsonl"))] + [q for q, _ in qa])
 
 
