@@ -18,22 +18,25 @@ PROMPT = "you> "
 
 def resolve(target: str, stage: str | None) -> str:
     """A run folder becomes one of its stage folders; anything else is a model folder or a Hub id."""
-    from .hub import POLICY_STAGES
     from .pipeline import complete_stages
+    from .stages import POLICIES
 
     path = Path(target)
     if path.is_dir() and not (path / "config.json").exists():
-        done = [s for s in complete_stages(path) if s in POLICY_STAGES]
+        done = [s for s in complete_stages(path) if s in POLICIES]
         if stage:
             if stage not in done:
                 raise UserError(f"{target}: no finished {stage} stage here (finished: {', '.join(done) or 'none'})")
             return str(path / stage)
         if not done:
-            raise UserError(f"{target}: neither a model folder (no config.json) nor a run with a finished pretrain, "
-                            "sft or ppo stage")
+            raise UserError(f"{target}: neither a model folder (no config.json) nor a run with a finished policy "
+                            f"stage ({', '.join(POLICIES)})")
         return str(path / done[-1])
     if stage:
         raise UserError(f"--stage needs a run folder; {target} is a model")
+    if not path.exists() and (target.startswith((".", "/", "~")) or target.count("/") > 1):
+        raise UserError(f"cannot load {target!r}: no such folder; give a run folder, a model folder or a Hub id "
+                        "(owner/name)")
     return target
 
 
@@ -73,6 +76,11 @@ def main(args) -> int:
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give a number of tokens, 1 or more")
+    if not args.temperature > 0:
+        raise UserError(f"--temperature {args.temperature}: give a number above 0 (lower is more predictable; "
+                        "--greedy always takes the most likely token)")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: give a share of the probability mass, above 0 and at most 1")
     target = resolve(args.model, args.stage)
     model, tokenizer, notes = load(target)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)

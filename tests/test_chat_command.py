@@ -192,3 +192,15 @@ def test_a_run_without_the_asked_stage_is_a_clear_error(run_dir, capsys):
     assert code == 2 and "neither a model folder" not in err and "no finished sft stage" in err
     code, out, err = alignkit(capsys, "chat", run_dir / "nonexistent")
     assert code == 2 and "cannot load" in err and "Traceback" not in err
+
+
+def test_sampling_settings_out_of_range_are_clear_errors(run_dir, capsys):
+    from conftest import alignkit
+
+    for flags, needle in ((["--temperature", "-1"], "--temperature -1.0: give a number above 0"),
+                          (["--top-p", "0"], "--top-p 0.0: give a share of the probability mass"),
+                          (["--max-new-tokens", "0"], "--max-new-tokens 0: give a number of tokens")):
+        code, out, err = alignkit(capsys, "chat", run_dir, *flags)
+        assert code == 2 and needle in err and "Traceback" not in err, err
+    code, out, err = alignkit(capsys, "chat", run_dir / "nonexistent")
+    assert code == 2 and "no such folder" in err
