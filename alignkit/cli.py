@@ -18,9 +18,10 @@ RUN_EXAMPLES = """examples:
   alignkit run recipes/tiny.yaml --force            # retrain even the stages that are up to date
   alignkit run recipes/tiny.yaml ~model.config model.name_or_path=openai-community/gpt2   # ~KEY removes a key
 
-A stage whose config, data and upstream stages are unchanged is reused; an interrupted pretrain, sft or reward
-stage resumes from its last checkpoint when the same command runs again. With an eval section the run ends by
-evaluating base, sft and ppo and writing {output_dir}/report.md (as `alignkit eval` does)."""
+A stage whose config, data and upstream stages are unchanged is reused; an interrupted stage resumes from its last
+checkpoint when the same command runs again (ppo, whose TRL trainer cannot resume, starts again). With an eval
+section the run ends by evaluating every policy checkpoint and writing {output_dir}/report.md (as `alignkit eval`
+does)."""
 
 VALIDATE_EXAMPLES = """examples:
   alignkit validate recipes/tiny.yaml
@@ -59,7 +60,7 @@ recipe has an eval section."""
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .recipe import STAGES
+    from .stages import NAMES, POLICIES
 
     parser = argparse.ArgumentParser(
         prog="alignkit", description="Pretrain -> SFT -> reward model -> PPO from one YAML recipe, on Hugging Face TRL.",
@@ -79,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     run = command("run", "run a recipe's stages", "Run the recipe's stages in order, reusing those that are up to date.",
                   RUN_EXAMPLES)
     which = run.add_mutually_exclusive_group()
-    which.add_argument("--only", choices=STAGES, metavar="STAGE", help="run this stage alone")
-    which.add_argument("--from", dest="start", choices=STAGES, metavar="STAGE", help="run this stage and the later ones")
+    which.add_argument("--only", choices=NAMES, metavar="STAGE", help="run this stage alone")
+    which.add_argument("--from", dest="start", choices=NAMES, metavar="STAGE",
+                       help="run this stage and the later ones")
     run.add_argument("--force", action="store_true", help="retrain the chosen stages even if they are up to date")
     run.add_argument("--num-processes", type=int, default=1, metavar="N",
                      help="train data-parallel in N processes on this machine (torchrun: one per GPU, or CPU "
@@ -92,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                           help="set a recipe key by its dotted path in every recipe; ~KEY removes one")
     command("eval", "evaluate a run's checkpoints and write its report",
-            "Evaluate base, sft and ppo on the recipe's held-out prompts.", EVAL_EXAMPLES,
+            "Evaluate the run's policy checkpoints (its base model and every policy stage) on the recipe's held-out "
+            "prompts.", EVAL_EXAMPLES,
             recipe_help="the recipe YAML file (its output_dir holds the run)")
 
     push = commands.add_parser("push", help="push a run's models to the Hugging Face Hub",
@@ -100,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                                epilog=PUSH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     push.add_argument("run_dir", help="a run's output_dir")
     push.add_argument("--repo-id", help="owner/name on the Hub (default: the run recipe's hub.repo_id)")
-    push.add_argument("--stage", dest="stages", action="append", choices=STAGES, metavar="STAGE",
+    push.add_argument("--stage", dest="stages", action="append", choices=NAMES, metavar="STAGE",
                       help="a stage to push (repeatable; default: the recipe's hub.stages, else the last policy stage)")
     push.add_argument("--private", action="store_true", default=None, help="create the repo private")
     push.add_argument("--adapter", action="store_true", help="push the LoRA adapter instead of merged weights")
@@ -109,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                                description="Talk to a stage of a run, or to any causal LM, through its chat template.",
                                epilog=CHAT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     chat.add_argument("model", help="a run's output_dir, a stage folder, a model folder or a Hub id")
-    chat.add_argument("--stage", choices=("pretrain", "sft", "ppo"), help="which stage of a run (default: the last)")
+    chat.add_argument("--stage", choices=POLICIES, help="which stage of a run (default: the last policy stage)")
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--max-new-tokens", type=int, metavar="N",
                       help="longest answer, capped at what the model's context leaves after the conversation "
@@ -151,11 +154,12 @@ def _run(recipe, args, t0: float) -> int:
     if recipe.eval is not None:
         from . import evaluate
 
-        if {"sft", "ppo"} & set(evaluate.checkpoints(recipe)):
+        if evaluate.answers_prompts(recipe):
             report = evaluate.evaluate(recipe)
             print(evaluate.write_report(recipe, report, summary, time.time() - t0))
-        else:  # e.g. --only pretrain: nothing that answers prompts yet
-            log("eval", f"skipped: no sft or ppo model in {recipe.output_dir} yet")
+        else:  # e.g. --only on a stage that trains from scratch: nothing that answers prompts yet
+            log("eval", f"skipped: no {' or '.join(evaluate.answering_stages(recipe))} model in {recipe.output_dir} "
+                        "yet")
     if recipe.hub is not None:
         from . import hub
 
@@ -221,7 +225,7 @@ def cmd_validate(args) -> int:
             recipe = load_recipe(path, args.overrides)
             unread = pipeline.check_data(recipe, list(recipe.stages), local_only=True)
         except UserError as e:
-            print(f"alignkit: error: {e}", file=sys.stderr)
+            _report(e)
             failed += 1
             continue
         print(f"{path}: ok ({' -> '.join(recipe.stages)}; output in {recipe.output_dir})")
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "push": cmd_push, "chat": cmd_chat}
         return commands[args.command](args)
     except UserError as e:
-        print(f"alignkit: error: {e}", file=sys.stderr)
+        _report(e)
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise
         return 2
@@ -260,10 +264,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignkit: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
-        print("alignkit: interrupted; run the same command again to resume: finished stages are reused, pretrain, "
-              "sft and reward go on from their last checkpoint, ppo starts again (TRL's PPO cannot resume)",
-              file=sys.stderr)
+        from .stages import ORDER
+
+        again = [s.name for s in ORDER if not s.resumable]
+        print("alignkit: interrupted; run the same command again to resume: finished stages are reused, an "
+              "interrupted one goes on from its last checkpoint" +
+              (f" ({', '.join(again)} starts again: it cannot resume)" if again else ""), file=sys.stderr)
         return 130
+
+
+def _report(e: UserError) -> None:
+    """Print bad input's message; with ALIGNKIT_DEBUG=1 also the library errors behind its problems."""
+    print(f"alignkit: error: {e}", file=sys.stderr)
+    if os.environ.get("ALIGNKIT_DEBUG"):
+        import traceback
+
+        for problem in getattr(e, "problems", []):
+            if problem.cause is not None:
+                traceback.print_exception(problem.cause, file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

@@ -1,8 +1,9 @@
 """Datasets: read local files or Hub datasets, convert the formats people have into TRL's, check every row.
 
-Each stage gets rows in one of TRL's formats, plain or conversational:
-  pretrain: text;  sft: text | prompt+completion | messages;  reward: [prompt+]chosen+rejected;  ppo: prompt.
-A ranking of K answers (prompt + responses, best first) gives the reward stage all K(K-1)/2 pairs, as in InstructGPT.
+Each stage declares the kind of rows it reads, and gets them in one of TRL's formats, plain or conversational:
+  text: text;  demonstrations: text | prompt+completion | messages;  comparisons: [prompt+]chosen+rejected;
+  prompts: prompt;  eval: prompt (+ reference).
+A ranking of K answers (prompt + responses, best first) gives comparisons all K(K-1)/2 pairs, as in InstructGPT.
 Converters turn Alpaca (instruction/input/output), ShareGPT (conversations of from/value) and Anthropic HH
 transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") into those. Errors name the file and line.
 """
@@ -23,24 +24,33 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 MAX_DEPTH = 16  # levels of lists and objects in a row; a conversational row has 3 (row, messages, message)
-NEEDS = {
-    "pretrain": "a 'text' column",
+# The kinds of rows a stage (or the evaluation) reads, and what each needs.
+KINDS = {
+    "text": "a 'text' column",
+    "demonstrations": "'messages', 'prompt' and 'completion', or 'text' columns, or Alpaca / ShareGPT data",
+    "comparisons": "'chosen' and 'rejected' columns (with an optional 'prompt'), a ranking ('prompt' and "
+                   "'responses', best first), or Anthropic HH transcripts",
+    "prompts": "a 'prompt' column, or 'messages', Alpaca, ShareGPT or HH data to take the prompts from",
     "eval": "a 'prompt' column (with an optional 'reference' answer), or 'messages'",
-    "sft": "'messages', 'prompt' and 'completion', or 'text' columns, or Alpaca / ShareGPT data",
-    "reward": "'chosen' and 'rejected' columns (with an optional 'prompt'), a ranking ('prompt' and 'responses', "
-              "best first), or Anthropic HH transcripts",
-    "ppo": "a 'prompt' column, or 'messages', Alpaca, ShareGPT or HH data to take the prompts from",
 }
 
 
-def load(spec: DatasetSpec, stage: str, recipe: Recipe):
-    """The stage's dataset as a `datasets.Dataset` in TRL's format for that stage, every row checked."""
+def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None):
+    """A dataset as a `datasets.Dataset` in TRL's format for the `kind` of rows its reader takes, every row checked.
+    `reader` is the stage that reads it (its kind is the stage's declared one) or a recipe key such as
+    "eval.comparisons" (then `kind` says what it holds)."""
+    from .stages import REGISTRY
+
+    stage = REGISTRY.get(reader)
+    kind = kind or (stage.data if stage else "eval")
+    key = f"stages.{reader}.dataset" if stage else reader
+    who = f"the {reader} stage" if stage else reader
     ds, locate = _read(spec, recipe)
     if spec.max_rows is not None:
         ds = ds.select(range(min(spec.max_rows, len(ds))))
     for want, have in spec.columns.items():
         if have not in ds.column_names:
-            raise DataError(f"{locate(None)}: stages.{stage}.dataset.columns.{want}: no column {have!r}; "
+            raise DataError(f"{locate(None)}: {key}.columns.{want}: no column {have!r}; "
                             f"the columns are {', '.join(ds.column_names)}")
         if want in ds.column_names and want != have:
             ds = ds.remove_columns(want)
@@ -54,7 +64,7 @@ def load(spec: DatasetSpec, stage: str, recipe: Recipe):
         out: dict[str, list] = {}
         for j, i in enumerate(indices):
             try:
-                rows = shape_for_stage(stage, convert_row({k: batch[k][j] for k in batch}, fmt))
+                rows = shape_for(kind, convert_row({k: batch[k][j] for k in batch}, fmt), who)
             except DataError as e:
                 raise DataError(f"{locate(i)}: {e}") from None
             for row in rows:
@@ -68,7 +78,7 @@ def load(spec: DatasetSpec, stage: str, recipe: Recipe):
         return out
 
     return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  load_from_cache_file=False, desc=f"{stage}: checking {fmt} rows")
+                  load_from_cache_file=False, desc=f"{reader}: checking {fmt} rows")
 
 
 def _read(spec: DatasetSpec, recipe: Recipe):
@@ -293,10 +303,10 @@ def from_hh(row: dict) -> dict:
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
-def shape_for_stage(stage: str, row: dict) -> list[dict]:
-    """The rows (usually one) in the columns the stage's trainer takes; raise DataError naming what is missing.
+def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
+    """The rows (usually one) in the columns that a reader of `kind` takes; raise DataError naming what is missing.
 
-    A ranking, `responses` best first, gives the reward stage every pair of it: K answers make K(K-1)/2 pairs.
+    A ranking, `responses` best first, gives comparisons every pair of it: K answers make K(K-1)/2 pairs.
     """
     has = {k for k, v in row.items() if v is not None}
     for key in ("prompt", "completion", "messages", "chosen", "rejected"):
@@ -305,9 +315,9 @@ def shape_for_stage(stage: str, row: dict) -> list[dict]:
     if "responses" in has:
         row = {**row, **_ranking(row)}
         has = {k for k, v in row.items() if v is not None}
-    if stage == "pretrain" and "text" in has:
+    if kind == "text" and "text" in has:
         return [{"text": row["text"]}]
-    if stage == "sft":
+    if kind == "demonstrations":
         if "messages" in has:
             return [{"messages": row["messages"]}]
         for answer in ("completion", "chosen"):  # from comparisons: learn the preferred answer
@@ -316,7 +326,7 @@ def shape_for_stage(stage: str, row: dict) -> list[dict]:
                 return [{"prompt": row["prompt"], "completion": row[answer]}]
         if "text" in has:
             return [{"text": row["text"]}]
-    if stage == "reward":
+    if kind == "comparisons":
         if "ranked" in row:
             return [{"prompt": row["prompt"], "chosen": row["ranked"][i], "rejected": row["ranked"][j]}
                     for i in range(len(row["ranked"])) for j in range(i + 1, len(row["ranked"]))]
@@ -327,7 +337,7 @@ def shape_for_stage(stage: str, row: dict) -> list[dict]:
                 _same_kind(row, "prompt", "chosen")
                 out = {"prompt": row["prompt"], **out}
             return [out]
-    if stage in ("ppo", "eval"):
+    if kind in ("prompts", "eval"):
         prompt = None
         if "prompt" in has:
             prompt = row["prompt"]
@@ -339,13 +349,13 @@ def shape_for_stage(stage: str, row: dict) -> list[dict]:
                 raise DataError("'messages' has no user turn to use as a prompt")
             prompt = messages
         if prompt is not None:
-            if stage == "ppo":
+            if kind == "prompts":
                 return [{"prompt": prompt}]
             reference = row.get("reference")
             if reference is not None and not isinstance(reference, str):
                 raise DataError(f"'reference' must be text, got {type(reference).__name__}")
             return [{"prompt": prompt, "reference": reference}]
-    raise DataError(f"the {stage} stage needs {NEEDS[stage]}; this row has {', '.join(sorted(has)) or 'nothing'}. "
+    raise DataError(f"{who} needs {KINDS[kind]}; this row has {', '.join(sorted(has)) or 'nothing'}. "
                     "Rename columns with dataset.columns, or set dataset.format")
 
 
@@ -402,8 +412,9 @@ def render(row: dict, tokenizer, add_generation_prompt: bool = False) -> str:
 
 
 def check_lengths(ds, tokenizer, limit: int, stage: str, policy: str, what: str = "rows",
-                  measure: Callable[[dict], int] | None = None) -> int:
-    """Count rows longer than `limit` tokens; warn (policy 'truncate') or raise (policy 'error'). Returns the count."""
+                  measure: Callable[[dict], int] | None = None, dropped: bool = False) -> int:
+    """Count rows longer than `limit` tokens; warn (policy 'truncate') or raise (policy 'error'). `dropped`: the
+    stage's trainer drops such rows rather than truncating them. Returns the count."""
     from .log import log
 
     measure = measure or (lambda row: len(tokenizer(render(row, tokenizer), add_special_tokens=False).input_ids))
@@ -414,7 +425,7 @@ def check_lengths(ds, tokenizer, limit: int, stage: str, policy: str, what: str 
                         f"shorten them, or set stages.{stage}.overlength: truncate")
     if too_long:
         log(stage, f"warning: {len(too_long)} of {len(ds)} {what} are longer than {limit} tokens and are "
-                   f"{'dropped (a pair cut short compares answers that lost their ends)' if stage == 'reward' else 'truncated'}")
+                   f"{'dropped (a pair cut short compares answers that lost their ends)' if dropped else 'truncated'}")
     return len(too_long)
 
 

@@ -14,6 +14,7 @@ class Problem:
     key: str
     message: str
     where: str | None = None  # "line 12", "command line", or None before it is known
+    cause: BaseException | None = None  # the library's error behind it, shown with ALIGNKIT_DEBUG=1
 
 
 class RecipeError(UserError):

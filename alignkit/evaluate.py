@@ -1,11 +1,12 @@
 """Evaluation and the report: what each stage bought, measured on held-out prompts.
 
-Every checkpoint of the pipeline (base = the pretrained model, sft, ppo) answers the recipe's `eval` prompts greedily.
-For each: the reward model's mean score, the KL to the SFT model (nats per response, on the checkpoint's own samples at
+Every policy checkpoint of the pipeline (base = the model the run starts from or pretrains, then each policy stage by
+its name) answers the recipe's `eval` prompts greedily. For each: the reward model's mean score, the KL to the
+reference policy (the stage declared eval_reference, SFT; nats per response, on the checkpoint's own samples at
 temperature 1), mean response length in tokens, the share of answers that end with EOS, repetition (the share of a
 response's token bigrams that repeat an earlier bigram), and, where rows carry a reference answer, the share that are
-correct. Then the reward model's pairwise accuracy on held-out comparisons and the win rate of the final policy
-against SFT. Writes {output_dir}/report.json, report.md and PNG plots.
+correct. Then the reward model's pairwise accuracy on held-out comparisons and the win rate of each later policy
+against the reference. Writes {output_dir}/report.json, report.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from . import data, files
 from .log import log
 from .pipeline import complete_stages
 from .recipe import Recipe
+from .report import BASE, KL, KL_NOTE, REFERENCE, WIN_RATE, eval_table, fmt, shows_kl, win_rate_lines
+from .stages import ORDER, REGISTRY
 
-CHECKPOINTS = {"base": "pretrain", "sft": "sft", "ppo": "ppo"}
-KL_NOTE = ("kl_to_sft is a sampled estimate, the mean of log p_checkpoint - log p_sft over the checkpoint's sampled "
-           "answers, so for a model close to SFT it can come out slightly below zero: sampling noise, not a negative "
-           "divergence (the true KL is never negative).")
 
 
 def _normalize(text: str) -> str:
@@ -37,16 +36,41 @@ def is_correct(answer: str, reference: str, match: str) -> bool:
 
 
 def checkpoints(recipe: Recipe) -> dict[str, str]:
-    """The complete stage outputs to evaluate, by checkpoint name; base is the base model without a pretrain stage."""
+    """The complete policy outputs to evaluate, by checkpoint name, in pipeline order: base (a stage that trains from
+    scratch, else the recipe's pretrained model), then every other policy stage under its own name."""
     out = Path(recipe.output_dir)
     done = complete_stages(out)
     found = {}
-    for name, stage in CHECKPOINTS.items():
-        if stage in done:
-            found[name] = str(out / stage)
-        elif name == "base" and "pretrain" not in recipe.stages and recipe.model.name_or_path:
-            found[name] = recipe.model.name_or_path
+    scratch = [s.name for s in ORDER if s.from_scratch and s.name in recipe.stages]
+    if scratch and scratch[0] in done:
+        found[BASE] = str(out / scratch[0])
+    elif not scratch and recipe.model.name_or_path:
+        found[BASE] = recipe.model.name_or_path
+    for stage in ORDER:
+        if stage.policy and not stage.from_scratch and stage.name in done:
+            found[stage.name] = str(out / stage.name)
     return found
+
+
+def answering_stages(recipe: Recipe) -> list[str]:
+    """The recipe's policy stages past pretraining: what trains a model to answer prompts."""
+    return [s.name for s in ORDER if s.policy and not s.from_scratch and s.name in recipe.stages]
+
+
+def answers_prompts(recipe: Recipe) -> bool:
+    """Whether the run has a trained model that answers prompts (a policy stage past pretraining), to evaluate."""
+    return any(name != BASE for name in checkpoints(recipe))
+
+
+def reward_model_path(recipe: Recipe) -> str | None:
+    """The reward model the run uses: one a stage is given (stages.<stage>.reward_model), else the newest complete
+    output of a stage that writes one."""
+    for settings in recipe.stages.values():
+        if getattr(settings, "reward_model", None):
+            return settings.reward_model
+    out = Path(recipe.output_dir)
+    done = [s for s in complete_stages(out) if REGISTRY[s].writes == "reward_model"]
+    return str(out / done[-1]) if done else None
 
 
 def _device():
@@ -134,49 +158,51 @@ def evaluate(recipe: Recipe) -> dict:
 
     spec, out = recipe.eval, Path(recipe.output_dir)
     found = checkpoints(recipe)
-    if "sft" not in found and "ppo" not in found:
+    trained = [name for name in found if name != BASE]
+    if not trained:
         from .errors import UserError
 
-        raise UserError(f"nothing to evaluate in {out}: run the sft or ppo stage first (alignkit run {recipe.source})")
-    tokenizer = AutoTokenizer.from_pretrained(found.get("sft") or found["ppo"])
+        stages = " or ".join(answering_stages(recipe)) or "a policy"
+        raise UserError(f"nothing to evaluate in {out}: run the {stages} stage first (alignkit run {recipe.source})")
+    tokenizer = AutoTokenizer.from_pretrained(found[trained[0]])
     tokenizer.padding_side = "left"
-    rows = data.load(spec.dataset, "eval", recipe)
+    rows = data.load(spec.dataset, "eval.dataset", recipe, "eval")
     prompts = [tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
                for r in rows]
     references = rows["reference"]
     device = _device()
-    reward_path = recipe.stages["ppo"].reward_model if "ppo" in recipe.stages and recipe.stages["ppo"].reward_model \
-        else (str(out / "reward") if "reward" in complete_stages(out) else None)
+    reward_path = reward_model_path(recipe)
     reward_model = models.load_reward_model(recipe, reward_path, tokenizer).to(device).eval() \
         if reward_path else None
-    sft_model = AutoModelForCausalLM.from_pretrained(found["sft"]).to(device).eval() if "sft" in found else None
+    reference = AutoModelForCausalLM.from_pretrained(found[REFERENCE]).to(device).eval() \
+        if REFERENCE in found else None
 
     results, answers, scores_of = {}, {}, {}
     for name, path in found.items():
         t0 = time.time()
-        model = sft_model if name == "sft" else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        if name == "base":  # a base model from the Hub lacks the pad token the stages added
+        model = reference if name == REFERENCE else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        if name == BASE:  # a base model from the Hub lacks the pad token the stages added
             models.fit_to_tokenizer(model, tokenizer)
         responses = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         answers[name] = texts
         correct = [is_correct(t, ref, spec.match) for t, ref in zip(texts, references) if ref is not None]
         kl = None
-        if sft_model is not None:
-            if name == "sft":
+        if reference is not None:
+            if name == REFERENCE:
                 kl = 0.0
             else:  # the same samples on every evaluation of this checkpoint: a rerun reports the same KL
                 set_seed(recipe.seed)
                 samples = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size, sample=True)
                 own = _logprobs(model, tokenizer, prompts, samples, spec.batch_size)
-                ref = _logprobs(sft_model, tokenizer, prompts, samples, spec.batch_size)
+                ref = _logprobs(reference, tokenizer, prompts, samples, spec.batch_size)
                 kl = _mean(a - b for a, b in zip(own, ref))
         scores = _scores(reward_model, tokenizer, [p + r for p, r in zip(prompts, responses)], spec.batch_size) \
             if reward_model is not None else []
         results[name] = {
             "gold_accuracy": _mean(correct),
             "reward_mean": _mean(scores),
-            "kl_to_sft": kl,
+            KL: kl,
             "length_mean": _mean(map(len, responses)),
             "eos_rate": _mean(tokenizer.eos_token_id in r for r in responses),
             "repetition": _mean(map(_repetition, responses)),
@@ -184,14 +210,15 @@ def evaluate(recipe: Recipe) -> dict:
         scores_of[name] = scores
         log("eval", f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None)
             + f" ({time.time() - t0:.0f}s)")
-    report = {"eval": results, "reward_accuracy": None, "win_rate_vs_sft": None, "eval_prompts": len(rows)}
+    report = {"eval": results, "reward_accuracy": None, WIN_RATE: None, "win_rates": {}, "eval_prompts": len(rows)}
     if reward_model is not None and spec.comparisons is not None:
         report["reward_accuracy"] = reward_accuracy(recipe, reward_model, tokenizer)
         log("eval", f"reward model: pairwise accuracy {report['reward_accuracy']:.3f} on held-out comparisons")
-    final = "ppo" if "ppo" in answers else None
-    if final and "sft" in answers:
-        report["win_rate_vs_sft"] = win_rate(answers[final], answers["sft"], references, spec.match,
-                                             scores_of[final], scores_of["sft"])
+    if REFERENCE in answers:  # each policy trained after the reference, against it; the last one's also on its own
+        later = trained[trained.index(REFERENCE) + 1:]
+        report["win_rates"] = {name: win_rate(answers[name], answers[REFERENCE], references, spec.match,
+                                              scores_of[name], scores_of[REFERENCE]) for name in later}
+        report[WIN_RATE] = report["win_rates"][later[-1]] if later else None
     report["samples"] = [{"prompt": data.render(rows[i], tokenizer, add_generation_prompt=True),
                           "reference": references[i], **{name: answers[name][i] for name in found}}
                          for i in range(min(8, len(rows)))]
@@ -200,7 +227,7 @@ def evaluate(recipe: Recipe) -> dict:
 
 def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
     """Share of held-out pairs (rankings expanded) where the chosen answer scores above the rejected one."""
-    pairs = data.load(recipe.eval.comparisons, "reward", recipe)
+    pairs = data.load(recipe.eval.comparisons, "eval.comparisons", recipe, "comparisons")
 
     def ids(row, side):
         return tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False).input_ids
@@ -211,15 +238,16 @@ def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
     return _mean(c > r for c, r in zip(chosen, rejected))
 
 
-def win_rate(final: list[str], sft: list[str], references: list, match: str, final_scores, sft_scores) -> float:
-    """How often the final policy's answer beats SFT's, ties counting half: judged by the reference answer where a row
-    has one, else by the reward model."""
+def win_rate(policy: list[str], reference: list[str], references: list, match: str, policy_scores,
+             reference_scores) -> float:
+    """How often a policy's answer beats the reference policy's, ties counting half: judged by the reference answer
+    where a row has one, else by the reward model."""
     points = []
-    for i, (a, b) in enumerate(zip(final, sft)):
+    for i, (a, b) in enumerate(zip(policy, reference)):
         if references[i] is not None:
             x, y = is_correct(a, references[i], match), is_correct(b, references[i], match)
-        elif final_scores:
-            x, y = final_scores[i], sft_scores[i]
+        elif policy_scores:
+            x, y = policy_scores[i], reference_scores[i]
         else:
             continue
         points.append(1.0 if x > y else 0.5 if x == y else 0.0)
@@ -259,13 +287,15 @@ def _save(fig, path: Path) -> None:
 
 
 def _plots(out: Path, results: dict) -> list[str]:
+    """loss.png: the training loss of every stage that logs one; {stage}.png: the curves a stage declares (PPO's
+    reward and KL, say); eval.png: the held-out figures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    stages = [s for s in ("pretrain", "sft", "reward") if any("loss" in h for h in _history(out, s))]
+    stages = [s.name for s in ORDER if any("loss" in h for h in _history(out, s.name))]
     if stages:
         fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
         for ax, stage in zip(axes[0], stages):
@@ -276,18 +306,19 @@ def _plots(out: Path, results: dict) -> list[str]:
         _save(fig, out / "loss.png")
         plt.close(fig)
         made.append("loss.png")
-    ppo = [h for h in _history(out, "ppo") if "objective/scores" in h]
-    if ppo:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-        episodes = [h["episode"] for h in ppo]
-        axes[0].plot(episodes, [h["objective/scores"] for h in ppo], marker=".")
-        axes[0].set(title="PPO reward (reward model score)", xlabel="episode", ylabel="score")
-        axes[1].plot(episodes, [h["objective/kl"] for h in ppo], marker=".", color="tab:red")
-        axes[1].set(title="PPO KL to the SFT model", xlabel="episode", ylabel="nats per response")
+    for stage in ORDER:
+        history = [h for h in _history(out, stage.name) if any(key in h for key, _, _ in stage.curves)]
+        if not history:
+            continue
+        by = "episode" if all("episode" in h for h in history) else "step"
+        fig, axes = plt.subplots(1, len(stage.curves), figsize=(4 * len(stage.curves), 3), squeeze=False)
+        for ax, (key, title, label), colour in zip(axes[0], stage.curves, ("tab:blue", "tab:red", "tab:green")):
+            ax.plot(*zip(*[(h[by], h[key]) for h in history if key in h]), marker=".", color=colour)
+            ax.set(title=title, xlabel=by, ylabel=label)
         fig.tight_layout()
-        _save(fig, out / "ppo.png")
+        _save(fig, out / f"{stage.name}.png")
         plt.close(fig)
-        made.append("ppo.png")
+        made.append(f"{stage.name}.png")
     return made + [_eval_plot(out, results)]
 
 
@@ -315,36 +346,20 @@ def _eval_plot(out: Path, results: dict) -> str:
     return "eval.png"
 
 
-def fmt(value) -> str:
-    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def eval_table(results: dict) -> list[str]:
-    """The checkpoints' metrics as a Markdown table (report.md and the Hub model card)."""
-    columns = ["gold_accuracy", "reward_mean", "kl_to_sft", "length_mean", "eos_rate", "repetition"]
-    return ["| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"] + \
-        [f"| {name} | " + " | ".join(fmt(values.get(c)) for c in columns) + " |" for name, values in results.items()]
-
-
-def shows_kl(results: dict) -> bool:
-    """Whether the table holds a sampled KL (sft's own is 0 by definition, not an estimate)."""
-    return any(v.get("kl_to_sft") is not None for name, v in results.items() if name != "sft")
-
-
 def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
     lines = [f"# alignkit report: {recipe.source}", "",
              f"Wall time {report['wall_seconds']:.0f} s. Stages: " +
              ", ".join(f"{s} {v['status']} ({v['seconds']:.0f} s)" for s, v in report["stages"].items()) + ".", "",
              f"## Held-out evaluation ({report['eval_prompts']} prompts)", "", *eval_table(report["eval"])]
     lines += ["", f"- Reward model's pairwise accuracy on held-out comparisons: {fmt(report['reward_accuracy'])}",
-              f"- Win rate of the final policy against SFT (ties count half): {fmt(report['win_rate_vs_sft'])}", "",
+              *win_rate_lines(report), "",
               "gold_accuracy: share of answers equal to the reference"
-              f" ({recipe.eval.match} match, ignoring case and end punctuation). kl_to_sft: nats per response, on the "
+              f" ({recipe.eval.match} match, ignoring case and end punctuation). {KL}: nats per response, on the "
               "checkpoint's own samples at temperature 1. length_mean: tokens per answer. repetition: share of an "
               "answer's token bigrams that repeat an earlier one."
               + (" " + KL_NOTE if shows_kl(report["eval"]) else ""), ""]
     lines += [f"![{p}]({p})" for p in plots] + ["", "## Sample answers", ""]
     for sample in report["samples"]:
         lines.append(f"**Prompt** `{sample['prompt']!r}` (reference: {sample['reference']!r})")
-        lines += [f"- {name}: {sample[name]!r}" for name in CHECKPOINTS if name in sample] + [""]
+        lines += [f"- {name}: {sample[name]!r}" for name in report["eval"] if name in sample] + [""]
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """What watches a stage while it trains: a non-finite value stops it, a signal stops it at a step boundary with a
 checkpoint, and the terminal shows alignkit's own progress line (TRL's raw log dicts go to the stage's log.jsonl).
 
-Every stage trains through `fit(trainer, ...)`, which attaches these to TRL's trainer as Trainer callbacks.
+Every stage trains through `fit(trainer, stage, ...)`, which attaches these to its trainer as Trainer callbacks; what
+they need to know of the stage (its name, whether it resumes, which figures matter) comes from its declaration.
 """
 
 from __future__ import annotations
@@ -94,14 +95,14 @@ class _FiniteGuard(TrainerCallback):
     """Stops the stage at the first step whose gradients, or whose logged loss, reward or KL, are not finite: before
     the optimizer applies them, so the weights in memory and every checkpoint written stay good."""
 
-    def __init__(self, stage: str):
-        self.stage = stage
+    def __init__(self, stage):
+        self.stage, self.declared = stage.name, stage
 
     def _stop(self, args, step: int, what: str):
         checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
         kept = f"its last good checkpoint is kept ({checkpoints[-1]})" if checkpoints else "no checkpoint was written"
         raise NonFinite(f"{self.stage}: training diverged at step {step}: {what}. The stage is not marked complete; "
-                        f"{kept}.\n  {divergence_fix(self.stage, args)}")
+                        f"{kept}.\n  {divergence_fix(self.declared, args)}")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         import torch
@@ -121,36 +122,33 @@ class _FiniteGuard(TrainerCallback):
                        ", ".join(f"{k} = {v}" for k, v in bad.items()))
 
 
-def divergence_fix(stage: str, args) -> str:
-    lower = f"lower stages.{stage}.trainer.learning_rate (now {args.learning_rate:g})"
-    if stage != "ppo" and not args.max_grad_norm:  # TRL 1.12's PPO does not clip gradients
+def divergence_fix(stage, args) -> str:
+    """What to change after `stage` (its declaration) diverged."""
+    lower = f"lower stages.{stage.name}.trainer.learning_rate (now {args.learning_rate:g})"
+    if stage.clips_gradients and not args.max_grad_norm:
         lower += ", or turn gradient clipping on (max_grad_norm: 1.0)"
     return f"{lower}, then run again (a changed config starts the stage afresh)"
 
 
-def check_finite(model, stage: str, args) -> None:
+def check_finite(model, stage, args) -> None:
     """Saved weights must be finite before a stage is declared complete."""
     import torch
 
     bad = [name for name, p in model.named_parameters() if p.numel() and not torch.isfinite(p).all()]
     if bad:
-        raise NonFinite(f"{stage}: the trained weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]});"
+        raise NonFinite(f"{stage.name}: the trained weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]});"
                         f" the stage is not marked complete.\n  {divergence_fix(stage, args)}")
 
 
 # --- progress -----------------------------------------------------------------------------------------------------
 
-# What the progress line shows of a log dict, by stage kind: (key in TRL's logs, label)
-SHOWN = [("loss", "loss"), ("accuracy", "accuracy"), ("objective/scores", "reward"), ("objective/kl", "kl"),
-         ("grad_norm", "grad norm")]
-
-
 class _Progress(TrainerCallback):
     """One line per log event, at most every `every` seconds (and at the start and end): step, the figures that
     matter, speed and time left. Every log dict goes to {stage folder}/log.jsonl."""
 
-    def __init__(self, stage: str, folder: Path, every: float = 10.0):
-        self.stage, self.path, self.every = stage, folder / LOG_FILE, every
+    def __init__(self, stage, folder: Path, every: float = 10.0):
+        self.stage, self.path, self.every = stage.name, folder / LOG_FILE, every
+        self.shown = (*stage.figures, ("grad_norm", "grad norm"))  # (key in the trainer's logs, label)
         self.start = self.last = None
         self.first_step, self.printed = 0, -1
         self.latest: dict = {}
@@ -173,7 +171,7 @@ class _Progress(TrainerCallback):
         done, total = state.global_step, state.max_steps or 0
         rate = (done - self.first_step) / max(now - self.start, 1e-9)
         parts = [f"step {done}/{total}" if total else f"step {done}"]
-        parts += [f"{label} {self.latest[k]:.4g}" for k, label in SHOWN if k in self.latest]
+        parts += [f"{label} {self.latest[k]:.4g}" for k, label in self.shown if k in self.latest]
         if rate > 0:
             parts.append(f"{rate:.2f} steps/s" if rate < 10 else f"{rate:.0f} steps/s")
             if total > done:
@@ -182,7 +180,7 @@ class _Progress(TrainerCallback):
 
     def summary(self) -> dict:
         """The last value of each figure that matters."""
-        return {label: self.latest[k] for k, label in SHOWN if k in self.latest and k != "grad_norm"}
+        return {label: self.latest[k] for k, label in self.shown if k in self.latest and k != "grad_norm"}
 
 
 def _clock(seconds: float) -> str:
@@ -191,18 +189,19 @@ def _clock(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def fit(trainer, stage: str, folder: Path, resume: str | None = None, resumable: bool = True):
-    """Train `trainer` under alignkit's watch: non-finite values stop it, a signal stops it at a step boundary with a
-    checkpoint (where `resumable`), and progress is alignkit's own. Returns (train result, key figures)."""
+def fit(trainer, stage, folder: Path, resume: str | None = None):
+    """Train `trainer` for `stage` (its declaration) under alignkit's watch: non-finite values stop it, a signal stops
+    it at a step boundary with a checkpoint (where the stage resumes), and progress is alignkit's own. Returns (train
+    result, key figures)."""
     global _training
     for quiet in (PrinterCallback, ProgressCallback):  # TRL's raw log dicts and bars: they go to log.jsonl instead
         trainer.remove_callback(quiet)
     progress = _Progress(stage, folder)
-    for callback in (_FiniteGuard(stage), _StopOnSignal(stage, resumable), progress):
+    for callback in (_FiniteGuard(stage), _StopOnSignal(stage.name, stage.resumable), progress):
         trainer.add_callback(callback)
     _training = True
     try:
-        result = trainer.train(resume_from_checkpoint=resume) if resumable else trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume) if stage.resumable else trainer.train()
     finally:
         _training = False
     check_finite(trainer.accelerator.unwrap_model(trainer.model), stage, trainer.args)  # before anything is saved

@@ -16,16 +16,16 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .pipeline import complete_stages, read_manifest
-from .recipe import STAGES, is_hub_id, is_repo_id
+from .pipeline import complete_stages, read_manifest, upstream_in
+from .recipe import is_hub_id, is_repo_id
+from .report import KL_NOTE, eval_table, fmt, shows_kl, win_rate_lines
+from .stages import NAMES, POLICIES, REGISTRY
 
-POLICY_STAGES = ("pretrain", "sft", "ppo")
 SKIP = {"adapter", "checkpoints", "alignkit_stage.json", "training_args.bin"}  # kept local: paths of this machine
 KEY_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "total_episodes", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "max_length", "packing", "assistant_only_loss", "kl_coef",
                 "response_length", "temperature", "num_ppo_epochs", "cliprange", "vf_coef", "missing_eos_penalty",
                 "bf16", "gradient_checkpointing")
-STAGE_TAGS = {"pretrain": [], "sft": ["sft"], "reward": ["reward-model"], "ppo": ["rlhf", "ppo"]}
 SHORTENED = ("# alignkit push shortened the training machine's local paths: relative to the run's parent folder "
              "where they lay under it, else to their last component\n")
 
@@ -35,7 +35,7 @@ def push_run(run_dir: Path, repo_id: str | None, stages: list[str] | None, priva
     """`alignkit push`: what the command line leaves out comes from the run recipe's hub section."""
     done = complete_stages(run_dir)
     if not done:
-        raise UserError(f"{run_dir}: no finished stage here (no {'/'.join(STAGES)} folder with a complete manifest); "
+        raise UserError(f"{run_dir}: no finished stage here (no {'/'.join(NAMES)} folder with a complete manifest); "
                         "give the output_dir of a run")
     hub = (_recipe(run_dir, done[-1]).get("hub") or {})
     repo_id = repo_id or hub.get("repo_id")
@@ -52,15 +52,15 @@ def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | 
         raise UserError(f"repo id {repo_id!r}: expected owner/name (your user or organisation, then the repo)")
     done = complete_stages(run_dir)
     if not stages:
-        policies = [s for s in done if s in POLICY_STAGES]
+        policies = [s for s in done if s in POLICIES]
         if not policies:
-            raise UserError(f"{run_dir}: no finished policy stage (pretrain, sft or ppo) to push")
+            raise UserError(f"{run_dir}: no finished policy stage ({', '.join(POLICIES)}) to push")
         stages = policies[-1:]
     missing = [s for s in stages if s not in done]
     if missing:
         raise UserError(f"{run_dir}: stage(s) {', '.join(missing)} did not finish here (finished: "
                         f"{', '.join(done) or 'none'}); run them first")
-    stages = sorted(set(stages), key=STAGES.index)
+    stages = sorted(set(stages), key=NAMES.index)
     targets = {s: repo_id if s == stages[-1] else f"{repo_id}-{s}" for s in stages}
     token = get_token()
     if not token:
@@ -94,7 +94,7 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
             raise UserError(f"{folder} has no LoRA adapter (this stage trained every weight); push merged weights "
                             "(drop --adapter / hub.weights: adapter)")
         if base is None:
-            up = _upstream_stage(run_dir, stage)
+            up = _model_stage(run_dir, stage)
             raise UserError(f"{stage}'s adapter sits on a model trained in this run ({up}), which the Hub cannot "
                             f"resolve: push {up} too (--stage {up} --stage {stage}), or push merged weights")
         shutil.copytree(folder / "adapter", staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SKIP))
@@ -141,17 +141,30 @@ def portable(obj, run_dir: Path):
     return shorten(obj, run_dir)
 
 
-def _upstream_stage(run_dir: Path, stage: str) -> str | None:
-    model = ((read_manifest(run_dir / stage) or {}).get("inputs") or {}).get("model")
-    if model is None:
-        return None
-    path = Path(model)
-    return path.name if path.parent.resolve() == run_dir.resolve() and path.name in STAGES else None
+def lineage(run_dir: Path, stage: str) -> list[str]:
+    """`stage` and every stage of the run whose output went into it (its model, its reward model, theirs ...), in
+    pipeline order, as the stage's own recipe.yaml chains them."""
+    stages = _recipe(run_dir, stage).get("stages") or {}
+    found, todo = set(), [stage]
+    while todo:
+        current = todo.pop()
+        if current in found or current not in stages:
+            continue
+        found.add(current)
+        given = (stages[current] or {}).get("reward_model") is not None
+        todo += [up for up in upstream_in(list(stages), current, given).values() if up]
+    return [s for s in NAMES if s in found]
+
+
+def _model_stage(run_dir: Path, stage: str) -> str | None:
+    """The stage of the run whose model `stage` started from (None: the recipe's base model)."""
+    stages = _recipe(run_dir, stage).get("stages") or {}
+    return upstream_in(list(stages), stage, True)["model"] if stage in stages else None
 
 
 def hub_base(run_dir: Path, stage: str, targets: dict) -> str | None:
     """The Hub id a stage started from: the recipe's Hub model, or an upstream stage pushed in the same go."""
-    up = _upstream_stage(run_dir, stage)
+    up = _model_stage(run_dir, stage)
     if up is not None:
         return targets.get(up)
     model = (_recipe(run_dir, stage).get("model") or {}).get("name_or_path")
@@ -162,20 +175,19 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
     from huggingface_hub import ModelCard, ModelCardData
 
     recipe = _recipe(run_dir, stage)
-    lineage = [s for s in STAGES if s in (recipe.get("stages") or {})]
-    lineage = lineage[: lineage.index(stage) + 1]
-    hub_datasets = sorted({spec["dataset"]["path"] for s, spec in recipe["stages"].items() if s in lineage
+    stages = [s for s in lineage(run_dir, stage) if s in (recipe.get("stages") or {})]
+    hub_datasets = sorted({spec["dataset"]["path"] for s, spec in recipe["stages"].items() if s in stages
                            if is_hub_id(spec["dataset"]["path"])})
     data = ModelCardData(
         base_model=base, datasets=hub_datasets or None, library_name="peft" if adapter else "transformers",
-        pipeline_tag="text-classification" if stage == "reward" else "text-generation",
-        tags=["alignkit", "trl", *dict.fromkeys(t for s in lineage for t in STAGE_TAGS[s])])
+        pipeline_tag="text-classification" if REGISTRY[stage].writes == "reward_model" else "text-generation",
+        tags=["alignkit", "trl", *dict.fromkeys(t for s in stages for t in REGISTRY[s].hub_tags)])
     model = recipe.get("model") or {}
     start = shorten(model.get("name_or_path"), run_dir) or \
         f"an untrained {(model.get('config') or {}).get('model_type', 'model')} built from a config " \
         f"({_inline(model.get('config'))})"
     rows = []
-    for s in lineage:
+    for s in stages:
         spec = recipe["stages"][s]
         manifest = read_manifest(run_dir / s) or {}
         settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
@@ -183,7 +195,7 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
                     f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |")
     lines = [
         f"# {repo_id}", "",
-        f"The **{stage}** stage of an alignkit run ({' -> '.join(lineage)}), trained with Hugging Face TRL.",
+        f"The **{stage}** stage of an alignkit run ({' -> '.join(stages)}), trained with Hugging Face TRL.",
         "This repo holds " + ("a LoRA adapter over " + f"`{base}`" if adapter else "full weights") +
         ", the tokenizer and its chat template.", "",
         "## Lineage", "",
@@ -194,12 +206,9 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
         "| stage | dataset | key settings | processes | time |", "|---|---|---|---|---|", *rows, "",
     ]
     if report and report.get("eval"):
-        from .evaluate import KL_NOTE, eval_table, fmt, shows_kl
-
         lines += ["## Evaluation (held-out prompts)", "", *eval_table(report["eval"]), "",
-                  f"Reward model pairwise accuracy on held-out comparisons: {fmt(report.get('reward_accuracy'))}; "
-                  f"win rate of ppo against sft: {fmt(report.get('win_rate_vs_sft'))}."
-                  + (" " + KL_NOTE if shows_kl(report["eval"]) else ""), ""]
+                  f"- Reward model pairwise accuracy on held-out comparisons: {fmt(report.get('reward_accuracy'))}",
+                  *win_rate_lines(report), "", *([KL_NOTE, ""] if shows_kl(report["eval"]) else [])]
     load = (f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained('{repo_id}')"
             if adapter else f"from transformers import AutoModelForCausalLM\n"
                             f"model = AutoModelForCausalLM.from_pretrained('{repo_id}')")

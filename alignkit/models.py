@@ -121,8 +121,13 @@ def dropout_settings(config) -> dict[str, float]:
 def read_config(recipe: Recipe, path: str):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(_where(recipe, path),
-                                      revision=recipe.model.revision if path == recipe.model.name_or_path else None)
+    try:
+        return AutoConfig.from_pretrained(_where(recipe, path),
+                                          revision=recipe.model.revision if path == recipe.model.name_or_path else None)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
+                        "  give a folder that holds a whole model (config.json and its weights) or a Hub id reachable "
+                        "from here") from None
 
 
 def load_causal_lm(recipe: Recipe, path: str, tokenizer, stage: str | None = None, dropout: bool = True):

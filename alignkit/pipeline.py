@@ -13,11 +13,11 @@ Finishing a stage is ordered so that a kill at any instant leaves either the old
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import hashlib
-import importlib
 import json
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -28,19 +28,28 @@ from . import data, files
 from .distributed import is_main, wait_for_everyone, world_size
 from .errors import UserError
 from .log import log
-from .recipe import STAGES, Recipe
+from .recipe import Recipe, plain
+from .stages import NAMES, REGISTRY
 
 MANIFEST = "alignkit_stage.json"
-# Where each stage takes its model from: the latest of these earlier stages in the recipe, else the base model.
-MODEL_FROM = {"pretrain": (), "sft": ("pretrain",), "reward": ("pretrain", "sft"), "ppo": ("pretrain", "sft")}
 
 
 def upstream(recipe: Recipe, stage: str) -> dict[str, str | None]:
-    """The stages whose outputs `stage` consumes, by role ("model", "reward_model"); None means the base model."""
-    earlier = [s for s in MODEL_FROM[stage] if s in recipe.stages]
+    """The stages whose outputs `stage` consumes, by role: "model" (the latest of the stages it starts from that the
+    recipe has; None: the base model) and, for a stage that reads a reward model and is given none, "reward_model"
+    (the latest earlier stage that writes one)."""
+    given = getattr(recipe.stages[stage], "reward_model", None) is not None
+    return upstream_in(list(recipe.stages), stage, given)
+
+
+def upstream_in(names: list[str], stage: str, reward_model_given: bool) -> dict[str, str | None]:
+    """upstream() for a recipe whose stages are `names` (a recipe.yaml read as data, too)."""
+    declared = REGISTRY[stage]
+    earlier = [s for s in declared.model_from if s in names]
     roles = {"model": earlier[-1] if earlier else None}
-    if stage == "ppo" and not recipe.stages["ppo"].reward_model:
-        roles["reward_model"] = "reward"
+    if declared.reward_model and not reward_model_given:
+        makers = [s for s in names[:names.index(stage)] if REGISTRY[s].writes == "reward_model"]
+        roles["reward_model"] = makers[-1] if makers else None
     return roles
 
 
@@ -75,7 +84,7 @@ def read_complete(folder: Path) -> dict | None:
 
 def complete_stages(run_dir: Path) -> list[str]:
     """The stages of a run folder whose output is complete, in pipeline order."""
-    return [s for s in STAGES if read_complete(Path(run_dir) / s)]
+    return [s for s in NAMES if read_complete(Path(run_dir) / s)]
 
 
 def recover(folder: Path) -> None:
@@ -128,12 +137,12 @@ def local_files_hash(path: str | None, recipe: Recipe) -> str | None:
 
 
 def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
-    spec = dataclasses.asdict(recipe.stages[stage])
+    spec = plain(recipe.stages[stage])
     m = recipe.model
     template_file = m.chat_template if m.chat_template and "{" not in m.chat_template else None
     files = [local_files_hash(p, recipe) for p in (m.name_or_path, m.tokenizer, template_file)]
     lora, quantization = recipe.adapters(stage)
-    model_settings = {"model": dataclasses.asdict(m), "files": files, "lora": lora, "quantization": quantization,
+    model_settings = {"model": plain(m), "files": files, "lora": lora, "quantization": quantization,
                       "seed": recipe.seed}
     return {"config": _hash([spec, model_settings]), "data": data.fingerprint(recipe.stages[stage].dataset, recipe),
             "upstream": upstream_fps}
@@ -160,18 +169,18 @@ def check_data(recipe: Recipe, stages, local_only: bool = False) -> list[str]:
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     problems = []
-    specs = [(f"stages.{stage}.dataset", recipe.stages[stage].dataset, stage) for stage in stages]
+    specs = [(f"stages.{stage}.dataset", recipe.stages[stage].dataset, stage, None) for stage in stages]
     if recipe.eval is not None:
-        specs.append(("eval.dataset", recipe.eval.dataset, "eval"))
+        specs.append(("eval.dataset", recipe.eval.dataset, "eval.dataset", "eval"))
         if recipe.eval.comparisons is not None:
-            specs.append(("eval.comparisons", recipe.eval.comparisons, "reward"))
+            specs.append(("eval.comparisons", recipe.eval.comparisons, "eval.comparisons", "comparisons"))
     unread = []
-    for key, spec, kind in specs:
+    for key, spec, reader, kind in specs:
         if local_only and not recipe.resolve(spec.path).is_file():
             unread.append(f"{key} ({spec.path})")
             continue
         try:
-            data.load(spec, kind, recipe)
+            data.load(spec, reader, recipe, kind)
         except UserError as e:
             problems.append(f"  {key}: {e}")
     if bars:
@@ -191,11 +200,19 @@ def select(recipe: Recipe, only: str | None = None, start: str | None = None) ->
                             f"{', '.join(names)}")
     selected = [only] if only else names[names.index(start):] if start else names
     out = Path(recipe.output_dir)
+
+    def missing(stage: str) -> list[str]:  # the stages `stage` needs that have no complete output, nearest first
+        ups = [up for up in upstream(recipe, stage).values() if up and not read_complete(out / up)]
+        return ups + [m for up in ups for m in missing(up)]
+
     for stage in selected:
         for up in upstream(recipe, stage).values():
             if up is not None and up not in selected and not read_complete(out / up):
+                first = min([up, *missing(up)], key=names.index)
+                command = shlex.join(["alignkit", "run", str(recipe.source), *recipe.overrides,
+                                      *(["--only", up] if first == up else ["--from", first])])
                 raise UserError(f"{stage} needs the {up} stage's output, but {out / up} is missing or incomplete; "
-                                f"run it first: alignkit run {recipe.source} --only {up}")
+                                f"run it first: {command}")
     return selected
 
 
@@ -292,21 +309,24 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
         files.write_text(partial / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     wait_for_everyone()
 
-    out = folder.parent
+    out, declared = folder.parent, REGISTRY[stage]
     inputs = {role: str(out / up) if up else None for role, up in roles.items()}
-    if stage == "ppo" and recipe.stages["ppo"].reward_model:
-        inputs["reward_model"] = recipe.stages["ppo"].reward_model
-    if inputs.get("model") is None and stage != "pretrain":
-        inputs["model"] = recipe.model.name_or_path
-        if inputs["model"] is None:
-            raise UserError(f"{stage} has no model to start from: model.config builds an untrained model for the "
-                            "pretrain stage; add a pretrain stage, or set model.name_or_path")
+    given = getattr(recipe.stages[stage], "reward_model", None)
+    if declared.reward_model and given:
+        inputs["reward_model"] = given
+    if inputs.get("model") is None and not declared.from_scratch:
+        inputs["model"] = recipe.model.name_or_path  # model.config without a stage that trains from scratch: refused
     source = ", ".join(f"{role} from {path}" for role, path in inputs.items() if path)
-    base = "an untrained model built from model.config" if stage == "pretrain" and recipe.model.config else ""
+    base = "an untrained model built from model.config" if declared.from_scratch and recipe.model.config else ""
     log(stage, f"{'resuming from ' + resume if resume else 'training'} ({why}); {source or base or 'base model'}")
+    built = recipe.configs[stage]
+    for line in built.applied:  # alignkit's departures from TRL's defaults, each where it is used
+        log(stage, line)
+    args = copy.deepcopy(built.args)  # the recipe's stays as loaded
+    args.output_dir = str(partial / "checkpoints")
 
     t0 = time.time()
-    metrics = importlib.import_module(f"alignkit.stages.{stage}").run(recipe, partial, inputs, resume)
+    metrics = declared.run(recipe, partial, inputs, resume, args)
     seconds = time.time() - t0
     wait_for_everyone()  # the model is saved before the stage is declared complete
     if is_main():

@@ -22,7 +22,6 @@ import yaml
 
 from .errors import Problem, RecipeError
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Where a model config keeps its context length, in the order models.context_length reads them.
 CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
@@ -62,6 +61,9 @@ RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "weight_decay": (">= 0", lambda v: v >= 0),
     "max_grad_norm": (">= 0", lambda v: v >= 0),
     "num_sample_generations": (">= 0", lambda v: v >= 0),
+    "r": (">= 1 (LoRA's rank)", lambda v: v >= 1),
+    "lora_alpha": ("> 0", lambda v: v > 0),
+    "lora_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
 }
 
 
@@ -94,18 +96,41 @@ class Model:
 
 
 @dataclass
-class Stage:
+class StageSettings:
+    """The keys of every `stages.<stage>` section; a stage with keys of its own declares a subclass."""
+
     dataset: Dataset = field(metadata={"help": "the stage's data"})
     trainer: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "settings for TRL's config class (SFTConfig, RewardConfig, PPOConfig)"})
+        default_factory=dict, metadata={"help": "settings for TRL's config class of the stage (SFTConfig, "
+                                                "RewardConfig, ...: the stage declares it)"})
     overlength: Literal["truncate", "error"] = field(
         default="truncate", metadata={"help": "rows longer than the context: 'truncate' (with a warning) or 'error'"})
-    reward_model: str | None = field(
-        default=None, metadata={"help": "ppo only: a reward model folder, instead of the reward stage's output"})
     lora: dict[str, Any] | bool | None = field(
         default=None, metadata={"help": "this stage's LoRA settings, replacing the recipe's lora; false: train in full"})
     quantization: dict[str, Any] | bool | None = field(
         default=None, metadata={"help": "this stage's quantization, replacing the recipe's; false: full precision"})
+
+
+@dataclass
+class RewardModelSettings(StageSettings):
+    """The keys of a stage that reads a reward model."""
+
+    reward_model: str | None = field(
+        default=None, metadata={"help": "a reward model folder, instead of the reward stage's output"})
+
+
+def _example_stage() -> str:
+    """A stage for examples in messages: the first that fine-tunes a pretrained model."""
+    from .stages import ORDER
+
+    return next(s.name for s in ORDER if not s.from_scratch)
+
+
+def stage_settings(name: str) -> type | None:
+    """The schema of `stages.<name>`, as the stage declares it; None for a name that is not a stage."""
+    from .stages import REGISTRY
+
+    return REGISTRY[name].settings if isinstance(name, str) and name in REGISTRY else None
 
 
 @dataclass
@@ -125,7 +150,7 @@ class Hub:
     repo_id: str = field(metadata={"help": "owner/name: the last stage pushed goes here, earlier ones to "
                                            "owner/name-STAGE"})
     stages: list[str] | None = field(
-        default=None, metadata={"help": "stages to push (default: the last policy stage: ppo, else sft, else pretrain)"})
+        default=None, metadata={"help": "stages to push (default: the run's last policy stage)"})
     private: bool | None = field(default=None, metadata={"help": "create the repos private (default: the Hub's)"})
     weights: Literal["merged", "adapter"] = field(
         default="merged", metadata={"help": "with lora: push full merged weights, or the adapter alone"})
@@ -135,22 +160,25 @@ class Hub:
 class Recipe:
     output_dir: str = field(metadata={"help": "folder for every stage's output: {output_dir}/{stage}/"})
     model: Model = field(metadata={"help": "the base model and tokenizer"})
-    stages: dict[str, Stage] = field(metadata={"help": "an ordered selection of pretrain, sft, reward, ppo"})
+    stages: dict[str, StageSettings] = field(
+        metadata={"help": "an ordered selection of the stages", "schema_by_key": stage_settings})
     seed: int = field(default=42, metadata={"help": "random seed, unless a trainer block sets its own"})
     lora: dict[str, Any] | None = field(
         default=None, metadata={"help": "train LoRA adapters: settings for peft.LoraConfig (r, lora_alpha, ...)"})
     quantization: dict[str, Any] | None = field(
         default=None, metadata={"help": "load quantized: settings for transformers.BitsAndBytesConfig"})
     eval: Eval | None = field(
-        default=None, metadata={"help": "evaluate base, sft and ppo on held-out prompts after a run: report.md/json"})
+        default=None, metadata={"help": "evaluate the run's policy checkpoints on held-out prompts after a run: "
+                                       "report.md/json"})
     hub: Hub | None = field(default=None, metadata={"help": "push models to the Hugging Face Hub at the end of a run"})
     source: Path = field(default=Path("<recipe>"), metadata={"yaml": False})
+    # each stage's trainer config (stages.spec.Built), built when the recipe loads with its trainers checked
+    configs: dict[str, Any] = field(default_factory=dict, metadata={"yaml": False})
+    overrides: list[str] = field(default_factory=list, metadata={"yaml": False})  # KEY=VALUE / ~KEY it loaded with
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data, as it would be written in YAML."""
-        data = dataclasses.asdict(self)
-        data.pop("source")
-        return data
+        return plain(self)
 
     def adapters(self, stage: str) -> tuple[dict | None, dict | None]:
         """The LoRA and quantization settings of a stage: its own where it sets them, else the recipe's."""
@@ -164,6 +192,17 @@ class Recipe:
         return resolve_path(path, self.source.parent) or Path(path)
 
 
+def plain(obj):
+    """A recipe dataclass (or a part of one) as plain data: the keys a YAML file has, without alignkit's own."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.metadata.get("yaml", True)}
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
 # --- loading ----------------------------------------------------------------------------------------------------
 
 
@@ -173,7 +212,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_traine
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise RecipeError(str(path), [Problem("", f"cannot read the recipe: {e.strerror}")]) from None
+        hint = "; to set a recipe key, write KEY=VALUE (e.g. seed=1)" if not path.suffix and "/" not in str(path) \
+            else ""
+        raise RecipeError(str(path), [Problem("", f"cannot read the recipe: {e.strerror}{hint}")]) from None
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as some editors write, is harmless
     except UnicodeDecodeError as e:
@@ -206,7 +247,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_traine
             overridden.add(key)
     recipe = _build(Recipe, raw, "", problems)
     if recipe is not None:
-        recipe.source = path
+        recipe.source, recipe.overrides = path, list(overrides)
         _check(recipe, problems, check_trainers)
     for p in problems:
         if p.where is None and any(p.key == k or p.key.startswith(k + ".") or
@@ -279,9 +320,12 @@ def _build(cls, data, key: str, problems: list[Problem]):
         elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             if not isinstance(value, dict):
                 problems.append(Problem(sub, f"expected a mapping of stage names to their settings, got "
-                                             f"{_show(value)}; e.g. {name}: {{sft: {{dataset: {{path: data/sft.jsonl}}}}}}"))
+                                             f"{_show(value)}; e.g. {name}: {{{_example_stage()}: {{dataset: {{path: "
+                                             f"data/{_example_stage()}.jsonl}}}}}}"))
                 continue
-            value = {k: _build(typing.get_args(tp)[1], v, f"{sub}.{k}", problems) for k, v in value.items()}
+            schema = f.metadata.get("schema_by_key", lambda k: typing.get_args(tp)[1])
+            # a key without a schema (an unknown stage) is reported by _check; its value is kept unbuilt
+            value = {k: _build(schema(k), v, f"{sub}.{k}", problems) if schema(k) else None for k, v in value.items()}
         else:
             start = len(problems)
             value = check_value(value, tp, sub, problems, f.metadata.get("help", ""))
@@ -322,12 +366,17 @@ def check_range(name: str, value, key: str, problems: list[Problem], default=Non
                                      f"to get the default{f' ({default!r})' if known else ''}"))
 
 
-def _non_finite(value) -> bool:
-    """Whether a number in value (nested in mappings and lists too) is NaN or infinite, as YAML's .nan and .inf are."""
+def _non_finite(value, seen: set[int] | None = None) -> bool:
+    """Whether a number in value (nested in mappings and lists too) is NaN or infinite, as YAML's .nan and .inf are.
+    A collection that YAML aliases several times is looked at once."""
     if isinstance(value, float):
         return not math.isfinite(value)
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return any(_non_finite(v) for v in items)
+    return any(_non_finite(v, seen) for v in items)
 
 
 def _unknown_keys(data: dict, known, key: str, owner: str, problems: list[Problem]) -> None:
@@ -433,43 +482,57 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
         elif isinstance(m.name_or_path, str) and (local := resolve_path(m.name_or_path, base)) and local.is_dir():
             context = _check_local_model(local, problems)
 
+    if isinstance(recipe.output_dir, str):
+        out = Path(recipe.output_dir).expanduser()
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            problems.append(Problem("output_dir", f"{blocker} is a file, but the run's folder {out} must be a folder "
+                                                  "(it is made if missing); choose another output_dir"))
+
+    from .stages import NAMES, REGISTRY
+
     names = list(recipe.stages)
     for name in names:
-        if name not in STAGES:
-            hint = difflib.get_close_matches(str(name), STAGES, n=1)
+        if name not in REGISTRY:
+            hint = difflib.get_close_matches(str(name), NAMES, n=1)
             problems.append(Problem(f"stages.{name}", "unknown stage; " + (f"did you mean {hint[0]}?" if hint else
-                                    f"stages are {', '.join(STAGES)}")))
-    known = [n for n in names if n in STAGES]
-    if known != sorted(known, key=STAGES.index):
-        problems.append(Problem("stages", f"stages run in the order {' -> '.join(STAGES)}; list them so "
+                                    f"stages are {', '.join(NAMES)}")))
+    known = [n for n in names if n in REGISTRY]
+    if known != sorted(known, key=NAMES.index):
+        problems.append(Problem("stages", f"stages run in the order {' -> '.join(NAMES)}; list them so "
                                           f"(got {', '.join(known)})"))
     if not names:
-        problems.append(Problem("stages", "no stages: name at least one of " + ", ".join(STAGES)))
-    if isinstance(m, Model) and m.config is not None and known and "pretrain" not in known:
-        problems.append(Problem("model.config", f"builds an untrained model, which only a pretrain stage trains, but "
-                                                f"this recipe starts with {known[0]}; add a pretrain stage before it, "
+        problems.append(Problem("stages", "no stages: name at least one of " + ", ".join(NAMES)))
+    if isinstance(m, Model) and m.config is not None and known and not REGISTRY[known[0]].from_scratch:
+        first = next((s.name for s in REGISTRY.values() if s.from_scratch), "a stage that trains from scratch")
+        problems.append(Problem("model.config", f"builds an untrained model, which only a {first} stage trains, but "
+                                                f"this recipe starts with {known[0]}; add a {first} stage before it, "
                                                 "or replace model.config with model.name_or_path (a pretrained model)"))
     for name in known:
-        stage = recipe.stages[name]
+        stage, declared = recipe.stages[name], REGISTRY[name]
         if stage is None:
             continue
         key = f"stages.{name}"
         if stage.dataset is not None:
             _check_local(stage.dataset.path, f"{key}.dataset.path", base, problems)
-        if stage.reward_model is not None:
-            if name != "ppo":
-                problems.append(Problem(f"{key}.reward_model", "only the ppo stage takes a reward_model"))
-            else:
-                _check_local(stage.reward_model, f"{key}.reward_model", base, problems,
-                             folder="a reward model folder (a reward stage's output)")
+        given = getattr(stage, "reward_model", None)
+        if given is not None:
+            _check_local(given, f"{key}.reward_model", base, problems,
+                         folder="a reward model folder (a reward stage's output)")
+            local = resolve_path(given, base) if isinstance(given, str) else None
+            if local is not None and local.is_dir() and not (local / "config.json").is_file():
+                problems.append(Problem(f"{key}.reward_model", f"{given} holds no config.json, so it is not a model "
+                                                               "folder; give a reward stage's output folder"))
+        elif declared.reward_model and not any(REGISTRY[n].writes == "reward_model" for n in known[:known.index(name)]):
+            makers = [s.name for s in REGISTRY.values() if s.writes == "reward_model"]
+            problems.append(Problem(f"{key}.reward_model", f"{name} needs a reward model: add a {' or '.join(makers)} "
+                                                          f"stage before it, or set {key}.reward_model to a trained one"))
         if check_trainers and isinstance(stage.trainer, dict):
-            config = check_trainer(name, stage.trainer, f"{key}.trainer", problems)
-            if name == "ppo" and config is not None and context and config.response_length >= context[0]:
-                told = "" if "response_length" in stage.trainer else "TRL's default of "
-                problems.append(Problem(f"{key}.trainer.response_length", f"{told}{config.response_length} tokens "
-                                        f"leave no room for a prompt in the model's context of {context[0]} tokens "
-                                        f"({context[1]}); set response_length below {context[0]}, with room to spare "
-                                        "for the prompts"))
+            from .stages.spec import build_config
+
+            built = build_config(declared, recipe, stage.trainer, context, problems)
+            if built is not None:
+                recipe.configs[name] = built
     if recipe.eval is not None:
         for key in ("dataset", "comparisons"):
             spec = getattr(recipe.eval, key)
@@ -477,9 +540,6 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
                 _check_local(spec.path, f"eval.{key}.path", base, problems)
     if recipe.hub is not None:
         _check_hub(recipe, known, problems)
-    if "ppo" in known and "reward" not in known and recipe.stages["ppo"] and not recipe.stages["ppo"].reward_model:
-        problems.append(Problem("stages.ppo.reward_model", "ppo needs a reward model: add a reward stage before it, "
-                                                           "or set stages.ppo.reward_model to a trained one"))
     blocks = [("lora", recipe.lora), ("quantization", recipe.quantization)]
     blocks += [(f"stages.{n}.{k}", getattr(recipe.stages[n], k)) for n in known if recipe.stages[n] for k in
                ("lora", "quantization")]
@@ -490,15 +550,16 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
             if key.endswith("lora"):
                 from peft import LoraConfig
 
-                check_config_class(LoraConfig, value, key, problems, reserved={"task_type": "set by each stage"})
+                check_config_class(LoraConfig, value, key, problems, reserved={"task_type": "set by each stage"},
+                                   ranges=True)
             else:
                 _check_quantization(value, problems, key)
     if any(value is True for _, value in blocks):
         return
     for name in known:
         stage = recipe.stages[name]
-        if stage is None or (name == "pretrain" and isinstance(m, Model) and m.config is not None):
-            continue  # pretraining from scratch trains every weight, unquantized
+        if stage is None or (REGISTRY[name].from_scratch and isinstance(m, Model) and m.config is not None):
+            continue  # training from scratch trains every weight, unquantized
         lora, quantization = recipe.adapters(name)
         if not isinstance(quantization, dict):
             continue  # none, or of a wrong type that is reported already
@@ -641,20 +702,32 @@ def _check_model_config(config: dict, problems) -> tuple[int, str] | None:
     settings = {k: v for k, v in config.items() if k != "model_type"}
     try:
         built = AutoConfig.for_model(model_type, **settings)
-    except Exception as e:  # the config class's own validation (ValueError, TypeError, huggingface_hub's errors)
+    except (ValueError, TypeError, AttributeError, ArithmeticError, *_strict_dataclass_errors()) as e:
+        # the config class's own validation of the settings
         problems.append(Problem("model.config", f"{model_type}'s config refused these settings: {_one_line(e)}; fix "
-                                                "them as it says"))
+                                                "them as it says", cause=e))
         return None
-    refusal = _build_on_meta(built)
+    refusal, cause = _build_on_meta(built)
     if refusal:
-        problems.append(Problem("model.config", f"a {model_type} model cannot be built from these settings: {refusal}"))
+        problems.append(Problem("model.config", f"a {model_type} model cannot be built from these settings: {refusal}",
+                                cause=cause))
         return None
     context = _context_length(built.to_dict())
     return (context, f"model.config's {next(k for k in CONTEXT_KEYS if k in built.to_dict())}") if context else None
 
 
-def _build_on_meta(config) -> str | None:
-    """Instantiate the causal LM on the meta device (shapes only, no memory); what goes wrong, or None."""
+def _strict_dataclass_errors() -> tuple[type, ...]:
+    """huggingface_hub's validation errors, which some config classes raise (and which are not ValueErrors)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+    except ImportError:  # an older huggingface_hub: its config classes raise ValueError
+        return ()
+    return StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+
+
+def _build_on_meta(config) -> tuple[str | None, BaseException | None]:
+    """Instantiate the causal LM on the meta device (shapes only, no memory); what goes wrong (and the error behind
+    it), or (None, None)."""
     import logging
 
     import torch
@@ -679,15 +752,16 @@ def _build_on_meta(config) -> str | None:
             AutoModelForCausalLM.from_config(config)
     except (RuntimeError, NotImplementedError) as e:
         if "meta" not in str(e):  # e.g. a negative size; what the meta device cannot do is left to the real build
-            return f"{_one_line(e)}; fix the sizes in model.config"
-    except Exception as e:  # transformers' layers check their shapes (ValueError, AssertionError, ZeroDivisionError)
-        return f"{_one_line(e)}; fix model.config as the message says (e.g. n_embd divisible by n_head)"
+            return f"{_one_line(e)}; fix the sizes in model.config", e
+    except (ValueError, AssertionError, ArithmeticError, TypeError) as e:  # the layers' checks of their shapes
+        return f"{_one_line(e)}; fix model.config as the message says (e.g. n_embd divisible by n_head)", e
     finally:
         logger.handlers = handlers
         logger.setLevel(level)
     if any("is_decoder" in m for m in notes.messages):
-        return f"its causal-LM class is an encoder's head, which would see the tokens it is to predict; {CAUSAL_FIX}"
-    return None
+        return (f"its causal-LM class is an encoder's head, which would see the tokens it is to predict; "
+                f"{CAUSAL_FIX}"), None
+    return None, None
 
 
 def _one_line(e: BaseException) -> str:
@@ -795,39 +869,6 @@ def _check_quantization(settings: dict, problems, key: str = "quantization") -> 
             problems.append(Problem(f"{key}.{name}", f"expected a finite number, got {_show(value)}; write a number"))
 
 
-def trainer_config_class(stage: str):
-    """TRL's config class for a stage (PPO's lives behind alignkit.stages.ppo, the one module that imports it)."""
-    import importlib
-
-    return importlib.import_module(f"alignkit.stages.{stage}").config_class()
-
-
-# Keys alignkit sets itself: a recipe that sets them gets told where they come from instead.
-RESERVED = {
-    "output_dir": "set by alignkit: {output_dir}/{stage}/checkpoints",
-    "sft_model_path": "the policy comes from the sft stage (or the base model)",
-    "reward_model_path": "set stages.ppo.reward_model, or add a reward stage",
-    "push_to_hub": "not supported from a trainer block",
-}
-
-
-def check_trainer(stage: str, settings: dict, key: str, problems: list[Problem]):
-    """Check a trainer block against TRL's config class and build it; None when it has problems."""
-    import importlib
-
-    if settings.get("fp16") is True and (settings.get("use_cpu") is True or not has_accelerator()):
-        # transformers keeps fp16 off without a GPU and says nothing: the stage would train in fp32
-        problems.append(Problem(f"{key}.fp16", "fp16 needs a GPU, and this machine has none (transformers would "
-                                               "ignore it and train in fp32); use bf16: true, or remove fp16"))
-    # the ranges go first: PPO's check_config below divides by num_mini_batches
-    config = check_config_class(trainer_config_class(stage), settings, key, problems, RESERVED, ranges=True,
-                                output_dir="/nonexistent/alignkit-validate", **machine_settings(settings))
-    module = importlib.import_module(f"alignkit.stages.{stage}")
-    if config is not None and hasattr(module, "check_config"):  # a trainer's own rules across keys
-        module.check_config(config, key, problems)
-    return config
-
-
 def has_accelerator() -> bool:
     """A GPU (CUDA or ROCm), an Intel XPU or Apple's MPS."""
     import torch
@@ -875,9 +916,9 @@ def check_config_class(cls, settings: dict, key: str, problems: list[Problem], r
         return None
     settings.update(values)  # keep the checked values (a float read from "1e-5")
     try:
-        return cls(**fixed, **values)
-    except Exception as e:  # the class's own consistency checks
-        problems.append(Problem(key, f"{cls.__name__} rejected these settings: {e}"))
+        return cls(**{**values, **fixed})
+    except (ValueError, ImportError) as e:  # the class's own consistency checks (and a missing optional package)
+        problems.append(Problem(key, f"{cls.__name__} rejected these settings: {e}", cause=e))
         return None
 
 
@@ -893,8 +934,12 @@ def _line_map(text: str, duplicates: list[Problem] | None = None) -> dict[str, i
     """Map each dotted key of a YAML document to the line it is written on; a key written twice in one mapping goes
     to `duplicates`."""
     lines: dict[str, int] = {}
+    walked: set[int] = set()  # an alias is the node it names: walked once (a bomb of nested aliases would not end)
 
     def walk(node, prefix):
+        if id(node) in walked:
+            return
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: dict[str, int] = {}
             for k, v in node.value:

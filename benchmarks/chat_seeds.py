@@ -1,13 +1,14 @@
 """Does RLHF help, reliably? Runs recipes/chat.yaml with several seeds and prints held-out results per checkpoint.
 
-    python benchmarks/chat_seeds.py [--seeds 1 2 3] [--out runs/bench] [KEY=VALUE ...]
+    python benchmarks/chat_seeds.py [--seeds 1 2 3] [--out runs/bench] [--recipe recipes/chat.yaml] [KEY=VALUE ...]
+
 
 Each seed is a whole run (pretraining included: the seed sets the initial weights), about 9 minutes on 2 CPU cores.
 To run seeds side by side, start one benchmark per seed with OMP_NUM_THREADS=1 each: two runs that each take
 every core slow each other down about tenfold.
 Prints, per checkpoint, the mean and spread (sample standard deviation) over seeds of the held-out gold accuracy,
-KL to SFT and the reward model's score, then the gain of ppo over sft, the reward model's held-out pairwise accuracy,
-the win rate against SFT and the training time. Runs already complete are reused, so an interrupted benchmark resumes;
+KL to SFT and the reward model's score, then the gain of each policy after sft (ppo, dpo) over sft, the reward
+model's held-out pairwise accuracy, the win rates against SFT and the training time. Runs already complete are reused, so an interrupted benchmark resumes;
 a run's own output (progress bars included) goes to {out}/seed{N}.log.
 """
 
@@ -33,13 +34,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "chat.yaml"))
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run")
     args = parser.parse_args()
 
     reports = []
     for seed in args.seeds:
         out = Path(args.out) / f"seed{seed}"
-        cmd = [sys.executable, "-m", "alignkit", "run", str(REPO / "recipes" / "chat.yaml"), f"seed={seed}",
+        cmd = [sys.executable, "-m", "alignkit", "run", args.recipe, f"seed={seed}",
                f"output_dir={out}", *args.overrides]
         print("$", " ".join(cmd), flush=True)
         log = REPO / args.out / f"seed{seed}.log"
@@ -50,19 +52,23 @@ def main():
             sys.exit(f"seed {seed} failed (exit {done.returncode}); its output is in {log}")
         reports.append(json.loads((REPO / out / "report.json").read_text()))
 
-    print(f"\nrecipes/chat.yaml over seeds {args.seeds} ({reports[0]['eval_prompts']} held-out prompts)\n")
+    print(f"\n{args.recipe} over seeds {args.seeds} ({reports[0]['eval_prompts']} held-out prompts)\n")
     print(f"{'checkpoint':10s} {'gold_accuracy':>16s} {'kl_to_sft':>16s} {'reward_mean':>16s}")
-    for name in ("base", "sft", "ppo"):
+    names = list(reports[0]["eval"])
+    for name in names:
         rows = [r["eval"].get(name, {}) for r in reports]
         print(f"{name:10s} " + " ".join(f"{spread([x.get(k) for x in rows]):>16s}"
                                          for k in ("gold_accuracy", "kl_to_sft", "reward_mean")))
-    gains = [r["eval"]["ppo"]["gold_accuracy"] - r["eval"]["sft"]["gold_accuracy"] for r in reports]
-    print(f"\nppo - sft gold accuracy: {spread(gains)}   (per seed: {', '.join(f'{g:+.3f}' for g in gains)})")
+    for name in names[names.index("sft") + 1:]:
+        gains = [r["eval"][name]["gold_accuracy"] - r["eval"]["sft"]["gold_accuracy"] for r in reports]
+        print(f"\n{name} - sft gold accuracy: {spread(gains)}   (per seed: {', '.join(f'{g:+.3f}' for g in gains)})")
+        print(f"win rate of {name} against sft: {spread([r.get('win_rates', {}).get(name) for r in reports])}")
     print(f"reward model held-out pairwise accuracy: {spread([r['reward_accuracy'] for r in reports])}")
-    print(f"win rate of ppo against sft: {spread([r['win_rate_vs_sft'] for r in reports])}")
     # A reused stage reports the seconds it took when it was trained, so this is the training time even on a rerun.
     trained = [sum(s["seconds"] for s in r["stages"].values()) for r in reports]
     print(f"seconds of training per run (stages, as trained): {spread(trained)}")
+    for stage in reports[0]["stages"]:
+        print(f"  {stage}: {spread([r['stages'].get(stage, {}).get('seconds') for r in reports])}")
     print(f"wall seconds of this invocation per run: {spread([r['wall_seconds'] for r in reports])}")
 
 

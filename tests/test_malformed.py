@@ -374,6 +374,20 @@ VALIDATE = [
      data_file("sft.jsonl", "stages.sft.dataset"), "sft.jsonl:2: not valid JSON", "each line must be one JSON object"),
     ("eval-not-utf8", chain(EVAL, data("eval.dataset", "eval.jsonl", b'{"prompt": "\xff"}\n')),
      data_file("eval.jsonl", "eval.dataset"), "eval.jsonl:1: not UTF-8", "save the file as UTF-8"),
+    # --- found by a held-out probe after the corpus above was written
+    ("output-dir-is-a-file", put("output_dir", lambda c: c.file("afile", "x")), key("output_dir"),
+     "is a file, but the run's folder", "choose another output_dir"),
+    ("output-dir-under-a-file", put("output_dir", lambda c: c.file("afile", "x") + "/run"), key("output_dir"),
+     "is a file, but the run's folder", "choose another output_dir"),
+    ("reward-model-not-a-model", put("stages.ppo.reward_model", lambda c: (c.tmp / "empty").mkdir() or
+                                     str(c.tmp / "empty")), key("stages.ppo.reward_model"), "holds no config.json",
+     "give a reward stage's output folder"),
+    ("lora-rank-0", put("lora", {"r": 0}), key("lora.r"), "must be >= 1 (LoRA's rank), got 0",
+     "set a value in that range"),
+    ("lora-dropout-1", put("stages.sft.lora", {"r": 4, "lora_dropout": 1.0}), key("stages.sft.lora.lora_dropout"),
+     "must be in [0, 1)", "set a value in that range"),
+    ("alias-bomb", edit(lambda t: t + "".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}" if i else '"x"'] * 9) + "]\n"
+                                              for i in range(10))), key("l0"), "unknown key for a recipe"),
 ]
 
 # Through `alignkit run`: data errors and range errors, refused before any model loads.

@@ -279,3 +279,14 @@ def test_resume_skips_checkpoints_cut_off_mid_save(tmp_path):
     resume, broken = last_checkpoint(tmp_path)
     assert resume == str(tmp_path / "checkpoint-20")
     assert broken == [tmp_path / f"checkpoint-{n}" for n in (50, 40, 30)]
+
+
+def test_a_missing_upstream_stage_names_the_command_that_makes_it(tmp_path, capsys):
+    """The suggested command keeps the overrides it was given (output_dir among them) and starts at the earliest
+    stage that is missing."""
+    out = tmp_path / "fresh"
+    code, _, err = alignkit(capsys, "run", TINY, f"output_dir={out}", "seed=3", "--from", "ppo")
+    assert code == 2
+    assert f"ppo needs the sft stage's output, but {out / 'sft'} is missing" in err
+    assert f"run it first: alignkit run {TINY} output_dir={out} seed=3 --from pretrain" in err
+    assert not out.exists()

@@ -13,9 +13,8 @@ from pathlib import Path
 from .. import data, models
 from ..errors import NonFinite, Problem, UserError
 from ..log import log
-from ..recipe import Recipe
-from ..guard import divergence_fix, fit
-from . import refused_by_trl, train_metrics, trainer_config
+from ..recipe import Recipe, RewardModelSettings
+from .spec import Default, Stage, refused_by_trl, train_metrics
 
 TRL_PPO = "trl>=1.12,<1.13"
 
@@ -39,9 +38,10 @@ def config_class():
         return _experimental()[0]
 
 
-def check_config(args, key: str, problems: list[Problem]) -> None:
+def check(recipe: Recipe, settings, args, context, problems: list[Problem]) -> None:
     """What TRL's PPOTrainer checks only when it starts, after the earlier stages have trained: checked with the
     recipe instead."""
+    key = "stages.ppo.trainer"
     rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps  # prompts per process per batch
     if rollout % args.num_mini_batches:
         fits = [n for n in range(1, rollout + 1) if rollout % n == 0]
@@ -52,9 +52,16 @@ def check_config(args, key: str, problems: list[Problem]) -> None:
         problems.append(Problem(f"{key}.whiten_rewards", f"whitening needs mini-batches of at least 8 answers per "
                                 f"process; these have {rollout // args.num_mini_batches}: lower num_mini_batches or "
                                 f"raise per_device_train_batch_size"))
+    if context and args.response_length >= context[0]:
+        told = "" if "response_length" in settings.trainer else "TRL's default of "
+        problems.append(Problem(f"{key}.response_length", f"{told}{args.response_length} tokens leave no room for a "
+                                f"prompt in the model's context of {context[0]} tokens ({context[1]}); set "
+                                f"response_length below {context[0]}, with room to spare for the prompts"))
 
 
-def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
+def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) -> dict:
+    from ..guard import divergence_fix, fit
+
     _, PPOTrainer = _experimental()
     spec = recipe.stages["ppo"]
     if os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
@@ -76,15 +83,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
     ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
     reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo", dropout=False)
     value = _value_model(recipe, inputs["reward_model"], tokenizer, peft_config)
-
-    fixed = {"sft_model_path": inputs["model"], "reward_model_path": inputs["reward_model"]}
-    if "stop_token" not in spec.trainer and "stop_token_id" not in spec.trainer:
-        fixed["stop_token"] = "eos"  # TRL's default (None) never stops an answer: responses run to response_length
-    if "save_strategy" not in spec.trainer:
-        # TRL's PPO cannot resume from its checkpoints, and writing them fails under DDP (TRL 1.12 reads .config
-        # off the wrapped model): a PPO stage that stops starts again
-        fixed["save_strategy"] = "no"
-    args = trainer_config("ppo", recipe, folder, **fixed)
+    args.sft_model_path, args.reward_model_path = inputs["model"], inputs["reward_model"]
 
     prompts = data.load(spec.dataset, "ppo", recipe)
     limit = models.context_length(policy.config) - args.response_length
@@ -107,17 +106,18 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
                              value_model=value, train_dataset=train, peft_config=peft_config,
                              eval_dataset=train.select(range(min(8, len(train)))))
     try:
-        _, figures = fit(trainer, "ppo", folder, resumable=False)
+        _, figures = fit(trainer, STAGE, folder)
     except RuntimeError as e:  # sampling from a policy whose weights blew up: the one place TRL 1.12 meets it
         if "probability tensor contains" not in str(e):
             raise
         raise NonFinite(f"ppo: training diverged after update {trainer.state.global_step}: sampling from the policy "
                         f"met NaN or infinite probabilities. The stage is not marked complete.\n  "
-                        f"{divergence_fix('ppo', args)}") from None
+                        f"{divergence_fix(STAGE, args)}") from None
     for key, value in switched_off.items():  # the saved model keeps the dropout it came with, for later fine-tuning
         setattr(policy.config, key, value)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
-    return train_metrics(trainer, figures=figures)
+    wrapped = trainer.accelerator.unwrap_model(trainer.model)
+    return train_metrics(trainer, figures=figures, parts={"policy": wrapped.policy, "value": wrapped.value_model})
 
 
 def _value_model(recipe: Recipe, path: str, tokenizer, peft_config):
@@ -130,3 +130,31 @@ def _value_model(recipe: Recipe, path: str, tokenizer, peft_config):
     # the adapter and the score head stay in full precision: TRL reads values outside autocast
     return get_peft_model(models.load_reward_model(recipe, path, tokenizer, "ppo", dropout=False),
                           models.lora_config(recipe, "ppo", "SEQ_CLS"))
+
+
+def _stop_at_eos(settings: dict, context, defaults: dict) -> dict:
+    return {} if "stop_token_id" in settings else {"stop_token": "eos"}
+
+
+def _no_checkpoints(settings: dict, context, defaults: dict) -> dict:
+    return {"save_strategy": "no"}
+
+
+STAGE = Stage(
+    name="ppo", about="reinforcement learning against the reward model (TRL 1.12's PPOTrainer)",
+    config_class=config_class, run=run, data="prompts", writes="causal_lm", settings=RewardModelSettings,
+    model_from=("pretrain", "sft"), reward_model=True, policy=True, resumable=False, clips_gradients=False,
+    hub_tags=("rlhf", "ppo"), check=check,
+    figures=(("objective/scores", "reward"), ("objective/kl", "kl")),
+    curves=(("objective/scores", "PPO reward (reward model's score)", "score"),
+            ("objective/kl", "PPO KL to the SFT model", "nats per response")),
+    defaults=(
+        Default("stop_token", "`eos`", "TRL's default never stops a response: every answer runs to "
+                "`response_length`", _stop_at_eos),
+        Default("save_strategy", "`no`", "TRL's PPO cannot resume from its checkpoints, and writing them fails under "
+                "DDP", _no_checkpoints),
+        Default("dropout", "0 in every model's config", "with dropout on, the policy's log-probabilities differ from "
+                "the reference's before any update; TRL switches off dropout modules only, which misses architectures "
+                "that apply it from their config (OPT)"),
+    ),
+)

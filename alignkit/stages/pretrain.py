@@ -7,8 +7,7 @@ from pathlib import Path
 from .. import data, models
 from ..log import log
 from ..recipe import Recipe
-from ..guard import fit
-from . import refused_by_trl, train_metrics, trainer_config
+from .spec import Default, Stage, fit_context, refused_by_trl, train_metrics
 
 
 def config_class():
@@ -17,8 +16,10 @@ def config_class():
     return SFTConfig
 
 
-def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
+def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) -> dict:
     from trl import SFTTrainer
+
+    from ..guard import fit
 
     spec = recipe.stages["pretrain"]
     dataset = data.load(spec.dataset, "pretrain", recipe)
@@ -30,17 +31,24 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
         model = models.build_model(recipe, tokenizer)
     else:
         model = models.load_causal_lm(recipe, recipe.model.name_or_path, tokenizer, "pretrain")
-    fixed = {}
-    if spec.trainer.get("packing") and "packing_strategy" not in spec.trainer:
-        fixed["packing_strategy"] = "wrapped"
-        log("pretrain", "packing_strategy=wrapped (alignkit: TRL's 'bfd' cuts every document at max_length and drops "
-                        "the rest without a word; 'wrapped' keeps every token)")
-    args = trainer_config("pretrain", recipe, folder, model, **fixed)
+    fit_context(args, model, "pretrain")
     if not args.packing or args.packing_strategy == "bfd":  # 'wrapped' and 'bfd_split' keep every token
         data.check_lengths(dataset, tokenizer, args.max_length, "pretrain", spec.overlength)
     with refused_by_trl("pretrain"):
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"))
-    result, figures = fit(trainer, "pretrain", folder, resume)
+    result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result, figures)
+
+
+def _wrapped(settings: dict, context, defaults: dict) -> dict:
+    return {"packing_strategy": "wrapped"} if settings.get("packing") else {}
+
+
+STAGE = Stage(
+    name="pretrain", about="next-token prediction on raw text (TRL's SFTTrainer)", config_class=config_class, run=run,
+    data="text", writes="causal_lm", from_scratch=True, policy=True,
+    defaults=(Default("packing_strategy", "`wrapped` when `packing: true`", "TRL's `bfd` cuts every document at "
+                      "`max_length` and drops the rest without a word; `wrapped` keeps every token", _wrapped),),
+)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from .. import data, models
 from ..recipe import Recipe
-from ..guard import fit
-from . import refused_by_trl, train_metrics, trainer_config
+from .spec import Stage, fit_context, refused_by_trl, train_metrics
 
 
 def config_class():
@@ -16,18 +15,27 @@ def config_class():
     return SFTConfig
 
 
-def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None) -> dict:
+def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) -> dict:
     from trl import SFTTrainer
+
+    from ..guard import fit
 
     spec = recipe.stages["sft"]
     dataset = data.load(spec.dataset, "sft", recipe)
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
     model = models.load_causal_lm(recipe, inputs["model"], tokenizer, "sft")
-    args = trainer_config("sft", recipe, folder, model)
+    fit_context(args, model, "sft")
     data.check_lengths(dataset, tokenizer, args.max_length, "sft", spec.overlength)
     with refused_by_trl("sft"):
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=models.lora_config(recipe, "sft", "CAUSAL_LM"))
-    result, figures = fit(trainer, "sft", folder, resume)
+    result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result, figures)
+
+
+STAGE = Stage(
+    name="sft", about="supervised fine-tuning on demonstrations (TRL's SFTTrainer)", config_class=config_class,
+    run=run, data="demonstrations", writes="causal_lm", model_from=("pretrain",), policy=True, eval_reference=True,
+    hub_tags=("sft",),
+)

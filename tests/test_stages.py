@@ -1,0 +1,107 @@
+"""The stage registry: what a stage is stands in its own module, and nothing else names one; alignkit's departures from
+TRL's defaults stand in one table that README shows."""
+
+import ast
+import re
+
+from conftest import REPO, TINY, alignkit
+
+def _strings_outside_docs(tree: ast.AST):
+    """Every string constant of a module except docstrings and --help examples (module constants named *_EXAMPLES)."""
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            skip.add(id(body[0].value))
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.endswith("_EXAMPLES")
+                                                for t in node.targets):
+            skip.update(id(n) for n in ast.walk(node.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            yield node
+
+
+def test_no_module_outside_the_stages_names_a_stage():
+    """A stage's name appears only in alignkit/stages/: as a string of its own ("ppo"), or as a word in a message
+    ("run the sft stage"); "reward" counts only alone (it is also a plain word: reward model, reward_mean)."""
+    from alignkit.stages import NAMES
+
+    words = re.compile(r"(?<![\w./-])(" + "|".join(n for n in NAMES if n != "reward") + r")(?![\w/-])")
+    found = []
+    for path in sorted((REPO / "alignkit").glob("*.py")):
+        for node in _strings_outside_docs(ast.parse(path.read_text())):
+            if node.value in NAMES or words.search(node.value):
+                found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+    assert not found, "\n".join(found)
+
+
+def test_the_stage_order_is_the_registrys_and_each_declares_itself():
+    from alignkit import stages
+    from alignkit.recipe import StageSettings
+
+    assert stages.NAMES == ("pretrain", "sft", "reward", "ppo")
+    for stage in stages.ORDER:
+        assert stage.config_class().__name__.endswith("Config")
+        assert issubclass(stage.settings, StageSettings)
+        assert all(up in stages.NAMES[:stages.NAMES.index(stage.name)] for up in stage.model_from)
+        assert stage.data in ("text", "demonstrations", "comparisons", "prompts")
+    assert [s.name for s in stages.ORDER if s.eval_reference] == ["sft"]
+    assert stages.POLICIES == ("pretrain", "sft", "ppo")
+
+
+def _readme_defaults() -> set[tuple[str, str, str, str]]:
+    text = (REPO / "README.md").read_text()
+    table = text.split("| stage | setting | alignkit's value | why |")[1].split("\n\n")[0]
+    rows = [line.strip("|").split(" | ") for line in table.strip().splitlines()[1:]]
+    return {(stage.strip(), setting.strip().strip("`"), value.strip(), why.strip()) for stage, setting, value, why
+            in rows}
+
+
+def test_readme_lists_every_departure_from_trls_defaults_as_the_table_declares_it():
+    from alignkit.stages import all_defaults
+
+    declared = {(stage, setting, value, why) for stage, setting, value, why in all_defaults()}
+    assert _readme_defaults() == declared
+
+
+def test_each_default_is_logged_where_a_stage_starts_with_it(run_copy, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "ppo", "--force",
+                              "stages.ppo.trainer.total_episodes=16")
+    assert code == 0, err
+    assert "ppo: stop_token=eos (alignkit: TRL's default never stops a response" in err
+    assert "ppo: save_strategy=no (alignkit: " in err
+    # a recipe that sets the key keeps its own value, and nothing is said
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "ppo",
+                              "stages.ppo.trainer.total_episodes=16", "stages.ppo.trainer.stop_token_id=0")
+    assert code == 0, err
+    assert "stop_token=eos" not in err
+
+
+def test_validate_builds_the_config_the_stage_runs_with(tmp_path):
+    """One config, built when the recipe loads: what validate checks is what the stage gets."""
+    from alignkit.recipe import load_recipe
+
+    recipe = load_recipe(TINY, ["stages.sft.trainer.max_length=4096"])
+    args = recipe.configs["sft"].args
+    assert args.max_length == 128  # capped at model.config's n_positions
+    assert args.seed == 42 and args.learning_rate == 1e-3
+    assert recipe.configs["ppo"].args.stop_token == "eos"
+    assert "max_length=128 (alignkit: " in recipe.configs["sft"].applied[0]
+    assert "configs" not in recipe.to_dict()
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_the_one_behind_a_recipe_error(tmp_path):
+    """Errors that are the recipe's are messages; ALIGNKIT_DEBUG=1 shows the library's error behind one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ALIGNKIT_DEBUG": "1"}
+    done = subprocess.run([sys.executable, "-m", "alignkit", "validate", str(TINY),
+                           "stages.sft.trainer.eval_strategy=steps", "stages.sft.trainer.eval_steps=5",
+                           "stages.sft.trainer.load_best_model_at_end=true", "stages.sft.trainer.save_steps=7"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "SFTConfig rejected these settings" in done.stderr
+    assert "Traceback" in done.stderr and "ValueError" in done.stderr  # the config class's own error, with its frames
