@@ -1,10 +1,23 @@
 """The stage registry: what a stage is stands in its own module, and nothing else names one; alignkit's departures from
-TRL's defaults stand in one table that README shows."""
+TRL's defaults stand in one table that README shows; the DPO stage, added through the registry, trains and is reported,
+chatted with and pushed like the others."""
 
 import ast
+import json
 import re
 
-from conftest import REPO, TINY, alignkit
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, alignkit, summary
+
+# DPO on the tiny world: the reward stage's comparisons, a few epochs
+DPO = ["stages.dpo.dataset.path=data/tiny/reward.jsonl", "stages.dpo.trainer.num_train_epochs=4",
+       "stages.dpo.trainer.learning_rate=1e-4", "stages.dpo.trainer.per_device_train_batch_size=8",
+       "stages.dpo.trainer.gradient_checkpointing=false", "stages.dpo.trainer.bf16=false",
+       "stages.dpo.trainer.logging_steps=1", "stages.dpo.trainer.save_steps=10"]
+
 
 def _strings_outside_docs(tree: ast.AST):
     """Every string constant of a module except docstrings and --help examples (module constants named *_EXAMPLES)."""
@@ -40,14 +53,14 @@ def test_the_stage_order_is_the_registrys_and_each_declares_itself():
     from alignkit import stages
     from alignkit.recipe import StageSettings
 
-    assert stages.NAMES == ("pretrain", "sft", "reward", "ppo")
+    assert stages.NAMES == ("pretrain", "sft", "reward", "ppo", "dpo")
     for stage in stages.ORDER:
         assert stage.config_class().__name__.endswith("Config")
         assert issubclass(stage.settings, StageSettings)
         assert all(up in stages.NAMES[:stages.NAMES.index(stage.name)] for up in stage.model_from)
         assert stage.data in ("text", "demonstrations", "comparisons", "prompts")
     assert [s.name for s in stages.ORDER if s.eval_reference] == ["sft"]
-    assert stages.POLICIES == ("pretrain", "sft", "ppo")
+    assert stages.POLICIES == ("pretrain", "sft", "ppo", "dpo")
 
 
 def _readme_defaults() -> set[tuple[str, str, str, str]]:
@@ -105,3 +118,87 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_the_one_behind_a_recipe_error
     assert done.returncode != 0
     assert "SFTConfig rejected these settings" in done.stderr
     assert "Traceback" in done.stderr and "ValueError" in done.stderr  # the config class's own error, with its frames
+
+
+# --- DPO, added through the registry ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dpo_run(run_copy, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *DPO, "--only", "dpo")
+    assert code == 0, err
+    assert summary(out) == {"dpo": "trained"}
+    return run_copy, err
+
+
+def test_dpo_trains_the_sft_model_on_comparisons(dpo_run):
+    run, err = dpo_run
+    assert "dpo: training (no earlier output); model from " + str(run / "sft") in err
+    sft, dpo = load_file(run / "sft" / "model.safetensors"), load_file(run / "dpo" / "model.safetensors")
+    changed = [k for k in sft if not torch.equal(sft[k], dpo[k])]
+    assert len(changed) > len(sft) // 2  # every layer moved, not only a head
+    metrics = json.loads((run / "dpo" / "metrics.json").read_text())
+    logged = [h for h in metrics["log_history"] if "rewards/margins" in h]
+    assert logged and logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]  # chosen pulled above rejected
+    assert logged[-1]["rewards/accuracies"] >= 0.75
+    assert json.loads((run / "dpo" / "alignkit_stage.json").read_text())["inputs"] == {"model": str(run / "sft")}
+
+
+def test_eval_reports_dpo_beside_the_other_policies(dpo_run, capsys):
+    run, _ = dpo_run
+    code, out, err = alignkit(capsys, "eval", TINY, f"output_dir={run}", *DPO)
+    assert code == 0, err
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["eval"]) == ["base", "sft", "ppo", "dpo"]
+    dpo = report["eval"]["dpo"]
+    assert 0 <= dpo["gold_accuracy"] <= 1 and dpo["reward_mean"] is not None and dpo["kl_to_sft"] is not None
+    assert set(report["win_rates"]) == {"ppo", "dpo"} and all(0 <= r <= 1 for r in report["win_rates"].values())
+    markdown = (run / "report.md").read_text()
+    assert "| dpo |" in markdown and "Win rate of dpo against sft" in markdown and "Win rate of ppo against sft" in markdown
+    assert (run / "dpo.png").is_file()
+
+
+def test_chat_and_push_pick_dpo(dpo_run, monkeypatch, capsys):
+    import io
+
+    from huggingface_hub import HfApi, ModelCard
+
+    run, _ = dpo_run
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of Zorbia?\n/exit\n"))
+    code, out, err = alignkit(capsys, "chat", run, "--stage", "dpo", "--greedy")
+    assert code == 0, err
+    assert f"chatting with {run / 'dpo'}" in out
+    # the Hub cannot be reached from here: the two calls that would are recorded instead
+    uploads = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, repo_id, folder_path, **kw: uploads.update(
+        {repo_id: ModelCard.load(f"{folder_path}/README.md")}))
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    code, out, err = alignkit(capsys, "push", run, "--repo-id", "alice/tiny-dpo", "--stage", "dpo")
+    assert code == 0, err
+    card = uploads["alice/tiny-dpo"]
+    assert "dpo" in card.data.tags and "ppo" not in card.data.tags
+    assert "(pretrain -> sft -> dpo)" in card.text  # its lineage: what went into it, not the ppo beside it
+
+
+def test_dpo_with_lora_trains_only_adapters(run_copy, capsys):
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *DPO, "--only", "dpo", "lora.r=4",
+                              "lora.lora_alpha=8")
+    assert code == 0, err
+    metrics = json.loads((run_copy / "dpo" / "metrics.json").read_text())
+    counts = metrics["parameters"]["model"]
+    assert 0 < counts["trainable"] < counts["total"] // 10
+    assert (run_copy / "dpo" / "adapter" / "adapter_config.json").is_file()
+    sft, dpo = load_file(run_copy / "sft" / "model.safetensors"), load_file(run_copy / "dpo" / "model.safetensors")
+    assert any(not torch.equal(sft[k], dpo[k]) for k in sft)  # the merged weights carry the adapter's update
+
+
+def test_chat_dpo_recipe_is_chat_recipe_plus_dpo():
+    """recipes/chat-dpo.yaml shares chat.yaml's output folder, so every stage they share must be the same, or running
+    one after the other would retrain them."""
+    from alignkit.recipe import load_recipe
+
+    chat, dpo = load_recipe(REPO / "recipes" / "chat.yaml"), load_recipe(REPO / "recipes" / "chat-dpo.yaml")
+    assert list(dpo.stages) == [*chat.stages, "dpo"]
+    assert dpo.to_dict() == {**chat.to_dict(), "stages": {**chat.to_dict()["stages"],
+                                                          "dpo": dpo.to_dict()["stages"]["dpo"]}}

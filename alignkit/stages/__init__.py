@@ -3,10 +3,10 @@ its `run()`, see spec.Stage) and listing it here."""
 
 from __future__ import annotations
 
-from . import ppo, pretrain, reward, sft
+from . import dpo, ppo, pretrain, reward, sft
 from .spec import Stage
 
-ORDER: tuple[Stage, ...] = (pretrain.STAGE, sft.STAGE, reward.STAGE, ppo.STAGE)
+ORDER: tuple[Stage, ...] = (pretrain.STAGE, sft.STAGE, reward.STAGE, ppo.STAGE, dpo.STAGE)
 REGISTRY: dict[str, Stage] = {stage.name: stage for stage in ORDER}
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 POLICIES: tuple[str, ...] = tuple(s.name for s in ORDER if s.policy)
