@@ -1,4 +1,5 @@
-"""`alignkit chat`: talk to a model in the terminal, multi-turn, through its chat template, tokens streamed as they come.
+"""`alignkit chat`: talk to a model in the terminal, multi-turn, through its chat template, tokens streamed as they
+come.
 
 Works on a run folder (its last policy stage, or --stage), a stage folder, any local model folder or a Hub id. A
 tokenizer without a chat template gets alignkit's default one, as the stages use. An answer may use what the model's
@@ -29,14 +30,17 @@ def resolve(target: str, stage: str | None) -> str:
                 raise UserError(f"{target}: no finished {stage} stage here (finished: {', '.join(done) or 'none'})")
             return str(path / stage)
         if not done:
-            raise UserError(f"{target}: neither a model folder (no config.json) nor a run with a finished policy "
-                            f"stage ({', '.join(POLICIES)})")
+            raise UserError(
+                f"{target}: neither a model folder (no config.json) nor a run with a finished policy "
+                f"stage ({', '.join(POLICIES)})"
+            )
         return str(path / done[-1])
     if stage:
         raise UserError(f"--stage needs a run folder; {target} is a model")
     if not path.exists() and (target.startswith((".", "/", "~")) or target.count("/") > 1):
-        raise UserError(f"cannot load {target!r}: no such folder; give a run folder, a model folder or a Hub id "
-                        "(owner/name)")
+        raise UserError(
+            f"cannot load {target!r}: no such folder; give a run folder, a model folder or a Hub id (owner/name)"
+        )
     return target
 
 
@@ -50,8 +54,10 @@ def load(target: str):
         tokenizer = AutoTokenizer.from_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(target, dtype="auto")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load {target!r}: {str(e).splitlines()[0]}\n  give a run folder, a model folder, or "
-                        "a Hub id reachable from here") from None
+        raise UserError(
+            f"cannot load {target!r}: {str(e).splitlines()[0]}\n  give a run folder, a model folder, or "
+            "a Hub id reachable from here"
+        ) from None
     notes = []
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -77,8 +83,10 @@ def main(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give a number of tokens, 1 or more")
     if not args.temperature > 0:
-        raise UserError(f"--temperature {args.temperature}: give a number above 0 (lower is more predictable; "
-                        "--greedy always takes the most likely token)")
+        raise UserError(
+            f"--temperature {args.temperature}: give a number above 0 (lower is more predictable; "
+            "--greedy always takes the most likely token)"
+        )
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: give a share of the probability mass, above 0 and at most 1")
     target = resolve(args.model, args.stage)
@@ -87,15 +95,20 @@ def main(args) -> int:
     floor = min_answer_tokens(limit)
     longest = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     if args.max_new_tokens is not None and longest + floor > limit:  # said once here, not at every capped answer
-        notes.append(f"--max-new-tokens {longest} does not fit the model's context of {limit} tokens beside a "
-                     "prompt: an answer stops where the context ends")
+        notes.append(
+            f"--max-new-tokens {longest} does not fit the model's context of {limit} tokens beside a "
+            "prompt: an answer stops where the context ends"
+        )
     print(f"chatting with {target}; /reset forgets the conversation, /exit or Ctrl-D quits", flush=True)
     for note in notes:
         print(f"note: {note}", flush=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    sampling = {"do_sample": False} if args.greedy else \
-        {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    sampling = (
+        {"do_sample": False}
+        if args.greedy
+        else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    )
     while True:
         try:
             text = input(PROMPT)
@@ -118,8 +131,11 @@ def main(args) -> int:
         if ids is None:
             history.pop()
             alone = "that message alone" + (" (with the system prompt)" if system else "")
-            print(f"({alone} is longer than the model's context of {limit} tokens allows, with room for an answer "
-                  f"of {min(longest, floor)})", flush=True)
+            print(
+                f"({alone} is longer than the model's context of {limit} tokens allows, with room for an answer "
+                f"of {min(longest, floor)})",
+                flush=True,
+            )
             continue
         history = kept
         if dropped:
@@ -127,12 +143,16 @@ def main(args) -> int:
             print(f"(the conversation outgrew the model's context of {limit} tokens: forgot {oldest})", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
-                                 max_new_tokens=min(longest, limit - ids.shape[1]), streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                 else tokenizer.eos_token_id, **sampling)
+            out = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=torch.ones_like(ids).to(model.device),
+                max_new_tokens=min(longest, limit - ids.shape[1]),
+                streamer=streamer,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                **sampling,
+            )
         sys.stdout.flush()
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": answer})
 
 

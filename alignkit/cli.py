@@ -63,60 +63,108 @@ def _parser() -> argparse.ArgumentParser:
     from .stages import NAMES, POLICIES
 
     parser = argparse.ArgumentParser(
-        prog="alignkit", description="Pretrain -> SFT -> reward model -> PPO from one YAML recipe, on Hugging Face TRL.",
+        prog="alignkit",
+        description="Pretrain -> SFT -> reward model -> PPO from one YAML recipe, on Hugging Face TRL.",
         epilog="run 'alignkit COMMAND --help' for a command's options and examples",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, summary, description, epilog, recipe_help="the recipe YAML file"):
-        sub = commands.add_parser(name, help=summary, description=description, epilog=epilog,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.add_argument("recipe", help=recipe_help)
-        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                         help="set a recipe key by its dotted path; ~KEY removes one")
+        sub.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="set a recipe key by its dotted path; ~KEY removes one"
+        )
         return sub
 
-    run = command("run", "run a recipe's stages", "Run the recipe's stages in order, reusing those that are up to date.",
-                  RUN_EXAMPLES)
+    run = command(
+        "run",
+        "run a recipe's stages",
+        "Run the recipe's stages in order, reusing those that are up to date.",
+        RUN_EXAMPLES,
+    )
     which = run.add_mutually_exclusive_group()
     which.add_argument("--only", choices=NAMES, metavar="STAGE", help="run this stage alone")
-    which.add_argument("--from", dest="start", choices=NAMES, metavar="STAGE",
-                       help="run this stage and the later ones")
+    which.add_argument(
+        "--from", dest="start", choices=NAMES, metavar="STAGE", help="run this stage and the later ones"
+    )
     run.add_argument("--force", action="store_true", help="retrain the chosen stages even if they are up to date")
-    run.add_argument("--num-processes", type=int, default=1, metavar="N",
-                     help="train data-parallel in N processes on this machine (torchrun: one per GPU, or CPU "
-                          "processes over gloo); for DeepSpeed, FSDP or several machines use accelerate launch")
-    validate = commands.add_parser("validate", help="check recipes and their data without training",
-                                   description="Check recipes as `run` would, without loading any model.",
-                                   epilog=VALIDATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train data-parallel in N processes on this machine (torchrun: one per GPU, or CPU "
+        "processes over gloo); for DeepSpeed, FSDP or several machines use accelerate launch",
+    )
+    validate = commands.add_parser(
+        "validate",
+        help="check recipes and their data without training",
+        description="Check recipes as `run` would, without loading any model.",
+        epilog=VALIDATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     validate.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files")
-    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                          help="set a recipe key by its dotted path in every recipe; ~KEY removes one")
-    command("eval", "evaluate a run's checkpoints and write its report",
-            "Evaluate the run's policy checkpoints (its base model and every policy stage) on the recipe's held-out "
-            "prompts.", EVAL_EXAMPLES,
-            recipe_help="the recipe YAML file (its output_dir holds the run)")
+    validate.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="set a recipe key by its dotted path in every recipe; ~KEY removes one",
+    )
+    command(
+        "eval",
+        "evaluate a run's checkpoints and write its report",
+        "Evaluate the run's policy checkpoints (its base model and every policy stage) on the recipe's held-out "
+        "prompts.",
+        EVAL_EXAMPLES,
+        recipe_help="the recipe YAML file (its output_dir holds the run)",
+    )
 
-    push = commands.add_parser("push", help="push a run's models to the Hugging Face Hub",
-                               description="Push stages of a finished run to the Hub, each with a model card.",
-                               epilog=PUSH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    push = commands.add_parser(
+        "push",
+        help="push a run's models to the Hugging Face Hub",
+        description="Push stages of a finished run to the Hub, each with a model card.",
+        epilog=PUSH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     push.add_argument("run_dir", help="a run's output_dir")
     push.add_argument("--repo-id", help="owner/name on the Hub (default: the run recipe's hub.repo_id)")
-    push.add_argument("--stage", dest="stages", action="append", choices=NAMES, metavar="STAGE",
-                      help="a stage to push (repeatable; default: the recipe's hub.stages, else the last policy stage)")
+    push.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        choices=NAMES,
+        metavar="STAGE",
+        help="a stage to push (repeatable; default: the recipe's hub.stages, else the last policy stage)",
+    )
     push.add_argument("--private", action="store_true", default=None, help="create the repo private")
     push.add_argument("--adapter", action="store_true", help="push the LoRA adapter instead of merged weights")
 
-    chat = commands.add_parser("chat", help="talk to a model in the terminal",
-                               description="Talk to a stage of a run, or to any causal LM, through its chat template.",
-                               epilog=CHAT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat = commands.add_parser(
+        "chat",
+        help="talk to a model in the terminal",
+        description="Talk to a stage of a run, or to any causal LM, through its chat template.",
+        epilog=CHAT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     chat.add_argument("model", help="a run's output_dir, a stage folder, a model folder or a Hub id")
     chat.add_argument("--stage", choices=POLICIES, help="which stage of a run (default: the last policy stage)")
     chat.add_argument("--system", help="a system prompt")
-    chat.add_argument("--max-new-tokens", type=int, metavar="N",
-                      help="longest answer, capped at what the model's context leaves after the conversation "
-                           "(default: what it leaves, up to 256)")
+    chat.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="longest answer, capped at what the model's context leaves after the conversation "
+        "(default: what it leaves, up to 256)",
+    )
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -158,13 +206,20 @@ def _run(recipe, args, t0: float) -> int:
             report = evaluate.evaluate(recipe)
             print(evaluate.write_report(recipe, report, summary, time.time() - t0))
         else:  # e.g. --only on a stage that trains from scratch: nothing that answers prompts yet
-            log("eval", f"skipped: no {' or '.join(evaluate.answering_stages(recipe))} model in {recipe.output_dir} "
-                        "yet")
+            log(
+                "eval",
+                f"skipped: no {' or '.join(evaluate.answering_stages(recipe))} model in {recipe.output_dir} yet",
+            )
     if recipe.hub is not None:
         from . import hub
 
-        for line in hub.push(Path(recipe.output_dir), recipe.hub.repo_id, recipe.hub.stages, recipe.hub.private,
-                             recipe.hub.weights == "adapter"):
+        for line in hub.push(
+            Path(recipe.output_dir),
+            recipe.hub.repo_id,
+            recipe.hub.stages,
+            recipe.hub.private,
+            recipe.hub.weights == "adapter",
+        ):
             print(line)
     return 0
 
@@ -204,11 +259,16 @@ def cmd_eval(args) -> int:
     t0 = time.time()
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.eval is None:
-        raise UserError(f"{args.recipe}: no eval section; add one naming held-out prompts: "
-                        "eval: {dataset: {path: data/eval.jsonl}}")
+        raise UserError(
+            f"{args.recipe}: no eval section; add one naming held-out prompts: "
+            "eval: {dataset: {path: data/eval.jsonl}}"
+        )
     out = Path(recipe.output_dir)
-    stages = {stage: {"status": "reused", "seconds": pipeline.read_manifest(out / stage).get("seconds", 0.0)}
-              for stage in pipeline.complete_stages(out) if stage in recipe.stages}
+    stages = {
+        stage: {"status": "reused", "seconds": pipeline.read_manifest(out / stage).get("seconds", 0.0)}
+        for stage in pipeline.complete_stages(out)
+        if stage in recipe.stages
+    }
     report = evaluate.evaluate(recipe)
     print(evaluate.write_report(recipe, report, stages, time.time() - t0))
     return 0
@@ -242,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     # KEY=VALUE and ~KEY overrides may stand anywhere, before or after the options; every other positional argument
     # is a recipe (validate takes several)
     command = next((a for a in argv if not a.startswith("-")), None)
-    overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")] \
-        if command in ("run", "validate", "eval") else []
+    overrides = (
+        [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
+        if command in ("run", "validate", "eval")
+        else []
+    )
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.argv = argv
     if overrides:
@@ -267,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         from .stages import ORDER
 
         again = [s.name for s in ORDER if not s.resumable]
-        print("alignkit: interrupted; run the same command again to resume: finished stages are reused, an "
-              "interrupted one goes on from its last checkpoint" +
-              (f" ({', '.join(again)} starts again: it cannot resume)" if again else ""), file=sys.stderr)
+        print(
+            "alignkit: interrupted; run the same command again to resume: finished stages are reused, an "
+            "interrupted one goes on from its last checkpoint"
+            + (f" ({', '.join(again)} starts again: it cannot resume)" if again else ""),
+            file=sys.stderr,
+        )
         return 130
 
 

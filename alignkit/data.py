@@ -17,11 +17,21 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DataError
-from .recipe import DATA_SUFFIXES, Dataset as DatasetSpec, Recipe, utf8_error
+from .recipe import DATA_SUFFIXES, Recipe, utf8_error
+from .recipe import Dataset as DatasetSpec
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 MAX_DEPTH = 16  # levels of lists and objects in a row; a conversational row has 3 (row, messages, message)
 # The kinds of rows a stage (or the evaluation) reads, and what each needs.
@@ -29,7 +39,7 @@ KINDS = {
     "text": "a 'text' column",
     "demonstrations": "'messages', 'prompt' and 'completion', or 'text' columns, or Alpaca / ShareGPT data",
     "comparisons": "'chosen' and 'rejected' columns (with an optional 'prompt'), a ranking ('prompt' and "
-                   "'responses', best first), or Anthropic HH transcripts",
+    "'responses', best first), or Anthropic HH transcripts",
     "prompts": "a 'prompt' column, or 'messages', Alpaca, ShareGPT or HH data to take the prompts from",
     "eval": "a 'prompt' column (with an optional 'reference' answer), or 'messages'",
 }
@@ -50,13 +60,17 @@ def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None
         ds = ds.select(range(min(spec.max_rows, len(ds))))
     for want, have in spec.columns.items():
         if have not in ds.column_names:
-            raise DataError(f"{locate(None)}: {key}.columns.{want}: no column {have!r}; "
-                            f"the columns are {', '.join(ds.column_names)}")
+            raise DataError(
+                f"{locate(None)}: {key}.columns.{want}: no column {have!r}; "
+                f"the columns are {', '.join(ds.column_names)}"
+            )
         if want in ds.column_names and want != have:
             ds = ds.remove_columns(want)
         ds = ds.rename_column(have, want)
     if len(ds) == 0:
-        raise DataError(f"{locate(None)}: no rows; add rows to it, or point the dataset's path at a file that has them")
+        raise DataError(
+            f"{locate(None)}: no rows; add rows to it, or point the dataset's path at a file that has them"
+        )
     fmt = spec.format if spec.format != "auto" else detect_format(ds.column_names, ds[0])
     columns: list[str] = []
 
@@ -71,14 +85,22 @@ def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None
                 if not columns:
                     columns.extend(row)
                 if list(row) != columns:
-                    raise DataError(f"{locate(i)}: this row gives {', '.join(row)} but earlier rows gave "
-                                    f"{', '.join(columns)}; use one shape for every row of a file")
+                    raise DataError(
+                        f"{locate(i)}: this row gives {', '.join(row)} but earlier rows gave "
+                        f"{', '.join(columns)}; use one shape for every row of a file"
+                    )
                 for k, v in row.items():
                     out.setdefault(k, []).append(v)
         return out
 
-    return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names,
-                  load_from_cache_file=False, desc=f"{reader}: checking {fmt} rows")
+    return ds.map(
+        convert,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        load_from_cache_file=False,
+        desc=f"{reader}: checking {fmt} rows",
+    )
 
 
 def _read(spec: DatasetSpec, recipe: Recipe):
@@ -90,11 +112,12 @@ def _read(spec: DatasetSpec, recipe: Recipe):
         kind = DATA_SUFFIXES.get(local.suffix)
         if _is_pickle(local):
             named = "" if kind is None else f", not a {local.suffix} file"
-            raise DataError(f"{spec.path}: a Python pickle{named}; alignkit never unpickles data (loading a pickle "
-                            f"runs code from the file): save the rows as {', '.join(DATA_SUFFIXES)} instead")
+            raise DataError(
+                f"{spec.path}: a Python pickle{named}; alignkit never unpickles data (loading a pickle "
+                f"runs code from the file): save the rows as {', '.join(DATA_SUFFIXES)} instead"
+            )
         if kind is None:
-            raise DataError(f"{spec.path}: unsupported file type {local.suffix!r}; use "
-                            f"{', '.join(DATA_SUFFIXES)}")
+            raise DataError(f"{spec.path}: unsupported file type {local.suffix!r}; use {', '.join(DATA_SUFFIXES)}")
         if kind == "json":
             rows, lines = _read_json(local, spec.path)
             for row, line in zip(rows, lines):
@@ -104,8 +127,10 @@ def _read(spec: DatasetSpec, recipe: Recipe):
             try:
                 ds = datasets.Dataset.from_list(rows)
             except Exception as e:  # pyarrow refuses mixed types across rows
-                raise DataError(f"{spec.path}: the rows do not share one shape ({e}); a column must hold the same "
-                                "kind of value (text, or a list of messages) in every row") from None
+                raise DataError(
+                    f"{spec.path}: the rows do not share one shape ({e}); a column must hold the same "
+                    "kind of value (text, or a list of messages) in every row"
+                ) from None
             return ds, lambda i: spec.path if i is None else f"{spec.path}:{lines[i]}"
         if kind == "csv":
             return _read_csv(local, spec.path), lambda i: spec.path if i is None else f"{spec.path}:{i + 2}"
@@ -113,9 +138,11 @@ def _read(spec: DatasetSpec, recipe: Recipe):
     try:
         ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
     except Exception as e:
-        raise DataError(f"{spec.path}: cannot load this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                        "check the id and split, your network (HF_HUB_OFFLINE), or point dataset.path at a "
-                        "local file") from None
+        raise DataError(
+            f"{spec.path}: cannot load this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "check the id and split, your network (HF_HUB_OFFLINE), or point dataset.path at a "
+            "local file"
+        ) from None
     return ds, lambda i: f"{spec.path} [{spec.split}]" + ("" if i is None else f" row {i}")
 
 
@@ -137,12 +164,15 @@ def _is_pickle(path: Path) -> bool:
 
 
 def _too_deep(shown: str, line: int | None = None) -> str:
-    return (f"{shown}{f':{line}' if line else ''}: nested too deeply (lists or objects inside each other more than "
-            f"{MAX_DEPTH} levels); a row holds text, or lists of {{role, content}} messages: flatten it")
+    return (
+        f"{shown}{f':{line}' if line else ''}: nested too deeply (lists or objects inside each other more than "
+        f"{MAX_DEPTH} levels); a row holds text, or lists of {{role, content}} messages: flatten it"
+    )
 
 
 def _depth(value) -> int:
-    """How deeply lists and mappings nest in value, counted without recursion (the data may be nested past the limit)."""
+    """How deeply lists and mappings nest in value, counted without recursion (the data may be nested past the
+    limit)."""
     deepest, todo = 0, [(value, 1)]
     while todo:
         item, depth = todo.pop()
@@ -164,13 +194,17 @@ def _read_csv(path: Path, shown: str):
     try:
         frame = pandas.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pandas.errors.EmptyDataError:
-        raise DataError(f"{shown}: empty: no header line and no rows; a CSV file starts with a header naming its "
-                        "columns (e.g. prompt,completion), then one row per line") from None
+        raise DataError(
+            f"{shown}: empty: no header line and no rows; a CSV file starts with a header naming its "
+            "columns (e.g. prompt,completion), then one row per line"
+        ) from None
     except pandas.errors.ParserError as e:
         found = re.search(r"(line|row) (\d+)", str(e))  # pandas counts rows from 0, the header's
         line = f":{int(found.group(2)) + (found.group(1) == 'row')}" if found else ""
-        raise DataError(f"{shown}{line}: not valid CSV ({_tail(e)}); check its quotes (a field that opens a quote "
-                        "must close it) and that every row has as many fields as the header") from None
+        raise DataError(
+            f"{shown}{line}: not valid CSV ({_tail(e)}); check its quotes (a field that opens a quote "
+            "must close it) and that every row has as many fields as the header"
+        ) from None
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
@@ -183,8 +217,10 @@ def _read_parquet(path: Path, shown: str):
     try:
         table = pyarrow.parquet.read_table(path)
     except (pyarrow.ArrowException, OSError) as e:  # not Parquet, cut short, or corrupt inside
-        raise DataError(f"{shown}: not a readable Parquet file ({_tail(e)}); write it again (e.g. pandas' "
-                        "DataFrame.to_parquet) or use JSON Lines") from None
+        raise DataError(
+            f"{shown}: not a readable Parquet file ({_tail(e)}); write it again (e.g. pandas' "
+            "DataFrame.to_parquet) or use JSON Lines"
+        ) from None
     return datasets.Dataset(table)
 
 
@@ -216,8 +252,9 @@ def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{shown}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be one "
-                            "JSON object") from None
+            raise DataError(
+                f"{shown}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be one JSON object"
+            ) from None
         except RecursionError:
             raise DataError(_too_deep(shown, n)) from None
         if not isinstance(row, dict):
@@ -244,8 +281,12 @@ def detect_format(columns: list[str], first: dict) -> str:
         return "sharegpt"
     if {"instruction", "output"} <= cols:
         return "alpaca"
-    if {"chosen", "rejected"} <= cols and "prompt" not in cols and isinstance(first.get("chosen"), str) \
-            and HH_TURN.search(first["chosen"]):
+    if (
+        {"chosen", "rejected"} <= cols
+        and "prompt" not in cols
+        and isinstance(first.get("chosen"), str)
+        and HH_TURN.search(first["chosen"])
+    ):
         return "hh"
     return "trl"
 
@@ -289,8 +330,10 @@ def parse_hh(transcript: str) -> list[dict]:
     parts = HH_TURN.split(transcript)
     if len(parts) < 3 or parts[0].strip():
         raise DataError("an HH transcript must start with '\\n\\nHuman: ' and alternate Human/Assistant turns")
-    return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-            for who, text in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+        for who, text in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def from_hh(row: dict) -> dict:
@@ -298,8 +341,10 @@ def from_hh(row: dict) -> dict:
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
         raise DataError("an HH transcript must end with an Assistant turn")
     if chosen[:-1] != rejected[:-1]:
-        raise DataError("'chosen' and 'rejected' differ before their last Assistant turn; HH pairs share the dialogue "
-                        "and differ only in the final answer")
+        raise DataError(
+            "'chosen' and 'rejected' differ before their last Assistant turn; HH pairs share the dialogue "
+            "and differ only in the final answer"
+        )
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
@@ -328,8 +373,11 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
             return [{"text": row["text"]}]
     if kind == "comparisons":
         if "ranked" in row:
-            return [{"prompt": row["prompt"], "chosen": row["ranked"][i], "rejected": row["ranked"][j]}
-                    for i in range(len(row["ranked"])) for j in range(i + 1, len(row["ranked"]))]
+            return [
+                {"prompt": row["prompt"], "chosen": row["ranked"][i], "rejected": row["ranked"][j]}
+                for i in range(len(row["ranked"]))
+                for j in range(i + 1, len(row["ranked"]))
+            ]
         if {"chosen", "rejected"} <= has:
             out = {"chosen": row["chosen"], "rejected": row["rejected"]}
             _same_kind(row, "chosen", "rejected")
@@ -355,8 +403,10 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
             if reference is not None and not isinstance(reference, str):
                 raise DataError(f"'reference' must be text, got {type(reference).__name__}")
             return [{"prompt": prompt, "reference": reference}]
-    raise DataError(f"{who} needs {KINDS[kind]}; this row has {', '.join(sorted(has)) or 'nothing'}. "
-                    "Rename columns with dataset.columns, or set dataset.format")
+    raise DataError(
+        f"{who} needs {KINDS[kind]}; this row has {', '.join(sorted(has)) or 'nothing'}. "
+        "Rename columns with dataset.columns, or set dataset.format"
+    )
 
 
 def _ranking(row: dict) -> dict:
@@ -372,8 +422,9 @@ def _ranking(row: dict) -> dict:
         if isinstance(r, str) and conversational:
             r = [{"role": "assistant", "content": r}]
         if isinstance(r, str) == conversational:
-            raise DataError(f"'responses'[{n}] must be {'a message list or text' if conversational else 'text'}, "
-                            f"like the prompt")
+            raise DataError(
+                f"'responses'[{n}] must be {'a message list or text' if conversational else 'text'}, like the prompt"
+            )
         if not isinstance(r, str):
             _check_content(r, f"responses[{n}]")
         ranked.append(r)
@@ -411,8 +462,16 @@ def render(row: dict, tokenizer, add_generation_prompt: bool = False) -> str:
     return "".join(parts)
 
 
-def check_lengths(ds, tokenizer, limit: int, stage: str, policy: str, what: str = "rows",
-                  measure: Callable[[dict], int] | None = None, dropped: bool = False) -> int:
+def check_lengths(
+    ds,
+    tokenizer,
+    limit: int,
+    stage: str,
+    policy: str,
+    what: str = "rows",
+    measure: Callable[[dict], int] | None = None,
+    dropped: bool = False,
+) -> int:
     """Count rows longer than `limit` tokens; warn (policy 'truncate') or raise (policy 'error'). `dropped`: the
     stage's trainer drops such rows rather than truncating them. Returns the count."""
     from .log import log
@@ -420,12 +479,17 @@ def check_lengths(ds, tokenizer, limit: int, stage: str, policy: str, what: str 
     measure = measure or (lambda row: len(tokenizer(render(row, tokenizer), add_special_tokens=False).input_ids))
     too_long = [i for i, row in enumerate(ds) if measure(row) > limit]
     if too_long and policy == "error":
-        raise DataError(f"stages.{stage}: {len(too_long)} of {len(ds)} {what} are longer than {limit} tokens "
-                        f"(rows {', '.join(str(i + 1) for i in too_long[:5])}{', ...' if len(too_long) > 5 else ''}); "
-                        f"shorten them, or set stages.{stage}.overlength: truncate")
+        raise DataError(
+            f"stages.{stage}: {len(too_long)} of {len(ds)} {what} are longer than {limit} tokens "
+            f"(rows {', '.join(str(i + 1) for i in too_long[:5])}{', ...' if len(too_long) > 5 else ''}); "
+            f"shorten them, or set stages.{stage}.overlength: truncate"
+        )
     if too_long:
-        log(stage, f"warning: {len(too_long)} of {len(ds)} {what} are longer than {limit} tokens and are "
-                   f"{'dropped (a pair cut short compares answers that lost their ends)' if dropped else 'truncated'}")
+        log(
+            stage,
+            f"warning: {len(too_long)} of {len(ds)} {what} are longer than {limit} tokens and are "
+            f"{'dropped (a pair cut short compares answers that lost their ends)' if dropped else 'truncated'}",
+        )
     return len(too_long)
 
 

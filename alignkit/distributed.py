@@ -49,9 +49,12 @@ def launch(argv: list[str], processes: int) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         how = f"exit status {failure.exitcode}" if failure.exitcode > 0 else f"signal {failure.signal_name()}"
-        print(f"alignkit: process {rank} of {processes} failed ({how}); its messages are above. The others were "
-              "stopped; completed stages and checkpoints are kept: mend the cause and run the same command again "
-              "to resume.", file=sys.stderr)
+        print(
+            f"alignkit: process {rank} of {processes} failed ({how}); its messages are above. The others were "
+            "stopped; completed stages and checkpoints are kept: mend the cause and run the same command again "
+            "to resume.",
+            file=sys.stderr,
+        )
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as e:  # Ctrl-C or a kill reached torchrun's agent: the children got it too
         raise KeyboardInterrupt from e

@@ -25,8 +25,11 @@ class RecipeError(UserError):
     def render(self) -> str:
         out = [f"{self.source}: {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}:"]
         for p in self.problems:
-            where = f"{self.source}:{p.where.removeprefix('line ')}" if p.where and p.where.startswith("line") else (
-                p.where or self.source)
+            where = (
+                f"{self.source}:{p.where.removeprefix('line ')}"
+                if p.where and p.where.startswith("line")
+                else (p.where or self.source)
+            )
             out.append(f"  {where}: {p.key + ': ' if p.key else ''}{p.message}")
         return "\n".join(out)
 

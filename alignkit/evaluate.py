@@ -25,7 +25,6 @@ from .report import BASE, KL, KL_NOTE, REFERENCE, WIN_RATE, eval_table, fmt, sho
 from .stages import ORDER, REGISTRY
 
 
-
 def _normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.lower()).strip().rstrip(".!?").strip()
 
@@ -79,25 +78,33 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-              sample: bool = False) -> list[list[int]]:
+def _generate(
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False
+) -> list[list[int]]:
     """Responses (token ids, cut after the first EOS) to each prompt."""
     import torch
 
     responses = []
     for start in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[start:start + batch_size]
+        batch = prompt_ids[start : start + batch_size]
         width = max(map(len, batch))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
-                                 top_p=1.0 if sample else None, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=1.0 if sample else None,
+                top_k=0 if sample else None,
+                top_p=1.0 if sample else None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id) + 1]
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
             responses.append([t for t in row if t != tokenizer.pad_token_id])
     return responses
 
@@ -108,15 +115,15 @@ def _logprobs(model, tokenizer, prompts: list[list[int]], responses: list[list[i
 
     sums = []
     for start in range(0, len(prompts), batch_size):
-        pairs = list(zip(prompts[start:start + batch_size], responses[start:start + batch_size]))
+        pairs = list(zip(prompts[start : start + batch_size], responses[start : start + batch_size]))
         width = max(len(p) + len(r) for p, r in pairs)
         ids = torch.full((len(pairs), width), tokenizer.pad_token_id)
         mask = torch.zeros((len(pairs), width), dtype=torch.long)
         target = torch.zeros((len(pairs), width), dtype=torch.bool)
         for i, (p, r) in enumerate(pairs):
-            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, :len(p) + len(r)] = 1
-            target[i, len(p):len(p) + len(r)] = True
+            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+            mask[i, : len(p) + len(r)] = 1
+            target[i, len(p) : len(p) + len(r)] = True
         ids, mask, target = ids.to(model.device), mask.to(model.device), target.to(model.device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -131,12 +138,18 @@ def _scores(reward_model, tokenizer, sequences: list[list[int]], batch_size: int
 
     scores = []
     for start in range(0, len(sequences), batch_size):
-        batch = sequences[start:start + batch_size]
+        batch = sequences[start : start + batch_size]
         width = max(map(len, batch))
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch], device=reward_model.device)
+        ids = torch.tensor(
+            [s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch], device=reward_model.device
+        )
         with torch.no_grad():
-            scores += reward_model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits[:, 0] \
-                .float().tolist()
+            scores += (
+                reward_model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long())
+                .logits[:, 0]
+                .float()
+                .tolist()
+            )
     return scores
 
 
@@ -167,15 +180,17 @@ def evaluate(recipe: Recipe) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(found[trained[0]])
     tokenizer.padding_side = "left"
     rows = data.load(spec.dataset, "eval.dataset", recipe, "eval")
-    prompts = [tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
-               for r in rows]
+    prompts = [
+        tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
+        for r in rows
+    ]
     references = rows["reference"]
     device = _device()
     reward_path = reward_model_path(recipe)
-    reward_model = models.load_reward_model(recipe, reward_path, tokenizer).to(device).eval() \
-        if reward_path else None
-    reference = AutoModelForCausalLM.from_pretrained(found[REFERENCE]).to(device).eval() \
-        if REFERENCE in found else None
+    reward_model = models.load_reward_model(recipe, reward_path, tokenizer).to(device).eval() if reward_path else None
+    reference = (
+        AutoModelForCausalLM.from_pretrained(found[REFERENCE]).to(device).eval() if REFERENCE in found else None
+    )
 
     results, answers, scores_of = {}, {}, {}
     for name, path in found.items():
@@ -197,8 +212,11 @@ def evaluate(recipe: Recipe) -> dict:
                 own = _logprobs(model, tokenizer, prompts, samples, spec.batch_size)
                 ref = _logprobs(reference, tokenizer, prompts, samples, spec.batch_size)
                 kl = _mean(a - b for a, b in zip(own, ref))
-        scores = _scores(reward_model, tokenizer, [p + r for p, r in zip(prompts, responses)], spec.batch_size) \
-            if reward_model is not None else []
+        scores = (
+            _scores(reward_model, tokenizer, [p + r for p, r in zip(prompts, responses)], spec.batch_size)
+            if reward_model is not None
+            else []
+        )
         results[name] = {
             "gold_accuracy": _mean(correct),
             "reward_mean": _mean(scores),
@@ -208,20 +226,33 @@ def evaluate(recipe: Recipe) -> dict:
             "repetition": _mean(map(_repetition, responses)),
         }
         scores_of[name] = scores
-        log("eval", f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None)
-            + f" ({time.time() - t0:.0f}s)")
+        log(
+            "eval",
+            f"{name}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None)
+            + f" ({time.time() - t0:.0f}s)",
+        )
     report = {"eval": results, "reward_accuracy": None, WIN_RATE: None, "win_rates": {}, "eval_prompts": len(rows)}
     if reward_model is not None and spec.comparisons is not None:
         report["reward_accuracy"] = reward_accuracy(recipe, reward_model, tokenizer)
         log("eval", f"reward model: pairwise accuracy {report['reward_accuracy']:.3f} on held-out comparisons")
     if REFERENCE in answers:  # each policy trained after the reference, against it; the last one's also on its own
-        later = trained[trained.index(REFERENCE) + 1:]
-        report["win_rates"] = {name: win_rate(answers[name], answers[REFERENCE], references, spec.match,
-                                              scores_of[name], scores_of[REFERENCE]) for name in later}
+        later = trained[trained.index(REFERENCE) + 1 :]
+        report["win_rates"] = {
+            name: win_rate(
+                answers[name], answers[REFERENCE], references, spec.match, scores_of[name], scores_of[REFERENCE]
+            )
+            for name in later
+        }
         report[WIN_RATE] = report["win_rates"][later[-1]] if later else None
-    report["samples"] = [{"prompt": data.render(rows[i], tokenizer, add_generation_prompt=True),
-                          "reference": references[i], **{name: answers[name][i] for name in found}}
-                         for i in range(min(8, len(rows)))]
+    report["samples"] = [
+        {
+            "prompt": data.render(rows[i], tokenizer, add_generation_prompt=True),
+            "reference": references[i],
+            **{name: answers[name][i] for name in found},
+        }
+        for i in range(min(8, len(rows)))
+    ]
     return report
 
 
@@ -238,8 +269,9 @@ def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
     return _mean(c > r for c, r in zip(chosen, rejected))
 
 
-def win_rate(policy: list[str], reference: list[str], references: list, match: str, policy_scores,
-             reference_scores) -> float:
+def win_rate(
+    policy: list[str], reference: list[str], references: list, match: str, policy_scores, reference_scores
+) -> float:
     """How often a policy's answer beats the reference policy's, ties counting half: judged by the reference answer
     where a row has one, else by the reward model."""
     points = []
@@ -333,8 +365,9 @@ def _eval_plot(out: Path, results: dict) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     width = 0.8 / max(1, len(metrics))
     for k, metric in enumerate(metrics):
-        axes[0].bar([i + k * width for i in range(len(names))], [results[n][metric] or 0 for n in names], width,
-                    label=metric)
+        axes[0].bar(
+            [i + k * width for i in range(len(names))], [results[n][metric] or 0 for n in names], width, label=metric
+        )
     axes[0].set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(names))], names)
     axes[0].set(title="held-out answers", ylim=(0, 1))
     axes[0].legend()
@@ -347,17 +380,28 @@ def _eval_plot(out: Path, results: dict) -> str:
 
 
 def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
-    lines = [f"# alignkit report: {recipe.source}", "",
-             f"Wall time {report['wall_seconds']:.0f} s. Stages: " +
-             ", ".join(f"{s} {v['status']} ({v['seconds']:.0f} s)" for s, v in report["stages"].items()) + ".", "",
-             f"## Held-out evaluation ({report['eval_prompts']} prompts)", "", *eval_table(report["eval"])]
-    lines += ["", f"- Reward model's pairwise accuracy on held-out comparisons: {fmt(report['reward_accuracy'])}",
-              *win_rate_lines(report), "",
-              "gold_accuracy: share of answers equal to the reference"
-              f" ({recipe.eval.match} match, ignoring case and end punctuation). {KL}: nats per response, on the "
-              "checkpoint's own samples at temperature 1. length_mean: tokens per answer. repetition: share of an "
-              "answer's token bigrams that repeat an earlier one."
-              + (" " + KL_NOTE if shows_kl(report["eval"]) else ""), ""]
+    lines = [
+        f"# alignkit report: {recipe.source}",
+        "",
+        f"Wall time {report['wall_seconds']:.0f} s. Stages: "
+        + ", ".join(f"{s} {v['status']} ({v['seconds']:.0f} s)" for s, v in report["stages"].items())
+        + ".",
+        "",
+        f"## Held-out evaluation ({report['eval_prompts']} prompts)",
+        "",
+        *eval_table(report["eval"]),
+    ]
+    lines += [
+        "",
+        f"- Reward model's pairwise accuracy on held-out comparisons: {fmt(report['reward_accuracy'])}",
+        *win_rate_lines(report),
+        "",
+        "gold_accuracy: share of answers equal to the reference"
+        f" ({recipe.eval.match} match, ignoring case and end punctuation). {KL}: nats per response, on the "
+        "checkpoint's own samples at temperature 1. length_mean: tokens per answer. repetition: share of an "
+        "answer's token bigrams that repeat an earlier one." + (" " + KL_NOTE if shows_kl(report["eval"]) else ""),
+        "",
+    ]
     lines += [f"![{p}]({p})" for p in plots] + ["", "## Sample answers", ""]
     for sample in report["samples"]:
         lines.append(f"**Prompt** `{sample['prompt']!r}` (reference: {sample['reference']!r})")

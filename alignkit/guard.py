@@ -38,12 +38,18 @@ def _on_signal(signum, frame):
     global _pending
     if _training and _pending is None and world_size() == 1:
         _pending = signum
-        log("", f"{_name(signum)} received: stopping at the end of this step, with a checkpoint where the stage can "
-                "resume (send it again to stop at once)")
+        log(
+            "",
+            f"{_name(signum)} received: stopping at the end of this step, with a checkpoint where the stage can "
+            "resume (send it again to stop at once)",
+        )
         return
     # outside training, a second signal, or several processes (which could not agree on one step to stop at)
-    raise Stopped(signum, f"stopped by {_name(signum)}; finished stages and the checkpoints written so far are kept: "
-                          f"run the same command again to go on: {_command}")
+    raise Stopped(
+        signum,
+        f"stopped by {_name(signum)}; finished stages and the checkpoints written so far are kept: "
+        f"run the same command again to go on: {_command}",
+    )
 
 
 @contextmanager
@@ -76,16 +82,22 @@ class _StopOnSignal(TrainerCallback):
         if self.resumable and args.save_strategy != "no":
             control.should_save, self.saving = True, True  # the trainer saves, then calls on_save below
             return
-        raise Stopped(_pending, f"stopped by {_name(_pending)} in {self.stage} at step {state.global_step}; "
-                                f"{self.stage} saves no checkpoint it could resume from, so it starts again. Finished "
-                                f"stages are kept: run the same command again to go on: {_command}")
+        raise Stopped(
+            _pending,
+            f"stopped by {_name(_pending)} in {self.stage} at step {state.global_step}; "
+            f"{self.stage} saves no checkpoint it could resume from, so it starts again. Finished "
+            f"stages are kept: run the same command again to go on: {_command}",
+        )
 
     def on_save(self, args, state, control, **kwargs):
         if self.saving:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            raise Stopped(_pending, f"stopped by {_name(_pending)} in {self.stage} at step {state.global_step} of "
-                                    f"{state.max_steps}; saved {checkpoint}. Run the same command again to resume "
-                                    f"from it: {_command}")
+            raise Stopped(
+                _pending,
+                f"stopped by {_name(_pending)} in {self.stage} at step {state.global_step} of "
+                f"{state.max_steps}; saved {checkpoint}. Run the same command again to resume "
+                f"from it: {_command}",
+            )
 
 
 # --- non-finite values --------------------------------------------------------------------------------------------
@@ -101,8 +113,10 @@ class _FiniteGuard(TrainerCallback):
     def _stop(self, args, step: int, what: str):
         checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
         kept = f"its last good checkpoint is kept ({checkpoints[-1]})" if checkpoints else "no checkpoint was written"
-        raise NonFinite(f"{self.stage}: training diverged at step {step}: {what}. The stage is not marked complete; "
-                        f"{kept}.\n  {divergence_fix(self.declared, args)}")
+        raise NonFinite(
+            f"{self.stage}: training diverged at step {step}: {what}. The stage is not marked complete; "
+            f"{kept}.\n  {divergence_fix(self.declared, args)}"
+        )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         import torch
@@ -112,14 +126,21 @@ class _FiniteGuard(TrainerCallback):
             return
         largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
         if not torch.isfinite(largest):
-            self._stop(args, state.global_step + 1, f"the gradients hold {'NaN' if largest.isnan() else 'infinite'} values (the loss "
-                                    "was NaN or infinite, or overflowed in the backward pass)")
+            self._stop(
+                args,
+                state.global_step + 1,
+                f"the gradients hold {'NaN' if largest.isnan() else 'infinite'} values (the loss "
+                "was NaN or infinite, or overflowed in the backward pass)",
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         bad = {k: v for k, v in (logs or {}).items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:
-            self._stop(args, state.global_step, "NaN or infinite values logged: " +
-                       ", ".join(f"{k} = {v}" for k, v in bad.items()))
+            self._stop(
+                args,
+                state.global_step,
+                "NaN or infinite values logged: " + ", ".join(f"{k} = {v}" for k, v in bad.items()),
+            )
 
 
 def divergence_fix(stage, args) -> str:
@@ -136,11 +157,14 @@ def check_finite(model, stage, args) -> None:
 
     bad = [name for name, p in model.named_parameters() if p.numel() and not torch.isfinite(p).all()]
     if bad:
-        raise NonFinite(f"{stage.name}: the trained weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]});"
-                        f" the stage is not marked complete.\n  {divergence_fix(stage, args)}")
+        raise NonFinite(
+            f"{stage.name}: the trained weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]});"
+            f" the stage is not marked complete.\n  {divergence_fix(stage, args)}"
+        )
 
 
 # --- progress -----------------------------------------------------------------------------------------------------
+
 
 class _Progress(TrainerCallback):
     """One line per log event, at most every `every` seconds (and at the start and end): step, the figures that
@@ -185,8 +209,11 @@ class _Progress(TrainerCallback):
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def fit(trainer, stage, folder: Path, resume: str | None = None):

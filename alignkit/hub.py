@@ -22,27 +22,53 @@ from .report import KL_NOTE, eval_table, fmt, shows_kl, win_rate_lines
 from .stages import NAMES, POLICIES, REGISTRY
 
 SKIP = {"adapter", "checkpoints", "alignkit_stage.json", "training_args.bin"}  # kept local: paths of this machine
-KEY_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "total_episodes", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "max_length", "packing", "assistant_only_loss", "kl_coef",
-                "response_length", "temperature", "num_ppo_epochs", "cliprange", "vf_coef", "missing_eos_penalty",
-                "bf16", "gradient_checkpointing")
-SHORTENED = ("# alignkit push shortened the training machine's local paths: relative to the run's parent folder "
-             "where they lay under it, else to their last component\n")
+KEY_SETTINGS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "total_episodes",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "packing",
+    "assistant_only_loss",
+    "kl_coef",
+    "response_length",
+    "temperature",
+    "num_ppo_epochs",
+    "cliprange",
+    "vf_coef",
+    "missing_eos_penalty",
+    "bf16",
+    "gradient_checkpointing",
+)
+SHORTENED = (
+    "# alignkit push shortened the training machine's local paths: relative to the run's parent folder "
+    "where they lay under it, else to their last component\n"
+)
 
 
-def push_run(run_dir: Path, repo_id: str | None, stages: list[str] | None, private: bool | None,
-             adapter: bool) -> list[str]:
+def push_run(
+    run_dir: Path, repo_id: str | None, stages: list[str] | None, private: bool | None, adapter: bool
+) -> list[str]:
     """`alignkit push`: what the command line leaves out comes from the run recipe's hub section."""
     done = complete_stages(run_dir)
     if not done:
-        raise UserError(f"{run_dir}: no finished stage here (no {'/'.join(NAMES)} folder with a complete manifest); "
-                        "give the output_dir of a run")
-    hub = (_recipe(run_dir, done[-1]).get("hub") or {})
+        raise UserError(
+            f"{run_dir}: no finished stage here (no {'/'.join(NAMES)} folder with a complete manifest); "
+            "give the output_dir of a run"
+        )
+    hub = _recipe(run_dir, done[-1]).get("hub") or {}
     repo_id = repo_id or hub.get("repo_id")
     if not repo_id:
         raise UserError("no repo id: pass --repo-id owner/name (or set hub.repo_id in the recipe)")
-    return push(run_dir, repo_id, stages or hub.get("stages"),
-                private if private is not None else hub.get("private"), adapter or hub.get("weights") == "adapter")
+    return push(
+        run_dir,
+        repo_id,
+        stages or hub.get("stages"),
+        private if private is not None else hub.get("private"),
+        adapter or hub.get("weights") == "adapter",
+    )
 
 
 def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | None, adapter: bool) -> list[str]:
@@ -58,8 +84,10 @@ def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | 
         stages = policies[-1:]
     missing = [s for s in stages if s not in done]
     if missing:
-        raise UserError(f"{run_dir}: stage(s) {', '.join(missing)} did not finish here (finished: "
-                        f"{', '.join(done) or 'none'}); run them first")
+        raise UserError(
+            f"{run_dir}: stage(s) {', '.join(missing)} did not finish here (finished: "
+            f"{', '.join(done) or 'none'}); run them first"
+        )
     stages = sorted(set(stages), key=NAMES.index)
     targets = {s: repo_id if s == stages[-1] else f"{repo_id}-{s}" for s in stages}
     token = get_token()
@@ -75,12 +103,17 @@ def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | 
             model_card(run_dir, stage, targets[stage], base, adapter, report).save(staged / "README.md")
             try:
                 api.create_repo(targets[stage], private=private, exist_ok=True)
-                api.upload_folder(repo_id=targets[stage], folder_path=str(staged),
-                                  commit_message=f"alignkit: the {stage} stage of {run_dir.resolve().name}")
+                api.upload_folder(
+                    repo_id=targets[stage],
+                    folder_path=str(staged),
+                    commit_message=f"alignkit: the {stage} stage of {run_dir.resolve().name}",
+                )
             except Exception as e:  # network, permissions, a name taken: the run itself is untouched
-                raise UserError(f"pushing {stage} to {targets[stage]} failed: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}\n  the run is unchanged; push again with "
-                                f"alignkit push {run_dir} --repo-id {repo_id}") from None
+                raise UserError(
+                    f"pushing {stage} to {targets[stage]} failed: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}\n  the run is unchanged; push again with "
+                    f"alignkit push {run_dir} --repo-id {repo_id}"
+                ) from None
         lines.append(f"{stage:9s} pushed    https://huggingface.co/{targets[stage]}")
     return lines
 
@@ -91,12 +124,16 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
     base = hub_base(run_dir, stage, targets)
     if adapter:
         if not (folder / "adapter").is_dir():
-            raise UserError(f"{folder} has no LoRA adapter (this stage trained every weight); push merged weights "
-                            "(drop --adapter / hub.weights: adapter)")
+            raise UserError(
+                f"{folder} has no LoRA adapter (this stage trained every weight); push merged weights "
+                "(drop --adapter / hub.weights: adapter)"
+            )
         if base is None:
             up = _model_stage(run_dir, stage)
-            raise UserError(f"{stage}'s adapter sits on a model trained in this run ({up}), which the Hub cannot "
-                            f"resolve: push {up} too (--stage {up} --stage {stage}), or push merged weights")
+            raise UserError(
+                f"{stage}'s adapter sits on a model trained in this run ({up}), which the Hub cannot "
+                f"resolve: push {up} too (--stage {up} --stage {stage}), or push merged weights"
+            )
         shutil.copytree(folder / "adapter", staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SKIP))
         config = json.loads((staged / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = base  # a Hub id, not this machine's path
@@ -110,8 +147,9 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
     (staged / "recipe.yaml").unlink(missing_ok=True)
     if recipe:
         shared = portable(recipe, run_dir)
-        (staged / "recipe.yaml").write_text((SHORTENED if shared != recipe else "")
-                                            + yaml.safe_dump(shared, sort_keys=False))
+        (staged / "recipe.yaml").write_text(
+            (SHORTENED if shared != recipe else "") + yaml.safe_dump(shared, sort_keys=False)
+        )
     return base
 
 
@@ -176,48 +214,89 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
 
     recipe = _recipe(run_dir, stage)
     stages = [s for s in lineage(run_dir, stage) if s in (recipe.get("stages") or {})]
-    hub_datasets = sorted({spec["dataset"]["path"] for s, spec in recipe["stages"].items() if s in stages
-                           if is_hub_id(spec["dataset"]["path"])})
+    hub_datasets = sorted(
+        {
+            spec["dataset"]["path"]
+            for s, spec in recipe["stages"].items()
+            if s in stages
+            if is_hub_id(spec["dataset"]["path"])
+        }
+    )
     data = ModelCardData(
-        base_model=base, datasets=hub_datasets or None, library_name="peft" if adapter else "transformers",
+        base_model=base,
+        datasets=hub_datasets or None,
+        library_name="peft" if adapter else "transformers",
         pipeline_tag="text-classification" if REGISTRY[stage].writes == "reward_model" else "text-generation",
-        tags=["alignkit", "trl", *dict.fromkeys(t for s in stages for t in REGISTRY[s].hub_tags)])
+        tags=["alignkit", "trl", *dict.fromkeys(t for s in stages for t in REGISTRY[s].hub_tags)],
+    )
     model = recipe.get("model") or {}
-    start = shorten(model.get("name_or_path"), run_dir) or \
-        f"an untrained {(model.get('config') or {}).get('model_type', 'model')} built from a config " \
+    start = (
+        shorten(model.get("name_or_path"), run_dir)
+        or f"an untrained {(model.get('config') or {}).get('model_type', 'model')} built from a config "
         f"({_inline(model.get('config'))})"
+    )
     rows = []
     for s in stages:
         spec = recipe["stages"][s]
         manifest = read_manifest(run_dir / s) or {}
         settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
-        rows.append(f"| {s} | `{shorten(spec['dataset']['path'], run_dir)}` | {_inline(settings)} | "
-                    f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |")
+        rows.append(
+            f"| {s} | `{shorten(spec['dataset']['path'], run_dir)}` | {_inline(settings)} | "
+            f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |"
+        )
     lines = [
-        f"# {repo_id}", "",
+        f"# {repo_id}",
+        "",
         f"The **{stage}** stage of an alignkit run ({' -> '.join(stages)}), trained with Hugging Face TRL.",
-        "This repo holds " + ("a LoRA adapter over " + f"`{base}`" if adapter else "full weights") +
-        ", the tokenizer and its chat template.", "",
-        "## Lineage", "",
+        "This repo holds "
+        + ("a LoRA adapter over " + f"`{base}`" if adapter else "full weights")
+        + ", the tokenizer and its chat template.",
+        "",
+        "## Lineage",
+        "",
         f"- Base model: {start}",
         f"- Seed: {recipe.get('seed')}",
         f"- LoRA: {_inline(recipe.get('lora')) if recipe.get('lora') else 'none (full fine-tuning)'}",
-        f"- Quantization: {_inline(recipe.get('quantization')) if recipe.get('quantization') else 'none'}", "",
-        "| stage | dataset | key settings | processes | time |", "|---|---|---|---|---|", *rows, "",
+        f"- Quantization: {_inline(recipe.get('quantization')) if recipe.get('quantization') else 'none'}",
+        "",
+        "| stage | dataset | key settings | processes | time |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
     ]
     if report and report.get("eval"):
-        lines += ["## Evaluation (held-out prompts)", "", *eval_table(report["eval"]), "",
-                  f"- Reward model pairwise accuracy on held-out comparisons: {fmt(report.get('reward_accuracy'))}",
-                  *win_rate_lines(report), "", *([KL_NOTE, ""] if shows_kl(report["eval"]) else [])]
-    load = (f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained('{repo_id}')"
-            if adapter else f"from transformers import AutoModelForCausalLM\n"
-                            f"model = AutoModelForCausalLM.from_pretrained('{repo_id}')")
-    lines += ["## Use", "", "```python", "from transformers import AutoTokenizer", load,
-              f"tokenizer = AutoTokenizer.from_pretrained('{repo_id}')",
-              "messages = [{'role': 'user', 'content': 'Hello!'}]",
-              "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
-              "return_dict=True)", "print(tokenizer.decode(model.generate(**ids, max_new_tokens=64)[0]))", "```", "",
-              "Or in a terminal: `alignkit chat " + repo_id + "`.", ""]
+        lines += [
+            "## Evaluation (held-out prompts)",
+            "",
+            *eval_table(report["eval"]),
+            "",
+            f"- Reward model pairwise accuracy on held-out comparisons: {fmt(report.get('reward_accuracy'))}",
+            *win_rate_lines(report),
+            "",
+            *([KL_NOTE, ""] if shows_kl(report["eval"]) else []),
+        ]
+    load = (
+        f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained('{repo_id}')"
+        if adapter
+        else f"from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained('{repo_id}')"
+    )
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer",
+        load,
+        f"tokenizer = AutoTokenizer.from_pretrained('{repo_id}')",
+        "messages = [{'role': 'user', 'content': 'Hello!'}]",
+        "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
+        "return_dict=True)",
+        "print(tokenizer.decode(model.generate(**ids, max_new_tokens=64)[0]))",
+        "```",
+        "",
+        "Or in a terminal: `alignkit chat " + repo_id + "`.",
+        "",
+    ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 

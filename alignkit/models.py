@@ -41,18 +41,24 @@ def load_tokenizer(recipe: Recipe, source: str | None = None):
 
     path = source or recipe.model.tokenizer or recipe.model.name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_where(recipe, path), revision=None if source else recipe.model.revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            _where(recipe, path), revision=None if source else recipe.model.revision
+        )
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer {path!r}: {str(e).splitlines()[0]}\n"
-                        "  fix model.tokenizer / model.name_or_path (a local folder, or a Hub id reachable from here; "
-                        "HF_HUB_OFFLINE=1 forbids downloads)") from None
+        raise UserError(
+            f"cannot load the tokenizer {path!r}: {str(e).splitlines()[0]}\n"
+            "  fix model.tokenizer / model.name_or_path (a local folder, or a Hub id reachable from here; "
+            "HF_HUB_OFFLINE=1 forbids downloads)"
+        ) from None
     return prepare_tokenizer(tokenizer, recipe)
 
 
 def prepare_tokenizer(tokenizer, recipe: Recipe):
     if tokenizer.eos_token is None:
-        raise UserError(f"the tokenizer of {recipe.model.tokenizer or recipe.model.name_or_path} has no EOS token; "
-                        "alignkit needs one to end answers")
+        raise UserError(
+            f"the tokenizer of {recipe.model.tokenizer or recipe.model.name_or_path} has no EOS token; "
+            "alignkit needs one to end answers"
+        )
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if PAD_TOKEN in tokenizer.get_vocab():
             tokenizer.pad_token = PAD_TOKEN
@@ -114,20 +120,26 @@ def _load_kwargs(recipe: Recipe, path: str, stage: str | None, dropout: bool = T
 def dropout_settings(config) -> dict[str, float]:
     """The dropout probabilities a model config sets, whatever the architecture names them (GPT-2's resid_pdrop,
     OPT's dropout and attention_dropout, BERT-style hidden_dropout_prob, ...)."""
-    return {k: v for k, v in config.to_dict().items()
-            if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or k.endswith("pdrop")) and v > 0}
+    return {
+        k: v
+        for k, v in config.to_dict().items()
+        if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or k.endswith("pdrop")) and v > 0
+    }
 
 
 def read_config(recipe: Recipe, path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(_where(recipe, path),
-                                          revision=recipe.model.revision if path == recipe.model.name_or_path else None)
+        return AutoConfig.from_pretrained(
+            _where(recipe, path), revision=recipe.model.revision if path == recipe.model.name_or_path else None
+        )
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
-                        "  give a folder that holds a whole model (config.json and its weights) or a Hub id reachable "
-                        "from here") from None
+        raise UserError(
+            f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
+            "  give a folder that holds a whole model (config.json and its weights) or a Hub id reachable "
+            "from here"
+        ) from None
 
 
 def load_causal_lm(recipe: Recipe, path: str, tokenizer, stage: str | None = None, dropout: bool = True):
@@ -145,9 +157,11 @@ def _from_pretrained(cls, recipe: Recipe, path: str, kwargs: dict):
     try:
         return cls.from_pretrained(_where(recipe, path), **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
-                        "  give a folder that holds a whole model (config.json and its weights) or a Hub id reachable "
-                        "from here") from None
+        raise UserError(
+            f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
+            "  give a folder that holds a whole model (config.json and its weights) or a Hub id reachable "
+            "from here"
+        ) from None
 
 
 def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = None, dropout: bool = True):

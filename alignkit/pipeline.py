@@ -48,7 +48,7 @@ def upstream_in(names: list[str], stage: str, reward_model_given: bool) -> dict[
     earlier = [s for s in declared.model_from if s in names]
     roles = {"model": earlier[-1] if earlier else None}
     if declared.reward_model and not reward_model_given:
-        makers = [s for s in names[:names.index(stage)] if REGISTRY[s].writes == "reward_model"]
+        makers = [s for s in names[: names.index(stage)] if REGISTRY[s].writes == "reward_model"]
         roles["reward_model"] = makers[-1] if makers else None
     return roles
 
@@ -62,16 +62,22 @@ def read_manifest(folder: Path) -> dict | None:
 
 def output_files(folder: Path) -> dict[str, int]:
     """The files of a stage's output and their sizes (checkpoints and the manifest aside)."""
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MANIFEST and p.relative_to(folder).parts[0] != "checkpoints"}
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and p.relative_to(folder).parts[0] != "checkpoints"
+    }
 
 
 def missing_files(folder: Path, manifest: dict) -> list[str]:
     """The files a complete manifest lists that are gone or of another size (an output damaged after it was
     written). A manifest from before files were listed needs at least the model's config.json."""
     listed = manifest.get("files", {"config.json": None})
-    return [name for name, size in listed.items()
-            if not (folder / name).is_file() or (size is not None and (folder / name).stat().st_size != size)]
+    return [
+        name
+        for name, size in listed.items()
+        if not (folder / name).is_file() or (size is not None and (folder / name).stat().st_size != size)
+    ]
 
 
 def read_complete(folder: Path) -> dict | None:
@@ -142,10 +148,18 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
     template_file = m.chat_template if m.chat_template and "{" not in m.chat_template else None
     files = [local_files_hash(p, recipe) for p in (m.name_or_path, m.tokenizer, template_file)]
     lora, quantization = recipe.adapters(stage)
-    model_settings = {"model": plain(m), "files": files, "lora": lora, "quantization": quantization,
-                      "seed": recipe.seed}
-    return {"config": _hash([spec, model_settings]), "data": data.fingerprint(recipe.stages[stage].dataset, recipe),
-            "upstream": upstream_fps}
+    model_settings = {
+        "model": plain(m),
+        "files": files,
+        "lora": lora,
+        "quantization": quantization,
+        "seed": recipe.seed,
+    }
+    return {
+        "config": _hash([spec, model_settings]),
+        "data": data.fingerprint(recipe.stages[stage].dataset, recipe),
+        "upstream": upstream_fps,
+    }
 
 
 def _why(old: dict | None, new: dict, folder: Path) -> str:
@@ -196,9 +210,10 @@ def select(recipe: Recipe, only: str | None = None, start: str | None = None) ->
     names = list(recipe.stages)
     for flag, stage in (("--only", only), ("--from", start)):
         if stage is not None and stage not in names:
-            raise UserError(f"{flag} {stage}: the recipe {recipe.source} has no {stage} stage; its stages are "
-                            f"{', '.join(names)}")
-    selected = [only] if only else names[names.index(start):] if start else names
+            raise UserError(
+                f"{flag} {stage}: the recipe {recipe.source} has no {stage} stage; its stages are {', '.join(names)}"
+            )
+    selected = [only] if only else names[names.index(start) :] if start else names
     out = Path(recipe.output_dir)
 
     def missing(stage: str) -> list[str]:  # the stages `stage` needs that have no complete output, nearest first
@@ -209,10 +224,19 @@ def select(recipe: Recipe, only: str | None = None, start: str | None = None) ->
         for up in upstream(recipe, stage).values():
             if up is not None and up not in selected and not read_complete(out / up):
                 first = min([up, *missing(up)], key=names.index)
-                command = shlex.join(["alignkit", "run", str(recipe.source), *recipe.overrides,
-                                      *(["--only", up] if first == up else ["--from", first])])
-                raise UserError(f"{stage} needs the {up} stage's output, but {out / up} is missing or incomplete; "
-                                f"run it first: {command}")
+                command = shlex.join(
+                    [
+                        "alignkit",
+                        "run",
+                        str(recipe.source),
+                        *recipe.overrides,
+                        *(["--only", up] if first == up else ["--from", first]),
+                    ]
+                )
+                raise UserError(
+                    f"{stage} needs the {up} stage's output, but {out / up} is missing or incomplete; "
+                    f"run it first: {command}"
+                )
     return selected
 
 
@@ -244,7 +268,9 @@ def run(recipe: Recipe, only: str | None = None, start: str | None = None, force
             log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
             summary[stage] = {"status": "reused", "seconds": complete.get("seconds", 0.0)}
             continue
-        summary[stage] = _train(recipe, stage, folder, roles, fp, parts, _why(complete or manifest, parts, folder), force)
+        summary[stage] = _train(
+            recipe, stage, folder, roles, fp, parts, _why(complete or manifest, parts, folder), force
+        )
     return summary
 
 
@@ -284,8 +310,10 @@ def _has_weights(checkpoint: Path) -> bool:
             return False
         weights = all((checkpoint / s).is_file() for s in shards)
     else:
-        weights = any((checkpoint / name).is_file() for name in
-                      ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin"))
+        weights = any(
+            (checkpoint / name).is_file()
+            for name in ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+        )
     return weights and any((checkpoint / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
 
 
@@ -334,10 +362,20 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
         metrics["processes"] = world_size()
         files.write_json(partial / "metrics.json", metrics)
         # complete from here on: a kill after this line leaves a partial folder that recover() moves into place
-        files.write_json(partial / MANIFEST, {"stage": stage, "status": "complete", "fingerprint": fp, "parts": parts,
-                                              "inputs": inputs, "seconds": seconds, "processes": world_size(),
-                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                              "files": output_files(partial)})
+        files.write_json(
+            partial / MANIFEST,
+            {
+                "stage": stage,
+                "status": "complete",
+                "fingerprint": fp,
+                "parts": parts,
+                "inputs": inputs,
+                "seconds": seconds,
+                "processes": world_size(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "files": output_files(partial),
+            },
+        )
         _swap(partial, folder)
     wait_for_everyone()  # the next stage reads this one's output
     figures = "".join(f", {k} {v:.4g}" for k, v in metrics.get("figures", {}).items())

@@ -74,24 +74,32 @@ class Dataset:
     name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
     revision: str | None = field(default=None, metadata={"help": "Hub dataset revision (branch, tag or commit)"})
     format: Literal["auto", "alpaca", "sharegpt", "hh"] = field(
-        default="auto", metadata={"help": "'auto' detects TRL's formats and the alpaca/sharegpt/hh converters"})
+        default="auto", metadata={"help": "'auto' detects TRL's formats and the alpaca/sharegpt/hh converters"}
+    )
     columns: dict[str, str] = field(
-        default_factory=dict, metadata={"help": "rename columns first: {expected_name: your_column}"})
+        default_factory=dict, metadata={"help": "rename columns first: {expected_name: your_column}"}
+    )
     max_rows: int | None = field(default=None, metadata={"help": "use only the first N rows"})
 
 
 @dataclass
 class Model:
     name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local folder of a pretrained causal LM (GPT-2 style)"})
+        default=None, metadata={"help": "Hub id or local folder of a pretrained causal LM (GPT-2 style)"}
+    )
     config: dict[str, Any] | None = field(
-        default=None, metadata={"help": "build an untrained model instead: {model_type: gpt2, n_layer: 2, ...}"})
+        default=None, metadata={"help": "build an untrained model instead: {model_type: gpt2, n_layer: 2, ...}"}
+    )
     tokenizer: str | None = field(
-        default=None, metadata={"help": "Hub id or local folder of the tokenizer (default: name_or_path)"})
+        default=None, metadata={"help": "Hub id or local folder of the tokenizer (default: name_or_path)"}
+    )
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "Jinja chat template, or a .jinja file, replacing the tokenizer's own (default: the "
-                          "tokenizer's, else alignkit's 'User:/Assistant:' template that ends each answer with EOS)"})
+        metadata={
+            "help": "Jinja chat template, or a .jinja file, replacing the tokenizer's own (default: the "
+            "tokenizer's, else alignkit's 'User:/Assistant:' template that ends each answer with EOS)"
+        },
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model and tokenizer"})
 
 
@@ -101,14 +109,22 @@ class StageSettings:
 
     dataset: Dataset = field(metadata={"help": "the stage's data"})
     trainer: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "settings for TRL's config class of the stage (SFTConfig, "
-                                                "RewardConfig, ...: the stage declares it)"})
+        default_factory=dict,
+        metadata={
+            "help": "settings for TRL's config class of the stage (SFTConfig, "
+            "RewardConfig, ...: the stage declares it)"
+        },
+    )
     overlength: Literal["truncate", "error"] = field(
-        default="truncate", metadata={"help": "rows longer than the context: 'truncate' (with a warning) or 'error'"})
+        default="truncate", metadata={"help": "rows longer than the context: 'truncate' (with a warning) or 'error'"}
+    )
     lora: dict[str, Any] | bool | None = field(
-        default=None, metadata={"help": "this stage's LoRA settings, replacing the recipe's lora; false: train in full"})
+        default=None,
+        metadata={"help": "this stage's LoRA settings, replacing the recipe's lora; false: train in full"},
+    )
     quantization: dict[str, Any] | bool | None = field(
-        default=None, metadata={"help": "this stage's quantization, replacing the recipe's; false: full precision"})
+        default=None, metadata={"help": "this stage's quantization, replacing the recipe's; false: full precision"}
+    )
 
 
 @dataclass
@@ -116,7 +132,8 @@ class RewardModelSettings(StageSettings):
     """The keys of a stage that reads a reward model."""
 
     reward_model: str | None = field(
-        default=None, metadata={"help": "a reward model folder, instead of the reward stage's output"})
+        default=None, metadata={"help": "a reward model folder, instead of the reward stage's output"}
+    )
 
 
 def _example_stage() -> str:
@@ -137,23 +154,31 @@ def stage_settings(name: str) -> type | None:
 class Eval:
     dataset: Dataset = field(metadata={"help": "held-out prompts; a 'reference' column enables gold accuracy"})
     comparisons: Dataset | None = field(
-        default=None, metadata={"help": "held-out comparisons (pairs or rankings): the reward model's accuracy"})
+        default=None, metadata={"help": "held-out comparisons (pairs or rankings): the reward model's accuracy"}
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "longest answer generated"})
     batch_size: int = field(default=64, metadata={"help": "prompts generated at once"})
     match: Literal["exact", "contains"] = field(
-        default="exact", metadata={"help": "an answer is correct when it equals ('exact') or contains the reference, "
-                                           "ignoring case, spacing and end punctuation"})
+        default="exact",
+        metadata={
+            "help": "an answer is correct when it equals ('exact') or contains the reference, "
+            "ignoring case, spacing and end punctuation"
+        },
+    )
 
 
 @dataclass
 class Hub:
-    repo_id: str = field(metadata={"help": "owner/name: the last stage pushed goes here, earlier ones to "
-                                           "owner/name-STAGE"})
+    repo_id: str = field(
+        metadata={"help": "owner/name: the last stage pushed goes here, earlier ones to owner/name-STAGE"}
+    )
     stages: list[str] | None = field(
-        default=None, metadata={"help": "stages to push (default: the run's last policy stage)"})
+        default=None, metadata={"help": "stages to push (default: the run's last policy stage)"}
+    )
     private: bool | None = field(default=None, metadata={"help": "create the repos private (default: the Hub's)"})
     weights: Literal["merged", "adapter"] = field(
-        default="merged", metadata={"help": "with lora: push full merged weights, or the adapter alone"})
+        default="merged", metadata={"help": "with lora: push full merged weights, or the adapter alone"}
+    )
 
 
 @dataclass
@@ -161,15 +186,19 @@ class Recipe:
     output_dir: str = field(metadata={"help": "folder for every stage's output: {output_dir}/{stage}/"})
     model: Model = field(metadata={"help": "the base model and tokenizer"})
     stages: dict[str, StageSettings] = field(
-        metadata={"help": "an ordered selection of the stages", "schema_by_key": stage_settings})
+        metadata={"help": "an ordered selection of the stages", "schema_by_key": stage_settings}
+    )
     seed: int = field(default=42, metadata={"help": "random seed, unless a trainer block sets its own"})
     lora: dict[str, Any] | None = field(
-        default=None, metadata={"help": "train LoRA adapters: settings for peft.LoraConfig (r, lora_alpha, ...)"})
+        default=None, metadata={"help": "train LoRA adapters: settings for peft.LoraConfig (r, lora_alpha, ...)"}
+    )
     quantization: dict[str, Any] | None = field(
-        default=None, metadata={"help": "load quantized: settings for transformers.BitsAndBytesConfig"})
+        default=None, metadata={"help": "load quantized: settings for transformers.BitsAndBytesConfig"}
+    )
     eval: Eval | None = field(
-        default=None, metadata={"help": "evaluate the run's policy checkpoints on held-out prompts after a run: "
-                                       "report.md/json"})
+        default=None,
+        metadata={"help": "evaluate the run's policy checkpoints on held-out prompts after a run: report.md/json"},
+    )
     hub: Hub | None = field(default=None, metadata={"help": "push models to the Hugging Face Hub at the end of a run"})
     source: Path = field(default=Path("<recipe>"), metadata={"yaml": False})
     # each stage's trainer config (stages.spec.Built), built when the recipe loads with its trainers checked
@@ -212,8 +241,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_traine
     try:
         data = path.read_bytes()
     except OSError as e:
-        hint = "; to set a recipe key, write KEY=VALUE (e.g. seed=1)" if not path.suffix and "/" not in str(path) \
-            else ""
+        hint = (
+            "; to set a recipe key, write KEY=VALUE (e.g. seed=1)" if not path.suffix and "/" not in str(path) else ""
+        )
         raise RecipeError(str(path), [Problem("", f"cannot read the recipe: {e.strerror}{hint}")]) from None
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as some editors write, is harmless
@@ -227,17 +257,34 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_traine
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else None
-        raise RecipeError(str(path), [Problem("", f"not valid YAML: {getattr(e, 'problem', e)}; fix the syntax there "
-                                                  "(indentation, a missing colon or closing bracket, quotes)",
-                                              where=where)]) from None
+        raise RecipeError(
+            str(path),
+            [
+                Problem(
+                    "",
+                    f"not valid YAML: {getattr(e, 'problem', e)}; fix the syntax there "
+                    "(indentation, a missing colon or closing bracket, quotes)",
+                    where=where,
+                )
+            ],
+        ) from None
     except RecursionError:  # PyYAML composes nested collections recursively
-        raise RecipeError(str(path), [Problem("", "nested too deeply to read; a recipe is a few levels of mappings")]) \
-            from None
+        raise RecipeError(
+            str(path), [Problem("", "nested too deeply to read; a recipe is a few levels of mappings")]
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(str(path), [Problem("", "expected a mapping of keys (output_dir, model, stages, ...); write "
-                                                  "the recipe as `key: value` lines, as recipes/tiny.yaml does")])
+        raise RecipeError(
+            str(path),
+            [
+                Problem(
+                    "",
+                    "expected a mapping of keys (output_dir, model, stages, ...); write "
+                    "the recipe as `key: value` lines, as recipes/tiny.yaml does",
+                )
+            ],
+        )
 
     problems: list[Problem] = duplicates  # PyYAML keeps the last of two equal keys without a word
     overridden = set()
@@ -250,8 +297,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_traine
         recipe.source, recipe.overrides = path, list(overrides)
         _check(recipe, problems, check_trainers)
     for p in problems:
-        if p.where is None and any(p.key == k or p.key.startswith(k + ".") or
-                                   (k.startswith(p.key + ".") and p.key not in lines) for k in overridden):
+        if p.where is None and any(
+            p.key == k or p.key.startswith(k + ".") or (k.startswith(p.key + ".") and p.key not in lines)
+            for k in overridden
+        ):
             p.where = "command line"
         elif p.where is None:
             p.where = _nearest_line(lines, p.key)
@@ -265,8 +314,14 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> str | None
     remove = item.startswith("~") and "=" not in item
     key, sep, value = (item[1:], "", "") if remove else item.partition("=")
     if not (sep or remove) or not key or any(not part for part in key.split(".")):
-        problems.append(Problem("", f"override {item!r} is not KEY=VALUE or ~KEY with a dotted key, e.g. "
-                                    "stages.ppo.trainer.learning_rate=1e-5", where="command line"))
+        problems.append(
+            Problem(
+                "",
+                f"override {item!r} is not KEY=VALUE or ~KEY with a dotted key, e.g. "
+                "stages.ppo.trainer.learning_rate=1e-5",
+                where="command line",
+            )
+        )
         return None
     try:
         parsed = yaml.safe_load(value) if value else ""
@@ -279,8 +334,13 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> str | None
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            problems.append(Problem(".".join(parts[: i + 1]), f"is {child!r}, not a mapping, so {key} cannot be set",
-                                    where="command line"))
+            problems.append(
+                Problem(
+                    ".".join(parts[: i + 1]),
+                    f"is {child!r}, not a mapping, so {key} cannot be set",
+                    where="command line",
+                )
+            )
             return None
         node = child
     if remove:
@@ -310,8 +370,11 @@ def _build(cls, data, key: str, problems: list[Problem]):
             continue
         value, tp = data[name], hints[name]
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(inner) == 1 and \
-                dataclasses.is_dataclass(inner[0]):
+        if (
+            typing.get_origin(tp) in (typing.Union, types.UnionType)
+            and len(inner) == 1
+            and dataclasses.is_dataclass(inner[0])
+        ):
             tp = inner[0] if value is not None else type(None)  # an optional section
         if tp is type(None):
             pass
@@ -319,9 +382,14 @@ def _build(cls, data, key: str, problems: list[Problem]):
             value = _build(tp, value, sub, problems)
         elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             if not isinstance(value, dict):
-                problems.append(Problem(sub, f"expected a mapping of stage names to their settings, got "
-                                             f"{_show(value)}; e.g. {name}: {{{_example_stage()}: {{dataset: {{path: "
-                                             f"data/{_example_stage()}.jsonl}}}}}}"))
+                problems.append(
+                    Problem(
+                        sub,
+                        f"expected a mapping of stage names to their settings, got "
+                        f"{_show(value)}; e.g. {name}: {{{_example_stage()}: {{dataset: {{path: "
+                        f"data/{_example_stage()}.jsonl}}}}}}",
+                    )
+                )
                 continue
             schema = f.metadata.get("schema_by_key", lambda k: typing.get_args(tp)[1])
             # a key without a schema (an unknown stage) is reported by _check; its value is kept unbuilt
@@ -362,8 +430,13 @@ def check_range(name: str, value, key: str, problems: list[Problem], default=Non
         return  # not a rule's key, or a type or non-finite problem reported on its own
     if not rule[1](value):
         known = default not in (None, dataclasses.MISSING)
-        problems.append(Problem(key, f"must be {rule[0]}, got {value!r}; set a value in that range, or remove the key "
-                                     f"to get the default{f' ({default!r})' if known else ''}"))
+        problems.append(
+            Problem(
+                key,
+                f"must be {rule[0]}, got {value!r}; set a value in that range, or remove the key "
+                f"to get the default{f' ({default!r})' if known else ''}",
+            )
+        )
 
 
 def _non_finite(value, seen: set[int] | None = None) -> bool:
@@ -397,8 +470,13 @@ def check_value(value, tp, key: str, problems: list[Problem], about: str = ""):
             pass
     if not _fits(value, tp):
         wanted = _describe(tp)
-        problems.append(Problem(key, f"expected {wanted}, got {_show(value)}; write {wanted.removesuffix(' (or null)')} "
-                                     f"here{f' ({about})' if about else ''}"))
+        problems.append(
+            Problem(
+                key,
+                f"expected {wanted}, got {_show(value)}; write {wanted.removesuffix(' (or null)')} "
+                f"here{f' ({about})' if about else ''}",
+            )
+        )
     return value
 
 
@@ -445,13 +523,22 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
-             list: "a list", tuple: "a list"}
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a mapping",
+        list: "a list",
+        tuple: "a list",
+    }
     return names.get(tp) or names.get(origin) or getattr(tp, "__name__", str(tp))
 
 
 def _show(value) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else yaml.safe_dump(value, default_flow_style=True).strip()
+    text = (
+        repr(value) if not isinstance(value, (dict, list)) else yaml.safe_dump(value, default_flow_style=True).strip()
+    )
     return (text[:60] + "...") if len(text) > 60 else text
 
 
@@ -466,16 +553,27 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
     context = None  # (the model's context length, where it comes from), where it is known without a download
     if isinstance(m, Model):
         if (m.name_or_path is None) == (m.config is None):
-            problems.append(Problem("model", "set exactly one of model.name_or_path (a pretrained model) and "
-                                             "model.config (an untrained model built from a config)"))
+            problems.append(
+                Problem(
+                    "model",
+                    "set exactly one of model.name_or_path (a pretrained model) and "
+                    "model.config (an untrained model built from a config)",
+                )
+            )
         if m.config is not None and m.tokenizer is None:
             problems.append(Problem("model.tokenizer", "required with model.config: a tokenizer folder or Hub id"))
         _check_local(m.name_or_path, "model.name_or_path", base, problems, folder="a model folder (with config.json)")
         _check_local(m.tokenizer, "model.tokenizer", base, problems, folder="a tokenizer folder")
         if isinstance(m.chat_template, str):
             if "{" not in m.chat_template:
-                _check_local(m.chat_template, "model.chat_template", base, problems, always_local=True,
-                             suffixes=(".jinja", ".j2"))
+                _check_local(
+                    m.chat_template,
+                    "model.chat_template",
+                    base,
+                    problems,
+                    always_local=True,
+                    suffixes=(".jinja", ".j2"),
+                )
             _check_chat_template(m.chat_template, base, problems)
         if isinstance(m.config, dict):
             context = _check_model_config(m.config, problems)
@@ -486,8 +584,13 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
         out = Path(recipe.output_dir).expanduser()
         blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:
-            problems.append(Problem("output_dir", f"{blocker} is a file, but the run's folder {out} must be a folder "
-                                                  "(it is made if missing); choose another output_dir"))
+            problems.append(
+                Problem(
+                    "output_dir",
+                    f"{blocker} is a file, but the run's folder {out} must be a folder "
+                    "(it is made if missing); choose another output_dir",
+                )
+            )
 
     from .stages import NAMES, REGISTRY
 
@@ -495,19 +598,29 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
     for name in names:
         if name not in REGISTRY:
             hint = difflib.get_close_matches(str(name), NAMES, n=1)
-            problems.append(Problem(f"stages.{name}", "unknown stage; " + (f"did you mean {hint[0]}?" if hint else
-                                    f"stages are {', '.join(NAMES)}")))
+            problems.append(
+                Problem(
+                    f"stages.{name}",
+                    "unknown stage; " + (f"did you mean {hint[0]}?" if hint else f"stages are {', '.join(NAMES)}"),
+                )
+            )
     known = [n for n in names if n in REGISTRY]
     if known != sorted(known, key=NAMES.index):
-        problems.append(Problem("stages", f"stages run in the order {' -> '.join(NAMES)}; list them so "
-                                          f"(got {', '.join(known)})"))
+        problems.append(
+            Problem("stages", f"stages run in the order {' -> '.join(NAMES)}; list them so (got {', '.join(known)})")
+        )
     if not names:
         problems.append(Problem("stages", "no stages: name at least one of " + ", ".join(NAMES)))
     if isinstance(m, Model) and m.config is not None and known and not REGISTRY[known[0]].from_scratch:
         first = next((s.name for s in REGISTRY.values() if s.from_scratch), "a stage that trains from scratch")
-        problems.append(Problem("model.config", f"builds an untrained model, which only a {first} stage trains, but "
-                                                f"this recipe starts with {known[0]}; add a {first} stage before it, "
-                                                "or replace model.config with model.name_or_path (a pretrained model)"))
+        problems.append(
+            Problem(
+                "model.config",
+                f"builds an untrained model, which only a {first} stage trains, but "
+                f"this recipe starts with {known[0]}; add a {first} stage before it, "
+                "or replace model.config with model.name_or_path (a pretrained model)",
+            )
+        )
     for name in known:
         stage, declared = recipe.stages[name], REGISTRY[name]
         if stage is None:
@@ -517,16 +630,29 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
             _check_local(stage.dataset.path, f"{key}.dataset.path", base, problems)
         given = getattr(stage, "reward_model", None)
         if given is not None:
-            _check_local(given, f"{key}.reward_model", base, problems,
-                         folder="a reward model folder (a reward stage's output)")
+            _check_local(
+                given, f"{key}.reward_model", base, problems, folder="a reward model folder (a reward stage's output)"
+            )
             local = resolve_path(given, base) if isinstance(given, str) else None
             if local is not None and local.is_dir() and not (local / "config.json").is_file():
-                problems.append(Problem(f"{key}.reward_model", f"{given} holds no config.json, so it is not a model "
-                                                               "folder; give a reward stage's output folder"))
-        elif declared.reward_model and not any(REGISTRY[n].writes == "reward_model" for n in known[:known.index(name)]):
+                problems.append(
+                    Problem(
+                        f"{key}.reward_model",
+                        f"{given} holds no config.json, so it is not a model "
+                        "folder; give a reward stage's output folder",
+                    )
+                )
+        elif declared.reward_model and not any(
+            REGISTRY[n].writes == "reward_model" for n in known[: known.index(name)]
+        ):
             makers = [s.name for s in REGISTRY.values() if s.writes == "reward_model"]
-            problems.append(Problem(f"{key}.reward_model", f"{name} needs a reward model: add a {' or '.join(makers)} "
-                                                          f"stage before it, or set {key}.reward_model to a trained one"))
+            problems.append(
+                Problem(
+                    f"{key}.reward_model",
+                    f"{name} needs a reward model: add a {' or '.join(makers)} "
+                    f"stage before it, or set {key}.reward_model to a trained one",
+                )
+            )
         if check_trainers and isinstance(stage.trainer, dict):
             from .stages.spec import build_config
 
@@ -541,8 +667,12 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
     if recipe.hub is not None:
         _check_hub(recipe, known, problems)
     blocks = [("lora", recipe.lora), ("quantization", recipe.quantization)]
-    blocks += [(f"stages.{n}.{k}", getattr(recipe.stages[n], k)) for n in known if recipe.stages[n] for k in
-               ("lora", "quantization")]
+    blocks += [
+        (f"stages.{n}.{k}", getattr(recipe.stages[n], k))
+        for n in known
+        if recipe.stages[n]
+        for k in ("lora", "quantization")
+    ]
     for key, value in blocks:
         if value is True:
             problems.append(Problem(key, "expected a mapping of settings, or false to turn it off for this stage"))
@@ -550,8 +680,9 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
             if key.endswith("lora"):
                 from peft import LoraConfig
 
-                check_config_class(LoraConfig, value, key, problems, reserved={"task_type": "set by each stage"},
-                                   ranges=True)
+                check_config_class(
+                    LoraConfig, value, key, problems, reserved={"task_type": "set by each stage"}, ranges=True
+                )
             else:
                 _check_quantization(value, problems, key)
     if any(value is True for _, value in blocks):
@@ -565,28 +696,52 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
             continue  # none, or of a wrong type that is reported already
         where = f"stages.{name}.quantization" if stage.quantization else "quantization"
         if lora is None:
-            problems.append(Problem(where, f"the {name} stage would train quantized weights in full, which cannot be "
-                                           "done; give it LoRA settings to train adapters over them (QLoRA)"))
+            problems.append(
+                Problem(
+                    where,
+                    f"the {name} stage would train quantized weights in full, which cannot be "
+                    "done; give it LoRA settings to train adapters over them (QLoRA)",
+                )
+            )
         if isinstance(stage.trainer, dict) and stage.trainer.get("bf16") is False:
-            problems.append(Problem(f"stages.{name}.trainer.bf16", "with quantization TRL casts the LoRA "
-                                    "adapters to bf16 (as QLoRA does), so training needs bf16 on; remove bf16: false"))
+            problems.append(
+                Problem(
+                    f"stages.{name}.trainer.bf16",
+                    "with quantization TRL casts the LoRA "
+                    "adapters to bf16 (as QLoRA does), so training needs bf16 on; remove bf16: false",
+                )
+            )
 
 
 def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> None:
     hub = recipe.hub
     if isinstance(hub.repo_id, str) and not is_repo_id(hub.repo_id):
-        problems.append(Problem("hub.repo_id", f"expected owner/name (your user or organisation, then the repo), got "
-                                               f"{hub.repo_id!r}"))
+        problems.append(
+            Problem(
+                "hub.repo_id", f"expected owner/name (your user or organisation, then the repo), got {hub.repo_id!r}"
+            )
+        )
     for stage in hub.stages if isinstance(hub.stages, list) else []:
         if stage not in known:
             problems.append(Problem("hub.stages", f"{stage!r} is not a stage of this recipe ({', '.join(known)})"))
     if hub.weights == "adapter" and not any(recipe.adapters(s)[0] for s in known if recipe.stages[s]):
-        problems.append(Problem("hub.weights", "'adapter' needs a lora block: without LoRA a stage has full weights "
-                                               "only; use weights: merged"))
+        problems.append(
+            Problem(
+                "hub.weights",
+                "'adapter' needs a lora block: without LoRA a stage has full weights only; use weights: merged",
+            )
+        )
 
 
-def _check_local(value, key, base: Path, problems, folder: str | None = None, always_local: bool = False,
-                 suffixes=tuple(DATA_SUFFIXES)) -> None:
+def _check_local(
+    value,
+    key,
+    base: Path,
+    problems,
+    folder: str | None = None,
+    always_local: bool = False,
+    suffixes=tuple(DATA_SUFFIXES),
+) -> None:
     """Report a local path that does not exist, or is a file where `folder` (what the folder holds) is expected, or a
     folder where a file (one of `suffixes`) is. Hub ids (`name` or `owner/name`) are left for load time."""
     if not isinstance(value, str):
@@ -595,23 +750,38 @@ def _check_local(value, key, base: Path, problems, folder: str | None = None, al
     if found is None:
         if always_local or not is_hub_id(value, base):
             what = "folder" if folder else "file"
-            problems.append(Problem(key, f"{what} not found: {value} (looked in {Path.cwd()} and {base.resolve()}); "
-                                         "fix the path, or give a Hub id as owner/name"))
+            problems.append(
+                Problem(
+                    key,
+                    f"{what} not found: {value} (looked in {Path.cwd()} and {base.resolve()}); "
+                    "fix the path, or give a Hub id as owner/name",
+                )
+            )
     elif folder and not found.is_dir():
-        problems.append(Problem(key, f"{value} is a file, but {folder} is expected here; give the folder that holds "
-                                     "it"))
+        problems.append(
+            Problem(key, f"{value} is a file, but {folder} is expected here; give the folder that holds it")
+        )
     elif not folder and not found.is_file():
-        inside = sorted(p.name for p in found.iterdir() if p.is_file() and p.suffix in suffixes) if found.is_dir() \
-            else []
-        problems.append(Problem(key, f"{value} is {'a folder' if found.is_dir() else 'not a regular file'}, but a "
-                                     f"file is expected here; name a file" + (
-                                         f" in it, e.g. {Path(value) / inside[0]}" if inside else "")))
+        inside = (
+            sorted(p.name for p in found.iterdir() if p.is_file() and p.suffix in suffixes) if found.is_dir() else []
+        )
+        problems.append(
+            Problem(
+                key,
+                f"{value} is {'a folder' if found.is_dir() else 'not a regular file'}, but a "
+                f"file is expected here; name a file" + (f" in it, e.g. {Path(value) / inside[0]}" if inside else ""),
+            )
+        )
 
 
 def is_hub_id(value: str, base: Path = Path(".")) -> bool:
     """`name` or `owner/name` that names nothing on this machine: a Hub model or dataset."""
-    return resolve_path(value, base) is None and not value.startswith((".", "/", "~")) and value.count("/") <= 1 \
+    return (
+        resolve_path(value, base) is None
+        and not value.startswith((".", "/", "~"))
+        and value.count("/") <= 1
         and Path(value).suffix not in DATA_SUFFIXES
+    )
 
 
 def is_repo_id(value: str) -> bool:
@@ -621,7 +791,7 @@ def is_repo_id(value: str) -> bool:
 
 def resolve_path(path: str, base: Path) -> Path | None:
     p = Path(path).expanduser()
-    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, base / p]):
+    for candidate in [p] if p.is_absolute() else [Path.cwd() / p, base / p]:
         try:
             if candidate.exists():
                 return candidate.resolve()
@@ -667,8 +837,9 @@ def _check_local_model(folder: Path, problems) -> tuple[int, str] | None:
         return None
     model_type = config.get("model_type")
     if isinstance(model_type, str) and (why := _not_a_causal_lm(model_type)):
-        problems.append(Problem("model.name_or_path", f"its config.json says model_type {model_type!r}, which {why}; "
-                                                      f"{CAUSAL_FIX}"))
+        problems.append(
+            Problem("model.name_or_path", f"its config.json says model_type {model_type!r}, which {why}; {CAUSAL_FIX}")
+        )
     context = _context_length(config)
     return (context, f"{folder / 'config.json'}") if context else None
 
@@ -691,9 +862,14 @@ def _check_model_config(config: dict, problems) -> tuple[int, str] | None:
     _unknown_keys({k: v for k, v in config.items()}, defaults, "model.config", f"{model_type}'s config", problems)
     for name, value in config.items():
         if _non_finite(value):
-            problems.append(Problem(f"model.config.{name}", f"expected finite numbers, got {_show(value)}; write a "
-                                                            "number (YAML reads .nan and .inf as not-a-number and "
-                                                            "infinity)"))
+            problems.append(
+                Problem(
+                    f"model.config.{name}",
+                    f"expected finite numbers, got {_show(value)}; write a "
+                    "number (YAML reads .nan and .inf as not-a-number and "
+                    "infinity)",
+                )
+            )
     why = _not_a_causal_lm(model_type)
     if why:
         problems.append(Problem("model.config.model_type", f"{model_type!r} {why}; {CAUSAL_FIX}"))
@@ -704,13 +880,21 @@ def _check_model_config(config: dict, problems) -> tuple[int, str] | None:
         built = AutoConfig.for_model(model_type, **settings)
     except (ValueError, TypeError, AttributeError, ArithmeticError, *_strict_dataclass_errors()) as e:
         # the config class's own validation of the settings
-        problems.append(Problem("model.config", f"{model_type}'s config refused these settings: {_one_line(e)}; fix "
-                                                "them as it says", cause=e))
+        problems.append(
+            Problem(
+                "model.config",
+                f"{model_type}'s config refused these settings: {_one_line(e)}; fix them as it says",
+                cause=e,
+            )
+        )
         return None
     refusal, cause = _build_on_meta(built)
     if refusal:
-        problems.append(Problem("model.config", f"a {model_type} model cannot be built from these settings: {refusal}",
-                                cause=cause))
+        problems.append(
+            Problem(
+                "model.config", f"a {model_type} model cannot be built from these settings: {refusal}", cause=cause
+            )
+        )
         return None
     context = _context_length(built.to_dict())
     return (context, f"model.config's {next(k for k in CONTEXT_KEYS if k in built.to_dict())}") if context else None
@@ -759,8 +943,9 @@ def _build_on_meta(config) -> tuple[str | None, BaseException | None]:
         logger.handlers = handlers
         logger.setLevel(level)
     if any("is_decoder" in m for m in notes.messages):
-        return (f"its causal-LM class is an encoder's head, which would see the tokens it is to predict; "
-                f"{CAUSAL_FIX}"), None
+        return (
+            f"its causal-LM class is an encoder's head, which would see the tokens it is to predict; {CAUSAL_FIX}"
+        ), None
     return None, None
 
 
@@ -771,8 +956,11 @@ def _one_line(e: BaseException) -> str:
 
 # A small conversation for checking a chat template, in the shapes alignkit renders: a whole chat (training) and a
 # prompt that asks for the answer (PPO, evaluation). Placeholder special tokens, as a tokenizer would pass its own.
-SAMPLE_CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "What is two plus two?"},
-               {"role": "assistant", "content": "Four."}]
+SAMPLE_CHAT = [
+    {"role": "system", "content": "You are brief."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+]
 SAMPLE_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
@@ -809,8 +997,9 @@ def _check_chat_template(value: str, base: Path, problems: list[Problem]) -> Non
     try:
         compiled = chat_template_utils._compile_jinja_template(template)
     except jinja2.TemplateSyntaxError as e:
-        problems.append(Problem(key, f"not a valid Jinja template: {(e.message or '').rstrip('.')}{at(e.lineno)}; "
-                                     "fix its syntax"))
+        problems.append(
+            Problem(key, f"not a valid Jinja template: {(e.message or '').rstrip('.')}{at(e.lineno)}; fix its syntax")
+        )
         return
     # The sandbox turns a dunder attribute (''.__class__) into an empty value instead of failing: name it here.
     nodes = jinja2.nodes
@@ -820,17 +1009,26 @@ def _check_chat_template(value: str, base: Path, problems: list[Problem]) -> Non
         elif isinstance(node, nodes.Getitem):
             name = node.arg.value if isinstance(node.arg, nodes.Const) else None
         else:
-            name = node.args[0].value if node.name == "attr" and node.args and isinstance(node.args[0], nodes.Const) \
+            name = (
+                node.args[0].value
+                if node.name == "attr" and node.args and isinstance(node.args[0], nodes.Const)
                 else None
+            )
         if isinstance(name, str) and name.startswith("__"):
-            problems.append(Problem(key, f"reads {name!r}{at(node.lineno)}, which transformers' sandbox refuses (a "
-                                         "template may not reach Python internals); remove it: a chat template reads "
-                                         "messages, add_generation_prompt and the special tokens"))
+            problems.append(
+                Problem(
+                    key,
+                    f"reads {name!r}{at(node.lineno)}, which transformers' sandbox refuses (a "
+                    "template may not reach Python internals); remove it: a chat template reads "
+                    "messages, add_generation_prompt and the special tokens",
+                )
+            )
             return
 
     def render(chat: list[dict], generation_prompt: bool) -> str:
         rendered, _ = chat_template_utils.render_jinja_template(
-            conversations=[chat], chat_template=template, add_generation_prompt=generation_prompt, **SAMPLE_TOKENS)
+            conversations=[chat], chat_template=template, add_generation_prompt=generation_prompt, **SAMPLE_TOKENS
+        )
         return rendered[0]
 
     try:
@@ -842,14 +1040,31 @@ def _check_chat_template(value: str, base: Path, problems: list[Problem]) -> Non
                 raise
             whole = render(SAMPLE_CHAT[1:], False)  # the template refuses a system turn, as some do: try without
             render(SAMPLE_CHAT[1:2], True)
-    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError,
-            RecursionError) as e:
-        problems.append(Problem(key, f"fails to render a sample chat (system, user, assistant) in transformers' "
-                                     f"sandbox: {type(e).__name__}: {_one_line(e)}{at(line_of(e))}; fix the template"))
+    except (
+        jinja2.TemplateError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+        LookupError,
+        AttributeError,
+        RecursionError,
+    ) as e:
+        problems.append(
+            Problem(
+                key,
+                f"fails to render a sample chat (system, user, assistant) in transformers' "
+                f"sandbox: {type(e).__name__}: {_one_line(e)}{at(line_of(e))}; fix the template",
+            )
+        )
         return
     if not all(m["content"] in whole for m in SAMPLE_CHAT[1:]):
-        problems.append(Problem(key, "renders a sample chat without its messages' text; a chat template must write "
-                                     "each message's content (it gets them as `messages`, each {role, content})"))
+        problems.append(
+            Problem(
+                key,
+                "renders a sample chat without its messages' text; a chat template must write "
+                "each message's content (it gets them as `messages`, each {role, content})",
+            )
+        )
 
 
 def _check_quantization(settings: dict, problems, key: str = "quantization") -> None:
@@ -862,8 +1077,13 @@ def _check_quantization(settings: dict, problems, key: str = "quantization") -> 
     if not (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
         problems.append(Problem(key, "set load_in_4bit: true or load_in_8bit: true"))
     elif settings.get("load_in_4bit") and settings.get("load_in_8bit"):
-        problems.append(Problem(key, "load_in_4bit and load_in_8bit are both set; a model loads in one of them: "
-                                     "remove one (4-bit for QLoRA)"))
+        problems.append(
+            Problem(
+                key,
+                "load_in_4bit and load_in_8bit are both set; a model loads in one of them: "
+                "remove one (4-bit for QLoRA)",
+            )
+        )
     for name, value in settings.items():
         if _non_finite(value):
             problems.append(Problem(f"{key}.{name}", f"expected a finite number, got {_show(value)}; write a number"))
@@ -873,8 +1093,11 @@ def has_accelerator() -> bool:
     """A GPU (CUDA or ROCm), an Intel XPU or Apple's MPS."""
     import torch
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
-        torch.backends.mps.is_available()
+    return (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
 
 
 def machine_settings(settings: dict) -> dict:
@@ -885,8 +1108,9 @@ def machine_settings(settings: dict) -> dict:
     return {} if has_accelerator() else {"use_cpu": True}
 
 
-def check_config_class(cls, settings: dict, key: str, problems: list[Problem], reserved=None, ranges: bool = False,
-                       **fixed):
+def check_config_class(
+    cls, settings: dict, key: str, problems: list[Problem], reserved=None, ranges: bool = False, **fixed
+):
     """Check `settings` against a dataclass config of another library (TRL, peft), then construct it. With `ranges`,
     numbers are checked against RANGES too."""
     if not isinstance(settings, dict):
@@ -908,8 +1132,13 @@ def check_config_class(cls, settings: dict, key: str, problems: list[Problem], r
         if len(problems) > before:
             continue
         if _non_finite(values[name]):
-            problems.append(Problem(f"{key}.{name}", f"expected a finite number, got {values[name]!r}; write a number "
-                                                     "(YAML reads .nan and .inf as not-a-number and infinity)"))
+            problems.append(
+                Problem(
+                    f"{key}.{name}",
+                    f"expected a finite number, got {values[name]!r}; write a number "
+                    "(YAML reads .nan and .inf as not-a-number and infinity)",
+                )
+            )
         elif ranges:
             check_range(name, values[name], f"{key}.{name}", problems, fields[name].default)
     if len(problems) > start:
@@ -926,8 +1155,10 @@ def utf8_error(data: bytes, e: UnicodeDecodeError) -> tuple[int, str]:
     """The line of the first byte of `data` that is not UTF-8, and what to say about it."""
     line = data.count(b"\n", 0, e.start) + 1
     column = e.start - data.rfind(b"\n", 0, e.start)
-    return line, (f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {column} cannot be decoded ({e.reason}); "
-                  "save the file as UTF-8")
+    return line, (
+        f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {column} cannot be decoded ({e.reason}); "
+        "save the file as UTF-8"
+    )
 
 
 def _line_map(text: str, duplicates: list[Problem] | None = None) -> dict[str, int]:
@@ -948,9 +1179,14 @@ def _line_map(text: str, duplicates: list[Problem] | None = None) -> dict[str, i
                 path = f"{prefix}.{k.value}" if prefix else str(k.value)
                 line = k.start_mark.line + 1
                 if k.value in seen and duplicates is not None:
-                    duplicates.append(Problem(path, f"written twice, on lines {seen[k.value]} and {line}; YAML keeps "
-                                                    "only the last, so the first is silently ignored: remove one",
-                                              where=f"line {line}"))
+                    duplicates.append(
+                        Problem(
+                            path,
+                            f"written twice, on lines {seen[k.value]} and {line}; YAML keeps "
+                            "only the last, so the first is silently ignored: remove one",
+                            where=f"line {line}",
+                        )
+                    )
                 seen[k.value] = line
                 lines[path] = line
                 walk(v, path)

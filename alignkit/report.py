@@ -8,9 +8,11 @@ from .stages import ORDER
 BASE = "base"  # the checkpoint name of the model a run starts from, or pretrains from scratch
 REFERENCE = next(s.name for s in ORDER if s.eval_reference)  # what KL and win rates are measured against
 KL, WIN_RATE = f"kl_to_{REFERENCE}", f"win_rate_vs_{REFERENCE}"
-KL_NOTE = (f"{KL} is a sampled estimate, the mean of log p_checkpoint - log p_{REFERENCE} over the checkpoint's "
-           f"sampled answers, so for a model close to {REFERENCE} it can come out slightly below zero: sampling noise, "
-           "not a negative divergence (the true KL is never negative).")
+KL_NOTE = (
+    f"{KL} is a sampled estimate, the mean of log p_checkpoint - log p_{REFERENCE} over the checkpoint's "
+    f"sampled answers, so for a model close to {REFERENCE} it can come out slightly below zero: sampling noise, "
+    "not a negative divergence (the true KL is never negative)."
+)
 
 
 def fmt(value) -> str:
@@ -20,8 +22,9 @@ def fmt(value) -> str:
 def eval_table(results: dict) -> list[str]:
     """The checkpoints' metrics as a Markdown table."""
     columns = ["gold_accuracy", "reward_mean", KL, "length_mean", "eos_rate", "repetition"]
-    return ["| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"] + \
-        [f"| {name} | " + " | ".join(fmt(values.get(c)) for c in columns) + " |" for name, values in results.items()]
+    return ["| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"] + [
+        f"| {name} | " + " | ".join(fmt(values.get(c)) for c in columns) + " |" for name, values in results.items()
+    ]
 
 
 def shows_kl(results: dict) -> bool:
@@ -31,5 +34,7 @@ def shows_kl(results: dict) -> bool:
 
 def win_rate_lines(report: dict) -> list[str]:
     """One line per policy trained after the reference: its win rate against it."""
-    return [f"- Win rate of {name} against {REFERENCE} (ties count half): {fmt(rate)}"
-            for name, rate in (report.get("win_rates") or {}).items()]
+    return [
+        f"- Win rate of {name} against {REFERENCE} (ties count half): {fmt(rate)}"
+        for name, rate in (report.get("win_rates") or {}).items()
+    ]

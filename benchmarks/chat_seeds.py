@@ -10,8 +10,8 @@ To run seeds side by side, start one benchmark per seed with OMP_NUM_THREADS=1 e
 every core slow each other down about tenfold.
 Prints, per checkpoint, the mean and spread (sample standard deviation) over seeds of the held-out gold accuracy,
 KL to SFT and the reward model's score, then the gain of each policy after sft (ppo, dpo) over sft, the reward
-model's held-out pairwise accuracy, the win rates against SFT and the training time. Runs already complete are reused, so an interrupted benchmark resumes;
-a run's own output (progress bars included) goes to {out}/seed{N}.log.
+model's held-out pairwise accuracy, the win rates against SFT and the training time. Runs already complete are reused,
+so an interrupted benchmark resumes; a run's own output (progress bars included) goes to {out}/seed{N}.log.
 """
 
 import argparse
@@ -43,8 +43,16 @@ def main():
     reports = []
     for seed in args.seeds:
         out = Path(args.out) / f"seed{seed}"
-        cmd = [sys.executable, "-m", "alignkit", "run", args.recipe, f"seed={seed}",
-               f"output_dir={out}", *args.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "run",
+            args.recipe,
+            f"seed={seed}",
+            f"output_dir={out}",
+            *args.overrides,
+        ]
         print("$", " ".join(cmd), flush=True)
         log = REPO / args.out / f"seed{seed}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -59,9 +67,13 @@ def main():
     names = list(reports[0]["eval"])
     for name in names:
         rows = [r["eval"].get(name, {}) for r in reports]
-        print(f"{name:10s} " + " ".join(f"{spread([x.get(k) for x in rows]):>16s}"
-                                         for k in ("gold_accuracy", "kl_to_sft", "reward_mean")))
-    for name in names[names.index("sft") + 1:]:
+        print(
+            f"{name:10s} "
+            + " ".join(
+                f"{spread([x.get(k) for x in rows]):>16s}" for k in ("gold_accuracy", "kl_to_sft", "reward_mean")
+            )
+        )
+    for name in names[names.index("sft") + 1 :]:
         gains = [r["eval"][name]["gold_accuracy"] - r["eval"]["sft"]["gold_accuracy"] for r in reports]
         print(f"\n{name} - sft gold accuracy: {spread(gains)}   (per seed: {', '.join(f'{g:+.3f}' for g in gains)})")
         print(f"win rate of {name} against sft: {spread([r.get('win_rates', {}).get(name) for r in reports])}")

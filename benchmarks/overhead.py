@@ -27,15 +27,20 @@ STAGES = ("sft", "reward", "ppo")
 
 
 def plain(stage: str, out: Path) -> None:
-    """The stage in plain TRL, from the alignkit run's upstream folders (tokenizer with pad token and chat template)."""
+    """The stage in plain TRL, from the alignkit run's upstream folders (tokenizer with pad token and chat
+    template)."""
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     recipe = yaml.safe_load(RECIPE.read_text())
     # the recipe's trainer block as it stands (checkpoints every save_steps, as alignkit's stage writes them)
-    settings = dict(recipe["stages"][stage]["trainer"], seed=recipe["seed"], use_cpu=not torch.cuda.is_available(),
-                    output_dir=str(out / f"plain-{stage}"))
+    settings = dict(
+        recipe["stages"][stage]["trainer"],
+        seed=recipe["seed"],
+        use_cpu=not torch.cuda.is_available(),
+        output_dir=str(out / f"plain-{stage}"),
+    )
     data = load_dataset("json", data_files=str(REPO / recipe["stages"][stage]["dataset"]["path"]), split="train")
     context = 128  # n_positions, as main() sets it
     if stage == "sft":
@@ -43,16 +48,21 @@ def plain(stage: str, out: Path) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(out / "pretrain")
         model = AutoModelForCausalLM.from_pretrained(out / "pretrain")
-        trainer = SFTTrainer(model=model, args=SFTConfig(max_length=context, **settings), train_dataset=data,
-                             processing_class=tokenizer)
+        trainer = SFTTrainer(
+            model=model, args=SFTConfig(max_length=context, **settings), train_dataset=data, processing_class=tokenizer
+        )
     elif stage == "reward":
         from trl import RewardConfig, RewardTrainer
 
         tokenizer = AutoTokenizer.from_pretrained(out / "sft")
         model = AutoModelForSequenceClassification.from_pretrained(out / "sft", num_labels=1)
         model.config.pad_token_id = tokenizer.pad_token_id
-        trainer = RewardTrainer(model=model, args=RewardConfig(max_length=context, **settings), train_dataset=data,
-                                processing_class=tokenizer)
+        trainer = RewardTrainer(
+            model=model,
+            args=RewardConfig(max_length=context, **settings),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
     else:
         sys.path.insert(0, str(REPO))
         from alignkit.stages.ppo import _experimental
@@ -60,14 +70,28 @@ def plain(stage: str, out: Path) -> None:
         PPOConfig, PPOTrainer = _experimental()
         tokenizer = AutoTokenizer.from_pretrained(out / "sft", padding_side="left")
         policy, ref = (AutoModelForCausalLM.from_pretrained(out / "sft") for _ in range(2))
-        reward, value = (AutoModelForSequenceClassification.from_pretrained(out / "reward", num_labels=1)
-                         for _ in range(2))
-        data = data.map(lambda row: {"input_ids": tokenizer.apply_chat_template(
-            row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]},
-            remove_columns=data.column_names)
+        reward, value = (
+            AutoModelForSequenceClassification.from_pretrained(out / "reward", num_labels=1) for _ in range(2)
+        )
+        data = data.map(
+            lambda row: {
+                "input_ids": tokenizer.apply_chat_template(
+                    row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
+            },
+            remove_columns=data.column_names,
+        )
         args = PPOConfig(stop_token="eos", save_strategy="no", **settings)  # as alignkit's ppo stage sets them
-        trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
-                             value_model=value, train_dataset=data, eval_dataset=data.select(range(8)))
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=ref,
+            reward_model=reward,
+            value_model=value,
+            train_dataset=data,
+            eval_dataset=data.select(range(8)),
+        )
     trainer.train()
     trainer.save_model(str(out / f"plain-{stage}" / "model"))
 
@@ -89,8 +113,12 @@ def main():
     parser.add_argument("--out", default="runs/bench-overhead")
     args = parser.parse_args()
     out = (REPO / args.out / f"width{args.width}").resolve()
-    size = [f"model.config.n_embd={args.width}", f"model.config.n_head={max(2, args.width // 64)}",
-            "model.config.n_layer=4", "model.config.n_positions=128"]
+    size = [
+        f"model.config.n_embd={args.width}",
+        f"model.config.n_head={max(2, args.width // 64)}",
+        "model.config.n_layer=4",
+        "model.config.n_positions=128",
+    ]
     alignkit = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={out}", *size]
     print(f"training the pipeline once ({out}) ...", file=sys.stderr)
     timed(alignkit)
@@ -100,8 +128,10 @@ def main():
         ours = min(timed([*alignkit, "--only", stage, "--force"]) for _ in range(args.repeats))
         theirs = min(timed([sys.executable, __file__, "--plain", stage, str(out)]) for _ in range(args.repeats))
         rows[stage] = (ours, theirs)
-    print(f"\nrecipes/tiny.yaml, GPT-2 of 4 layers and width {args.width}; wall seconds of a fresh process per stage, "
-          f"best of {args.repeats}\n")
+    print(
+        f"\nrecipes/tiny.yaml, GPT-2 of 4 layers and width {args.width}; wall seconds of a fresh process per stage, "
+        f"best of {args.repeats}\n"
+    )
     print(f"{'stage':8s}{'alignkit':>10s}{'plain TRL':>11s}{'ratio':>8s}{'difference':>12s}")
     for stage, (ours, theirs) in rows.items():
         print(f"{stage:8s}{ours:9.1f}s{theirs:10.1f}s{ours / theirs:8.2f}{ours - theirs:+11.1f}s")

@@ -26,8 +26,12 @@ RECIPE = REPO / "recipes" / "tiny.yaml"
 MODES = {
     "full": [],
     "lora": ["lora.r=8", "lora.lora_alpha=16"],
-    "qlora": ["lora.r=8", "lora.lora_alpha=16", "quantization.load_in_4bit=true",
-              *[f"stages.{s}.trainer.bf16=true" for s in ("sft", "reward", "ppo")]],
+    "qlora": [
+        "lora.r=8",
+        "lora.lora_alpha=16",
+        "quantization.load_in_4bit=true",
+        *[f"stages.{s}.trainer.bf16=true" for s in ("sft", "reward", "ppo")],
+    ],
 }
 
 
@@ -46,8 +50,9 @@ def child(argv):
 
 
 def run(*argv) -> float:
-    done = subprocess.run([sys.executable, __file__, "--child", *map(str, argv)], cwd=REPO, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, argv)], cwd=REPO, capture_output=True, text=True
+    )
     if done.returncode != 0:
         sys.exit(f"failed: alignkit {' '.join(map(str, argv))}\n{done.stderr[-3000:]}")
     return float(done.stdout.split("PEAK_MIB")[-1])
@@ -72,8 +77,12 @@ def main():
     parser.add_argument("--out", default="runs/bench-memory")
     args = parser.parse_args()
     out = Path(args.out) / f"width{args.width}"
-    size = [f"model.config.n_embd={args.width}", f"model.config.n_head={max(2, args.width // 64)}",
-            "model.config.n_layer=4", "stages.ppo.trainer.total_episodes=64"]
+    size = [
+        f"model.config.n_embd={args.width}",
+        f"model.config.n_head={max(2, args.width // 64)}",
+        "model.config.n_layer=4",
+        "stages.ppo.trainer.total_episodes=64",
+    ]
     base = ["run", RECIPE, f"output_dir={out}", *size]
     print(f"training pretrain -> sft -> reward once ({out}) ...", file=sys.stderr)
     run(*base, "--from", "pretrain", "stages.ppo.trainer.total_episodes=8")
@@ -87,13 +96,17 @@ def main():
         rows[mode] = (peak, state_bytes(metrics["parameters"], mode) / 2**20, metrics["parameters"])
     full_peak, full_state, _ = rows["full"]
     print(f"\nPPO stage, tiny GPT-2 (4 layers, width {args.width}), 64 episodes; library stack alone: {stack:.0f} MiB")
-    print(f"{'':7s}{'peak RSS':>12s}{'x full':>8s}{'above stack':>13s}{'x full':>8s}{'model state':>13s}"
-          f"{'x full':>8s}{'policy trainable':>18s}{'value trainable':>17s}")
+    print(
+        f"{'':7s}{'peak RSS':>12s}{'x full':>8s}{'above stack':>13s}{'x full':>8s}{'model state':>13s}"
+        f"{'x full':>8s}{'policy trainable':>18s}{'value trainable':>17s}"
+    )
     for mode, (peak, state, params) in rows.items():
         above, full_above = peak - stack, full_peak - stack
-        print(f"{mode:7s}{peak:9.0f} MiB{peak / full_peak:8.2f}{above:9.0f} MiB{above / full_above:8.2f}"
-              f"{state:9.1f} MiB{state / full_state:8.2f}{params['policy']['trainable']:18,d}"
-              f"{params['value']['trainable']:17,d}")
+        print(
+            f"{mode:7s}{peak:9.0f} MiB{peak / full_peak:8.2f}{above:9.0f} MiB{above / full_above:8.2f}"
+            f"{state:9.1f} MiB{state / full_state:8.2f}{params['policy']['trainable']:18,d}"
+            f"{params['value']['trainable']:17,d}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def summary(stdout: str) -> dict:
 
 
 def run_recipe(recipe: Path, out: Path, *overrides) -> Path:
-    """`alignkit run RECIPE output_dir=OUT ...` from the repository's root (for fixtures, which outlive monkeypatch)."""
+    """`alignkit run RECIPE output_dir=OUT ...` from the repository's root (for fixtures, which outlive
+    monkeypatch)."""
     from alignkit.cli import main
 
     cwd = os.getcwd()

@@ -8,16 +8,21 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, alignkit, run_recipe
 
 CHAT = REPO / "recipes" / "chat.yaml"
 DATA = REPO / "data" / "chat"
 TRAINING = ["pretrain.jsonl", "sft.jsonl", "comparisons.jsonl", "ppo.jsonl"]
-SHRINK = ["model.config.n_layer=1", "stages.pretrain.trainer.max_steps=8", "stages.sft.trainer.max_steps=8",
-          "stages.reward.trainer.max_steps=8", "stages.ppo.trainer.total_episodes=64",
-          *(f"stages.{s}.trainer.logging_steps=2" for s in ("pretrain", "sft", "reward")),
-          "eval.dataset.max_rows=24", "eval.comparisons.max_rows=12"]
+SHRINK = [
+    "model.config.n_layer=1",
+    "stages.pretrain.trainer.max_steps=8",
+    "stages.sft.trainer.max_steps=8",
+    "stages.reward.trainer.max_steps=8",
+    "stages.ppo.trainer.total_episodes=64",
+    *(f"stages.{s}.trainer.logging_steps=2" for s in ("pretrain", "sft", "reward")),
+    "eval.dataset.max_rows=24",
+    "eval.comparisons.max_rows=12",
+]
 
 
 def _rows(name):
@@ -45,7 +50,7 @@ def test_held_out_facts_appear_only_in_the_pretraining_text():
         if reference.startswith("The capital of "):
             held |= set(reference.removeprefix("The capital of ").split(" is "))  # the country and its capital
         elif " plus " in reference:
-            held.add(reference.rpartition(" is ")[0] + " is")                      # "4 plus 7 is"
+            held.add(reference.rpartition(" is ")[0] + " is")  # "4 plus 7 is"
     assert len(held) > 150
     for name in ("sft.jsonl", "comparisons.jsonl", "ppo.jsonl"):
         text = (DATA / name).read_text()
@@ -60,8 +65,11 @@ def test_comparisons_rank_several_answers():
     rows = _rows("comparisons.jsonl")
     assert all(len(r["responses"]) >= 2 for r in rows) and max(len(r["responses"]) for r in rows) == 6
     # the demonstrator's flaw: hedges on capitals, in the words its answer would start with
-    assert any(row["messages"][-1]["content"].startswith("The capital of")
-               and row["messages"][-1]["content"].endswith(" is unknown to me.") for row in _rows("sft.jsonl"))
+    assert any(
+        row["messages"][-1]["content"].startswith("The capital of")
+        and row["messages"][-1]["content"].endswith(" is unknown to me.")
+        for row in _rows("sft.jsonl")
+    )
     assert any(len(row["prompt"]) > 1 for row in _rows("ppo.jsonl"))  # some multi-turn
     assert any(len(row["messages"]) > 2 for row in _rows("sft.jsonl"))
     assert sum(f.stat().st_size for f in DATA.rglob("*") if f.is_file()) < 3_000_000
@@ -144,8 +152,13 @@ def test_kl_estimate_is_zero_for_the_same_model_and_positive_for_another(run_dir
     sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft").eval()
     base = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain").eval()
     with open(REPO / "data" / "tiny" / "ppo.jsonl") as f:
-        prompts = [tok(tok.apply_chat_template(json.loads(line)["prompt"], add_generation_prompt=True, tokenize=False),
-                       add_special_tokens=False).input_ids for line in f]
+        prompts = [
+            tok(
+                tok.apply_chat_template(json.loads(line)["prompt"], add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False,
+            ).input_ids
+            for line in f
+        ]
     samples = _generate(base, tok, prompts, 16, 16, sample=True)
     own = _logprobs(base, tok, prompts, samples, 16)
     assert _logprobs(base, tok, prompts, samples, 16) == pytest.approx(own, abs=1e-4)

@@ -9,9 +9,8 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-
 from conftest import REPO
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 PROMPT = "you> "
 
@@ -20,8 +19,15 @@ class Terminal:
     def __init__(self, *argv):
         self.master, slave = pty.openpty()
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "alignkit", "chat", *map(str, argv)], stdin=slave,
-                                     stdout=slave, stderr=slave, cwd=REPO, env=env, close_fds=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "alignkit", "chat", *map(str, argv)],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=REPO,
+            env=env,
+            close_fds=True,
+        )
         os.close(slave)
         self.seen = ""
 
@@ -81,9 +87,14 @@ def _greedy_answers(folder, questions, max_new_tokens, template=None, system=Non
                 continue
             longest = min(max_new_tokens, context - ids.shape[1])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=longest,
-                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=longest,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            )
+        answers.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
         history.append({"role": "assistant", "content": answers[-1]})
     return answers
 
@@ -168,8 +179,15 @@ def test_a_model_alignkit_did_not_train_without_a_chat_template(tmp_path):
     tok = AutoTokenizer.from_pretrained(REPO / "data" / "tiny" / "tokenizer")
     assert not tok.chat_template and tok.pad_token is None
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tok),
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = GPT2Config(
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "plain")
     tok.save_pretrained(tmp_path / "plain")
 
@@ -197,9 +215,11 @@ def test_a_run_without_the_asked_stage_is_a_clear_error(run_dir, capsys):
 def test_sampling_settings_out_of_range_are_clear_errors(run_dir, capsys):
     from conftest import alignkit
 
-    for flags, needle in ((["--temperature", "-1"], "--temperature -1.0: give a number above 0"),
-                          (["--top-p", "0"], "--top-p 0.0: give a share of the probability mass"),
-                          (["--max-new-tokens", "0"], "--max-new-tokens 0: give a number of tokens")):
+    for flags, needle in (
+        (["--temperature", "-1"], "--temperature -1.0: give a number above 0"),
+        (["--top-p", "0"], "--top-p 0.0: give a share of the probability mass"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: give a number of tokens"),
+    ):
         code, out, err = alignkit(capsys, "chat", run_dir, *flags)
         assert code == 2 and needle in err and "Traceback" not in err, err
     code, out, err = alignkit(capsys, "chat", run_dir / "nonexistent")

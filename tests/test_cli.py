@@ -11,11 +11,13 @@ from conftest import REPO, alignkit
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = ("import sys; from alignkit.cli import main\n"
-            "for argv in (['--help'], ['run', '--help'], ['validate', '--help']):\n"
-            "    try: main(argv)\n"
-            "    except SystemExit: pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    code = (
+        "import sys; from alignkit.cli import main\n"
+        "for argv in (['--help'], ['run', '--help'], ['validate', '--help']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit: pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.stdout.count("examples:") == 2
     assert "--only STAGE" in proc.stdout and "KEY=VALUE" in proc.stdout
@@ -23,8 +25,15 @@ def test_help_is_fast_and_imports_no_torch():
 
 
 def test_a_missing_dataset_is_refused_before_training(capsys):
-    code, out, err = alignkit(capsys, "run", REPO / "recipes" / "tiny.yaml", "output_dir=/tmp/never", "--only", "ppo",
-                              "stages.ppo.dataset.path=missing.jsonl")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        REPO / "recipes" / "tiny.yaml",
+        "output_dir=/tmp/never",
+        "--only",
+        "ppo",
+        "stages.ppo.dataset.path=missing.jsonl",
+    )
     assert code == 2 and "stages.ppo.dataset.path: file not found: missing.jsonl" in err
 
 
@@ -40,20 +49,25 @@ def test_tiny_data_regenerates_byte_for_byte(tmp_path):
 def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, capsys):
     recipe = tmp_path / "pretrain.yaml"
     recipe.write_text(f"""\
-output_dir: {tmp_path / 'run'}
+output_dir: {tmp_path / "run"}
 model:
   config: {{model_type: gpt2, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 128}}
-  tokenizer: {REPO / 'data/tiny/tokenizer'}
+  tokenizer: {REPO / "data/tiny/tokenizer"}
 stages:
   pretrain:
-    dataset: {{path: {REPO / 'data/tiny/pretrain.jsonl'}}}
+    dataset: {{path: {REPO / "data/tiny/pretrain.jsonl"}}}
     trainer: {{max_steps: 400, save_steps: 10, per_device_train_batch_size: 4, learning_rate: 1.0e-3,
               gradient_checkpointing: false, bf16: false, logging_steps: 10}}
 """)
     partial = tmp_path / "run" / "pretrain.partial"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "run", str(recipe)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignkit", "run", str(recipe)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 180
     while not list((partial / "checkpoints").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be interrupted"

@@ -3,12 +3,11 @@
 import json
 
 import pytest
+from conftest import TINY
 
 from alignkit import data
 from alignkit.errors import DataError
 from alignkit.recipe import Dataset, load_recipe
-
-from conftest import TINY
 
 
 def _load(tmp_path, rows, stage, name="d.jsonl", **spec):
@@ -30,8 +29,10 @@ def assistant(text):
 
 
 def test_alpaca_becomes_conversational_prompt_completion(tmp_path):
-    rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-            {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    rows = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    ]
     ds = _load(tmp_path, rows, "sft")
     assert ds[0] == {"prompt": [user("Add the numbers.\n\n2 and 3")], "completion": [assistant("5")]}
     assert ds[1] == {"prompt": [user("Say hi.")], "completion": [assistant("Hi!")]}
@@ -39,21 +40,41 @@ def test_alpaca_becomes_conversational_prompt_completion(tmp_path):
 
 
 def test_sharegpt_becomes_messages(tmp_path):
-    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                               {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"},
-                               {"from": "gpt", "value": "Bye!"}]}]
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello"},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Bye!"},
+            ]
+        }
+    ]
     ds = _load(tmp_path, rows, "sft")
-    assert ds[0]["messages"] == [{"role": "system", "content": "Be brief."}, user("Hi"), assistant("Hello"),
-                                 user("Bye"), assistant("Bye!")]
+    assert ds[0]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        user("Hi"),
+        assistant("Hello"),
+        user("Bye"),
+        assistant("Bye!"),
+    ]
     assert _load(tmp_path, rows, "ppo")[0]["prompt"][-1] == user("Bye")  # the last answer is left to the policy
 
 
 def test_hh_transcripts_become_prompt_chosen_rejected(tmp_path):
-    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 4",
-             "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 5"}]
+    rows = [
+        {
+            "chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 4",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 5",
+        }
+    ]
     ds = _load(tmp_path, rows, "reward")
-    assert ds[0] == {"prompt": [user("Hi"), assistant("Hello"), user("2+2?")], "chosen": [assistant("4")],
-                     "rejected": [assistant("5")]}
+    assert ds[0] == {
+        "prompt": [user("Hi"), assistant("Hello"), user("2+2?")],
+        "chosen": [assistant("4")],
+        "rejected": [assistant("5")],
+    }
     assert _load(tmp_path, rows, "ppo")[0] == {"prompt": [user("Hi"), assistant("Hello"), user("2+2?")]}
     assert _load(tmp_path, rows, "sft")[0]["completion"] == [assistant("4")]
 
@@ -66,10 +87,15 @@ def test_hh_pairs_must_share_the_dialogue(tmp_path):
 
 def test_trl_formats_pass_through(tmp_path):
     assert _load(tmp_path, [{"text": "Once upon a time.", "id": 3}], "pretrain")[0] == {"text": "Once upon a time."}
-    assert _load(tmp_path, [{"prompt": "Q: 1+1?", "completion": " 2"}], "sft")[0] == {"prompt": "Q: 1+1?",
-                                                                                      "completion": " 2"}
+    assert _load(tmp_path, [{"prompt": "Q: 1+1?", "completion": " 2"}], "sft")[0] == {
+        "prompt": "Q: 1+1?",
+        "completion": " 2",
+    }
     assert _load(tmp_path, [{"prompt": "Q", "chosen": "good", "rejected": "bad"}], "reward")[0] == {
-        "prompt": "Q", "chosen": "good", "rejected": "bad"}
+        "prompt": "Q",
+        "chosen": "good",
+        "rejected": "bad",
+    }
     implicit = {"chosen": [user("Q"), assistant("good")], "rejected": [user("Q"), assistant("bad")]}
     assert _load(tmp_path, [implicit], "reward")[0] == implicit
     assert _load(tmp_path, [{"prompt": "Tell me a story."}], "ppo")[0] == {"prompt": "Tell me a story."}
@@ -87,8 +113,9 @@ def test_column_mapping_csv_and_json_array(tmp_path):
 
 def test_bad_rows_are_named_by_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n\n{"messages": [{"role": "bot", '
-                    '"content": "x"}]}\n')
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}]}\n\n{"messages": [{"role": "bot", "content": "x"}]}\n'
+    )
     recipe = load_recipe(TINY, check_trainers=False)
     with pytest.raises(DataError, match=r"d.jsonl:3: 'messages'\[0\] must be \{role: system\|user\|assistant"):
         data.load(Dataset(path=str(path)), "sft", recipe)
@@ -96,15 +123,21 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
         data.load(Dataset(path=str(path)), "pretrain", recipe)
     path.write_text('{"question": "hi"}\n')
-    with pytest.raises(DataError, match=r"d.jsonl:1: the sft stage needs 'messages', 'prompt' and 'completion'.*"
-                                        r"this row has question.*dataset.columns"):
+    with pytest.raises(
+        DataError,
+        match=r"d.jsonl:1: the sft stage needs 'messages', 'prompt' and 'completion'.*"
+        r"this row has question.*dataset.columns",
+    ):
         data.load(Dataset(path=str(path)), "sft", recipe)
     with pytest.raises(DataError, match=r"stages.sft.dataset.columns.prompt: no column 'q'"):
         data.load(Dataset(path=str(path), columns={"prompt": "q"}), "sft", recipe)
     path.write_text(json.dumps([{"text": "a"}, {"text": 1}]))
     (tmp_path / "arr.json").write_text('[\n  {"prompt": "a"},\n  {"prompt": ["x"]}\n]')
-    with pytest.raises(DataError, match=r"arr.json:3: 'prompt' must be text or a non-empty list of messages|"
-                                        r"arr.json: the rows do not share one shape"):
+    with pytest.raises(
+        DataError,
+        match=r"arr.json:3: 'prompt' must be text or a non-empty list of messages|"
+        r"arr.json: the rows do not share one shape",
+    ):
         data.load(Dataset(path=str(tmp_path / "arr.json")), "ppo", recipe)
 
 
@@ -113,8 +146,9 @@ def test_data_errors_reach_the_cli_with_every_stage(tmp_path, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"nothing": 1}\n')
-    code, out, err = alignkit(capsys, "validate", TINY, f"stages.sft.dataset.path={bad}",
-                              f"stages.ppo.dataset.path={bad}")
+    code, out, err = alignkit(
+        capsys, "validate", TINY, f"stages.sft.dataset.path={bad}", f"stages.ppo.dataset.path={bad}"
+    )
     assert code == 2
     assert "the data has 2 problem(s)" in err and "stages.sft.dataset:" in err and "stages.ppo.dataset:" in err
     assert f"{bad}:1:" in err
@@ -138,12 +172,21 @@ def test_overlength_rows_are_counted(tmp_path, capsys):
 
 
 def test_rankings_expand_to_every_pair_best_first(tmp_path):
-    rows = [{"prompt": [user("2+2?")], "responses": ["4", "5", "6", "seven"]},
-            {"prompt": [user("1+1?")], "responses": ["2", "3"]}]
+    rows = [
+        {"prompt": [user("2+2?")], "responses": ["4", "5", "6", "seven"]},
+        {"prompt": [user("1+1?")], "responses": ["2", "3"]},
+    ]
     ds = _load(tmp_path, rows, "reward")
     pairs = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in ds]
-    assert pairs == [("2+2?", "4", "5"), ("2+2?", "4", "6"), ("2+2?", "4", "seven"), ("2+2?", "5", "6"),
-                     ("2+2?", "5", "seven"), ("2+2?", "6", "seven"), ("1+1?", "2", "3")]
+    assert pairs == [
+        ("2+2?", "4", "5"),
+        ("2+2?", "4", "6"),
+        ("2+2?", "4", "seven"),
+        ("2+2?", "5", "6"),
+        ("2+2?", "5", "seven"),
+        ("2+2?", "6", "seven"),
+        ("1+1?", "2", "3"),
+    ]
     assert all(r["chosen"][0]["role"] == "assistant" for r in ds)
     assert _load(tmp_path, rows, "sft")[0] == {"prompt": [user("2+2?")], "completion": [assistant("4")]}
     assert _load(tmp_path, rows, "ppo")[1] == {"prompt": [user("1+1?")]}

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import REPO, TINY, alignkit, summary
+from transformers import AutoModelForCausalLM
 
 
 class Killed(BaseException):
@@ -24,20 +23,28 @@ class Killed(BaseException):
 
 def micro(tmp_path: Path, **trainer) -> Path:
     """pretrain -> sft on a 1-layer GPT-2 in a few steps, checkpoints every step."""
-    settings = {"max_steps": 3, "save_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1.0e-3,
-                "gradient_checkpointing": False, "bf16": False, "logging_steps": 1, **trainer}
+    settings = {
+        "max_steps": 3,
+        "save_steps": 1,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1.0e-3,
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "logging_steps": 1,
+        **trainer,
+    }
     recipe = tmp_path / "micro.yaml"
     recipe.write_text(f"""\
-output_dir: {tmp_path / 'run'}
+output_dir: {tmp_path / "run"}
 model:
   config: {{model_type: gpt2, n_layer: 1, n_head: 2, n_embd: 32, n_positions: 64}}
-  tokenizer: {REPO / 'data/tiny/tokenizer'}
+  tokenizer: {REPO / "data/tiny/tokenizer"}
 stages:
   pretrain:
-    dataset: {{path: {REPO / 'data/tiny/pretrain.jsonl'}}}
+    dataset: {{path: {REPO / "data/tiny/pretrain.jsonl"}}}
     trainer: {json.dumps(settings)}
   sft:
-    dataset: {{path: {REPO / 'data/tiny/sft.jsonl'}}}
+    dataset: {{path: {REPO / "data/tiny/sft.jsonl"}}}
     trainer: {json.dumps(settings)}
 """)
     return recipe
@@ -97,8 +104,11 @@ def test_a_kill_while_a_rerun_stage_is_put_in_place_keeps_a_whole_output(tmp_pat
     def replace(original, src, dst, *args, **kwargs):
         src, dst = Path(src), Path(dst)
         done = original(src, dst, *args, **kwargs)
-        if moment == "marked complete" and dst == run / "pretrain.partial" / "alignkit_stage.json" and \
-                json.loads(dst.read_text())["status"] == "complete":
+        if (
+            moment == "marked complete"
+            and dst == run / "pretrain.partial" / "alignkit_stage.json"
+            and json.loads(dst.read_text())["status"] == "complete"
+        ):
             raise Killed
         if moment == "old output moved aside" and (src, dst) == (run / "pretrain", run / "pretrain.old"):
             raise Killed
@@ -112,7 +122,9 @@ def test_a_kill_while_a_rerun_stage_is_put_in_place_keeps_a_whole_output(tmp_pat
     monkeypatch.undo()
     if moment != "new output moved in":  # the new output is complete, waiting in pretrain.partial
         assert json.loads((run / "pretrain.partial" / "alignkit_stage.json").read_text())["status"] == "complete"
-    code, out, err = alignkit(capsys, "run", recipe, "--only", "pretrain", "stages.pretrain.trainer.learning_rate=2e-3")
+    code, out, err = alignkit(
+        capsys, "run", recipe, "--only", "pretrain", "stages.pretrain.trainer.learning_rate=2e-3"
+    )
     assert code == 0, err
     assert summary(out) == {"pretrain": "reused"}  # the run that was killed had finished training
     assert (run / "pretrain" / "model.safetensors").read_bytes() != old_weights
@@ -196,8 +208,9 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_saves_a_checkpoint_at_the_step_boundary_and_the_rerun_resumes(tmp_path, capsys, monkeypatch,
-                                                                                  signum, status):
+def test_a_signal_saves_a_checkpoint_at_the_step_boundary_and_the_rerun_resumes(
+    tmp_path, capsys, monkeypatch, signum, status
+):
     from alignkit import guard
 
     recipe, run = micro(tmp_path, max_steps=6, save_steps=100), tmp_path / "run"  # no regular checkpoint before 100
@@ -250,8 +263,16 @@ def test_divergence_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path,
 
 def test_divergence_in_ppo_is_a_message_not_a_traceback(run_copy, capsys):
     before = (run_copy / "ppo" / "model.safetensors").read_bytes()
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "ppo",
-                              "stages.ppo.trainer.total_episodes=48", "stages.ppo.trainer.learning_rate=1e10")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "ppo",
+        "stages.ppo.trainer.total_episodes=48",
+        "stages.ppo.trainer.learning_rate=1e10",
+    )
     assert code == 2
     assert "ppo: training diverged" in err and "NaN" in err and "stages.ppo.trainer.learning_rate" in err
     assert "Traceback" not in err
@@ -284,9 +305,17 @@ def test_ppo_runs_every_model_without_dropout_whatever_the_architecture(tmp_path
     from alignkit.recipe import load_recipe
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "data/tiny/tokenizer")
-    config = OPTConfig(vocab_size=len(tokenizer) + 1, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
-                       num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.5,
-                       attention_dropout=0.5)
+    config = OPTConfig(
+        vocab_size=len(tokenizer) + 1,
+        hidden_size=32,
+        num_hidden_layers=1,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        dropout=0.5,
+        attention_dropout=0.5,
+    )
     OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
     recipe = load_recipe(TINY)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])

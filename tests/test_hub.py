@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FAST, REPO, TINY, alignkit, summary
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from conftest import FAST, REPO, TINY, alignkit, summary
 
 TOKEN = "hf_alignkitTestSecret0123456789"
 
@@ -48,8 +47,16 @@ def _nowhere(token: str, *folders: Path):
 
 
 def test_hub_section_pushes_merged_models_with_tokenizer_and_card(run_copy, hub, capsys):
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "hub.repo_id=alice/tiny",
-                              "hub.stages=[sft, ppo]", "hub.private=true")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *FAST,
+        "hub.repo_id=alice/tiny",
+        "hub.stages=[sft, ppo]",
+        "hub.private=true",
+    )
     assert code == 0, err
     assert summary(out) == dict.fromkeys(["pretrain", "sft", "reward", "ppo"], "reused")
     assert hub["repos"] == {"alice/tiny-sft": True, "alice/tiny": True}  # the last stage gets the plain name
@@ -84,15 +91,28 @@ def test_hub_section_pushes_merged_models_with_tokenizer_and_card(run_copy, hub,
 
 
 def test_push_command_sends_lora_adapters_pointing_at_the_hub(run_copy, hub, capsys):
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--from", "sft",
-                              "lora.r=4", "lora.lora_alpha=8")
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--from", "sft", "lora.r=4", "lora.lora_alpha=8"
+    )
     assert code == 0, err
     # sft's adapter sits on this run's pretrained model, which the Hub would not know
     code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat", "--stage", "sft", "--adapter")
     assert code == 2 and "push pretrain too" in err and not hub["repos"]
 
-    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat", "--stage", "sft", "--stage", "ppo",
-                              "--stage", "pretrain", "--adapter")
+    code, out, err = alignkit(
+        capsys,
+        "push",
+        run_copy,
+        "--repo-id",
+        "bob/chat",
+        "--stage",
+        "sft",
+        "--stage",
+        "ppo",
+        "--stage",
+        "pretrain",
+        "--adapter",
+    )
     assert code == 2 and "pretrain has no LoRA adapter" in err.replace(str(run_copy) + "/", "")
 
     code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat", "--stage", "ppo", "--adapter")
@@ -113,17 +133,31 @@ def test_push_command_sends_lora_adapters_pointing_at_the_hub(run_copy, hub, cap
     base = hub_module.stage_files(run_copy, "ppo", staged, True, {"sft": "bob/chat-sft", "ppo": "bob/chat"})
     assert base == "bob/chat-sft"
     assert PeftConfig.from_pretrained(staged).base_model_name_or_path == "bob/chat-sft"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml",
-            "metrics.json"} <= _files(staged)
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "recipe.yaml",
+        "metrics.json",
+    } <= _files(staged)
     _nowhere(TOKEN, run_copy, *hub["uploads"].values())
 
 
 def test_pushed_recipes_carry_no_local_paths(run_copy, hub, tmp_path, capsys):
     # ppo trained again on datasets and a tokenizer named by absolute paths, as a recipe outside the repo names them
     data = REPO / "data" / "tiny"
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "ppo",
-                              f"stages.ppo.dataset.path={data / 'ppo.jsonl'}", f"model.tokenizer={data / 'tokenizer'}",
-                              f"eval.dataset.path={data / 'eval.jsonl'}")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *FAST,
+        "--only",
+        "ppo",
+        f"stages.ppo.dataset.path={data / 'ppo.jsonl'}",
+        f"model.tokenizer={data / 'tokenizer'}",
+        f"eval.dataset.path={data / 'eval.jsonl'}",
+    )
     assert code == 0, err
     written = (run_copy / "ppo" / "recipe.yaml").read_text()
     assert str(run_copy) in written and str(data / "ppo.jsonl") in written  # the run's own file keeps them
@@ -152,14 +186,28 @@ def test_local_paths_are_shortened_relative_to_the_runs_parent(tmp_path):
     from alignkit.hub import portable
 
     run = tmp_path / "runs" / "chat"
-    recipe = {"output_dir": str(run), "model": {"name_or_path": "openai-community/gpt2", "tokenizer": "~/tok"},
-              "stages": {"sft": {"dataset": {"path": str(tmp_path / "runs" / "data" / "sft.jsonl"), "max_rows": 3},
-                                 "trainer": {"report_to": [str(tmp_path / "elsewhere" / "logs")], "bf16": False}}},
-              "seed": 42}
+    recipe = {
+        "output_dir": str(run),
+        "model": {"name_or_path": "openai-community/gpt2", "tokenizer": "~/tok"},
+        "stages": {
+            "sft": {
+                "dataset": {"path": str(tmp_path / "runs" / "data" / "sft.jsonl"), "max_rows": 3},
+                "trainer": {"report_to": [str(tmp_path / "elsewhere" / "logs")], "bf16": False},
+            }
+        },
+        "seed": 42,
+    }
     assert portable(recipe, run) == {
-        "output_dir": "chat", "model": {"name_or_path": "openai-community/gpt2", "tokenizer": "tok"},
-        "stages": {"sft": {"dataset": {"path": "data/sft.jsonl", "max_rows": 3},
-                           "trainer": {"report_to": ["logs"], "bf16": False}}}, "seed": 42}
+        "output_dir": "chat",
+        "model": {"name_or_path": "openai-community/gpt2", "tokenizer": "tok"},
+        "stages": {
+            "sft": {
+                "dataset": {"path": "data/sft.jsonl", "max_rows": 3},
+                "trainer": {"report_to": ["logs"], "bf16": False},
+            }
+        },
+        "seed": 42,
+    }
 
 
 def test_push_without_a_token_or_with_a_failing_upload_is_a_clear_error(run_dir, monkeypatch, tmp_path, capsys):
@@ -182,8 +230,15 @@ def test_push_without_a_token_or_with_a_failing_upload_is_a_clear_error(run_dir,
 
 
 def test_hub_section_is_checked_with_the_recipe(capsys):
-    code, out, err = alignkit(capsys, "validate", TINY, "hub.repo_id=noslash", "hub.stages=[sft, dpo]",
-                              "hub.weights=adapter", "hub.privat=true")
+    code, out, err = alignkit(
+        capsys,
+        "validate",
+        TINY,
+        "hub.repo_id=noslash",
+        "hub.stages=[sft, dpo]",
+        "hub.weights=adapter",
+        "hub.privat=true",
+    )
     assert code == 2
     assert "hub.repo_id: expected owner/name" in err
     assert "hub.stages: 'dpo' is not a stage of this recipe" in err

@@ -3,10 +3,10 @@
 import json
 
 import torch
+from conftest import FAST, TINY, alignkit, summary
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from alignkit.models import DEFAULT_CHAT_TEMPLATE
-from conftest import FAST, TINY, alignkit, summary
 
 STAGES = ["pretrain", "sft", "reward", "ppo"]
 
@@ -34,7 +34,7 @@ def _eos_rate(folder) -> float:
     for messages in _prompts():
         inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
-        ended += tok.eos_token_id in out[0, inputs["input_ids"].shape[1]:].tolist()
+        ended += tok.eos_token_id in out[0, inputs["input_ids"].shape[1] :].tolist()
     return ended / len(_prompts())
 
 
@@ -48,8 +48,9 @@ def test_every_stage_output_is_complete(run_dir):
         assert json.loads((folder / "metrics.json").read_text())["log_history"]
         assert not (folder / "checkpoints").exists()
     # the stages and the eval section's report; no .partial folder or half-written (.tmp) file left
-    assert sorted(p.name for p in run_dir.iterdir() if p.name not in ("report.md", "report.json")
-                  and p.suffix != ".png") == sorted(STAGES)
+    assert sorted(
+        p.name for p in run_dir.iterdir() if p.name not in ("report.md", "report.json") and p.suffix != ".png"
+    ) == sorted(STAGES)
 
 
 def test_every_stage_changes_its_parameters(run_dir):
@@ -67,8 +68,9 @@ def test_every_stage_changes_its_parameters(run_dir):
     assert _changed(sft, reward, "transformer") == 1.0
     assert _changed(sft, ppo, "transformer") == 1.0
     for stage in ("pretrain", "sft", "reward"):
-        losses = [h["loss"] for h in json.loads((run_dir / stage / "metrics.json").read_text())["log_history"]
-                  if "loss" in h]
+        losses = [
+            h["loss"] for h in json.loads((run_dir / stage / "metrics.json").read_text())["log_history"] if "loss" in h
+        ]
         assert losses[-1] < losses[0], stage
 
 
@@ -103,7 +105,9 @@ def test_reward_model_scores_at_eos_and_ranks_pairs(run_dir):
     for row in rows:
         scores = []
         for side in ("chosen", "rejected"):
-            ids = tok.apply_chat_template(row["prompt"] + row[side], return_tensors="pt", return_dict=True)["input_ids"]
+            ids = tok.apply_chat_template(row["prompt"] + row[side], return_tensors="pt", return_dict=True)[
+                "input_ids"
+            ]
             padded = torch.cat([ids, torch.full((1, 3), tok.pad_token_id)], dim=1)
             with torch.no_grad():
                 score = rm(input_ids=padded).logits[0, 0]
@@ -133,7 +137,9 @@ def test_second_run_skips_and_a_ppo_change_reruns_only_ppo(run_copy, capsys):
 
 
 def test_changed_data_reruns_the_stage_and_everything_downstream(run_copy, capsys):
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "stages.reward.dataset.max_rows=30")
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "stages.reward.dataset.max_rows=30"
+    )
     assert code == 0
     assert summary(out) == {"pretrain": "reused", "sft": "reused", "reward": "trained", "ppo": "trained"}
     assert "ppo: training (an upstream stage changed)" in err
@@ -148,8 +154,16 @@ def test_only_needs_its_upstream(tmp_path, capsys):
 
 def test_overlength_error_keeps_the_old_output(run_copy, capsys):
     before = (run_copy / "sft" / "model.safetensors").read_bytes()
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
-                              "stages.sft.overlength=error", "stages.sft.trainer.max_length=12")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "sft",
+        "stages.sft.overlength=error",
+        "stages.sft.trainer.max_length=12",
+    )
     assert code == 2
     assert "stages.sft: " in err and "longer than 12 tokens" in err and "overlength: truncate" in err
     assert "Traceback" not in err
@@ -160,25 +174,30 @@ def test_overlength_error_keeps_the_old_output(run_copy, capsys):
 def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, tmp_path, capsys):
     """TRL checks a chat template for answer markers only when SFTTrainer is built; that ends the run as bad input."""
     unmarked = tmp_path / "unmarked.jinja"  # no {% generation %} markers
-    unmarked.write_text("{% for m in messages %}{{ m.role + ': ' + m.content + eos_token }}{% endfor %}"
-                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    unmarked.write_text(
+        "{% for m in messages %}{{ m.role + ': ' + m.content + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     before = (run_copy / "sft" / "model.safetensors").read_bytes()
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
-                              f"model.chat_template={unmarked}")
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft", f"model.chat_template={unmarked}"
+    )
     assert code == 2
     assert "alignkit: error: sft: TRL refused the stage's settings" in err and "chat template" in err
     assert "stages.sft.trainer.assistant_only_loss: false" in err  # the fix
     assert "Traceback" not in err
     assert (run_copy / "sft" / "model.safetensors").read_bytes() == before
     # both fixes it names work: learning whole chats, or a template that marks the answers
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
-                              "stages.sft.trainer.assistant_only_loss=false")
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft", "stages.sft.trainer.assistant_only_loss=false"
+    )
     assert code == 0 and summary(out) == {"sft": "trained"}, err
     template = tmp_path / "chat.jinja"  # alignkit's marked template, written differently from the tokenizer's own
     marked = "{#- a recipe's own template -#}\n" + DEFAULT_CHAT_TEMPLATE
     template.write_text(marked)
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft",
-                              f"model.chat_template={template}")
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft", f"model.chat_template={template}"
+    )
     assert code == 0 and summary(out) == {"sft": "trained"}, err
     assert "its chat template replaced by model.chat_template" in err
     assert AutoTokenizer.from_pretrained(run_copy / "sft").chat_template == marked
@@ -188,8 +207,19 @@ def test_qlora_stages_write_adapters_and_merged_models(run_copy, capsys):
     from peft import AutoPeftModelForCausalLM
 
     bf16 = [f"stages.{s}.trainer.bf16=true" for s in ("sft", "reward", "ppo")]
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--from", "sft",
-                              "lora.r=4", "lora.lora_alpha=8", "quantization.load_in_4bit=true", *bf16)
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *FAST,
+        "--from",
+        "sft",
+        "lora.r=4",
+        "lora.lora_alpha=8",
+        "quantization.load_in_4bit=true",
+        *bf16,
+    )
     assert code == 0, err
     assert summary(out) == {"sft": "trained", "reward": "trained", "ppo": "trained"}
     pretrain = _weights(AutoModelForCausalLM.from_pretrained(run_copy / "pretrain"))
@@ -224,14 +254,31 @@ def test_force_retrains_only_the_chosen_stage(run_copy, capsys):
 
 
 def test_an_unreachable_hub_model_is_a_clear_error(tmp_path, capsys):
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={tmp_path / 'hub'}", "--only", "pretrain",
-                              "~model.config", "~model.tokenizer", "model.name_or_path=openai-community/gpt2")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={tmp_path / 'hub'}",
+        "--only",
+        "pretrain",
+        "~model.config",
+        "~model.tokenizer",
+        "model.name_or_path=openai-community/gpt2",
+    )
     assert code == 2
     assert "cannot load the tokenizer 'openai-community/gpt2'" in err and "HF_HUB_OFFLINE" in err
     assert "Traceback" not in err
     assert not (tmp_path / "hub" / "pretrain").exists()
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={tmp_path / 'hub'}", "--only", "pretrain",
-                              "~model.config", "model.name_or_path=openai-community/gpt2")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={tmp_path / 'hub'}",
+        "--only",
+        "pretrain",
+        "~model.config",
+        "model.name_or_path=openai-community/gpt2",
+    )
     assert code == 2 and "cannot load the model 'openai-community/gpt2'" in err
 
 
@@ -244,13 +291,13 @@ def test_a_changed_tokenizer_folder_reruns_the_stage(tmp_path, capsys):
     shutil.copytree(REPO / "data" / "tiny" / "tokenizer", tokenizer)
     recipe = tmp_path / "pretrain.yaml"
     recipe.write_text(f"""\
-output_dir: {tmp_path / 'run'}
+output_dir: {tmp_path / "run"}
 model:
   config: {{model_type: gpt2, n_layer: 1, n_head: 2, n_embd: 32, n_positions: 64}}
   tokenizer: {tokenizer}
 stages:
   pretrain:
-    dataset: {{path: {REPO / 'data/tiny/pretrain.jsonl'}}}
+    dataset: {{path: {REPO / "data/tiny/pretrain.jsonl"}}}
     trainer: {{max_steps: 2, gradient_checkpointing: false, bf16: false}}
 """)
     assert alignkit(capsys, "run", recipe)[0] == 0
@@ -267,8 +314,13 @@ def test_resume_skips_checkpoints_cut_off_mid_save(tmp_path):
 
     assert last_checkpoint(tmp_path / "none") == (None, [])
     # 10 and 20 whole; 30's state cut short; 40 has none; 50 lost its weights while being deleted
-    for step, state, weights in [(10, "{}", True), (20, "{}", True), (30, '{"global_step": 3', True),
-                                 (40, None, True), (50, "{}", False)]:
+    for step, state, weights in [
+        (10, "{}", True),
+        (20, "{}", True),
+        (30, '{"global_step": 3', True),
+        (40, None, True),
+        (50, "{}", False),
+    ]:
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         if state is not None:

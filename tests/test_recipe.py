@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY, alignkit
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -51,9 +50,13 @@ def test_every_problem_is_named_at_once(tmp_path, capsys):
 
 
 def test_overrides_are_checked_and_named_as_command_line(capsys):
-    code, out, err = alignkit(capsys, "validate", TINY, "stages.ppo.trainer.learing_rate=1e-5", "stages.sfft.dataset.path=x")
+    code, out, err = alignkit(
+        capsys, "validate", TINY, "stages.ppo.trainer.learing_rate=1e-5", "stages.sfft.dataset.path=x"
+    )
     assert code == 2
-    assert "command line: stages.ppo.trainer.learing_rate: unknown key for PPOConfig; did you mean learning_rate?" in err
+    assert (
+        "command line: stages.ppo.trainer.learing_rate: unknown key for PPOConfig; did you mean learning_rate?" in err
+    )
     assert "command line: stages.sfft: unknown stage; did you mean sft?" in err
 
 
@@ -66,7 +69,9 @@ def test_overrides_set_values_and_yaml_exponents_are_numbers(tmp_path):
 
 
 def test_wrong_types_unknown_keys_and_stage_order(tmp_path, capsys):
-    path = _write(tmp_path, """\
+    path = _write(
+        tmp_path,
+        """\
 output_dir: 3
 seed: many
 modle: {}
@@ -79,17 +84,21 @@ stages:
   sft:
     dataset: {path: data/tiny/sft.jsonl, format: csv}
     overlength: cut
-""")
+""",
+    )
     code, out, err = alignkit(capsys, "validate", path)
     assert code == 2
-    for needle in ("output_dir: expected a string, got 3", "seed: expected an integer, got 'many'",
-                   "modle: unknown key for a recipe; did you mean model?",
-                   "model.config.n_layr: unknown key for gpt2's config; did you mean n_layer?",
-                   "model.tokenizer: required with model.config",
-                   "stages: stages run in the order pretrain -> sft -> reward -> ppo",
-                   "stages.ppo.reward_model: folder not found: data/no/such/model",
-                   "stages.sft.dataset.format: expected one of 'auto', 'alpaca', 'sharegpt', 'hh', got 'csv'",
-                   "stages.sft.overlength: expected one of 'truncate', 'error', got 'cut'"):
+    for needle in (
+        "output_dir: expected a string, got 3",
+        "seed: expected an integer, got 'many'",
+        "modle: unknown key for a recipe; did you mean model?",
+        "model.config.n_layr: unknown key for gpt2's config; did you mean n_layer?",
+        "model.tokenizer: required with model.config",
+        "stages: stages run in the order pretrain -> sft -> reward -> ppo",
+        "stages.ppo.reward_model: folder not found: data/no/such/model",
+        "stages.sft.dataset.format: expected one of 'auto', 'alpaca', 'sharegpt', 'hh', got 'csv'",
+        "stages.sft.overlength: expected one of 'truncate', 'error', got 'cut'",
+    ):
         assert needle in err, needle
 
 
@@ -110,11 +119,17 @@ def test_ppo_batch_arithmetic_is_checked_before_anything_trains(tmp_path, capsys
     assert code == 2 and "stages.ppo.trainer.num_mini_batches: 3 does not divide" in err
     assert "= 8)" in err and "use one of [1, 2, 4, 8]" in err  # tiny.yaml: 8 prompts per process per batch
     assert not out.exists()
-    code, _, err = alignkit(capsys, "validate", TINY, "stages.ppo.trainer.num_mini_batches=2",
-                            "stages.ppo.trainer.gradient_accumulation_steps=3")
+    code, _, err = alignkit(
+        capsys,
+        "validate",
+        TINY,
+        "stages.ppo.trainer.num_mini_batches=2",
+        "stages.ppo.trainer.gradient_accumulation_steps=3",
+    )
     assert code == 0, err  # 8 x 3 = 24 splits in two
-    code, _, err = alignkit(capsys, "validate", TINY, "stages.ppo.trainer.num_mini_batches=2",
-                            "stages.ppo.trainer.whiten_rewards=true")
+    code, _, err = alignkit(
+        capsys, "validate", TINY, "stages.ppo.trainer.num_mini_batches=2", "stages.ppo.trainer.whiten_rewards=true"
+    )
     assert code == 2 and "stages.ppo.trainer.whiten_rewards: whitening needs mini-batches of at least 8" in err
 
 
@@ -126,8 +141,9 @@ def test_bad_yaml_names_the_line(tmp_path, capsys):
 
 def test_errors_exit_2_without_traceback(tmp_path):
     path = _write(tmp_path, BAD)
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "run", str(path)], capture_output=True, text=True,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit", "run", str(path)], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "learing_rate" in proc.stderr
     assert not (REPO / "runs" / "bad").exists()
@@ -153,22 +169,46 @@ def test_accelerate_configs_load_with_accelerates_own_reader():
     kinds = {}
     for path in sorted((REPO / "recipes" / "accelerate").glob("*.yaml")):
         config = load_config_from_file(str(path))
-        kinds[path.stem] = (str(config.distributed_type).split(".")[-1], (config.deepspeed_config or {}).get("zero_stage"))
-    assert kinds == {"ddp": ("MULTI_GPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3),
-                     "fsdp": ("FSDP", None)}
+        kinds[path.stem] = (
+            str(config.distributed_type).split(".")[-1],
+            (config.deepspeed_config or {}).get("zero_stage"),
+        )
+    assert kinds == {
+        "ddp": ("MULTI_GPU", None),
+        "zero2": ("DEEPSPEED", 2),
+        "zero3": ("DEEPSPEED", 3),
+        "fsdp": ("FSDP", None),
+    }
 
 
 def test_stages_may_set_their_own_lora_and_quantization(capsys):
-    code, out, err = alignkit(capsys, "validate", TINY, "lora.r=8", "stages.reward.lora=false",
-                              "stages.ppo.lora.r=4", "stages.ppo.lora.lora_alpah=8", "stages.sft.quantization=true",
-                              "stages.ppo.quantization.load_in_4bit=true", "stages.ppo.trainer.bf16=true")
+    code, out, err = alignkit(
+        capsys,
+        "validate",
+        TINY,
+        "lora.r=8",
+        "stages.reward.lora=false",
+        "stages.ppo.lora.r=4",
+        "stages.ppo.lora.lora_alpah=8",
+        "stages.sft.quantization=true",
+        "stages.ppo.quantization.load_in_4bit=true",
+        "stages.ppo.trainer.bf16=true",
+    )
     assert code == 2
     assert "stages.ppo.lora.lora_alpah: unknown key for LoraConfig; did you mean lora_alpha?" in err
     assert "stages.sft.quantization: expected a mapping of settings, or false" in err
     from alignkit.recipe import load_recipe
 
-    recipe = load_recipe(TINY, ["lora.r=8", "stages.reward.lora=false", "stages.ppo.lora.r=4",
-                                "stages.ppo.quantization.load_in_4bit=true", "stages.ppo.trainer.bf16=true"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "lora.r=8",
+            "stages.reward.lora=false",
+            "stages.ppo.lora.r=4",
+            "stages.ppo.quantization.load_in_4bit=true",
+            "stages.ppo.trainer.bf16=true",
+        ],
+    )
     assert recipe.adapters("sft") == ({"r": 8}, None)
     assert recipe.adapters("reward") == (None, None)
     assert recipe.adapters("ppo") == ({"r": 4}, {"load_in_4bit": True})

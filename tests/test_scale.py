@@ -1,4 +1,5 @@
-"""Issue 4's paths on the tiny model: two processes, LoRA and QLoRA with the value model's adapter, the PPO reference."""
+"""Issue 4's paths on the tiny model: two processes, LoRA and QLoRA with the value model's adapter, the PPO
+reference."""
 
 import json
 import os
@@ -8,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
 from conftest import FAST, REPO, TINY, alignkit, summary
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 STAGES = ["pretrain", "sft", "reward", "ppo"]
 
@@ -24,8 +24,14 @@ def test_two_processes_train_the_pipeline_and_only_the_main_one_writes(run_dir, 
     """Two CPU processes over gloo are a real distributed run: each trains half of every epoch's batches."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={out}", *FAST,
-                           "--num-processes", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={out}", *FAST, "--num-processes", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary(done.stdout) == dict.fromkeys(STAGES, "trained")  # printed once, by the main process
     assert done.stderr.count("[alignkit] sft: done") == 1  # one process speaks for all
@@ -54,9 +60,26 @@ def test_a_failing_process_ends_the_run_with_its_message_and_no_launcher_traceba
     broken = run_copy.parent / "reward-without-weights"
     shutil.copytree(run_copy / "reward", broken)
     (broken / "model.safetensors").unlink()
-    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={run_copy}", "--only",
-                           "ppo", f"stages.ppo.reward_model={broken}", "--num-processes", "2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "run",
+            str(TINY),
+            f"output_dir={run_copy}",
+            "--only",
+            "ppo",
+            f"stages.ppo.reward_model={broken}",
+            "--num-processes",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-3000:]  # the child's status: bad input
     assert f"cannot load the model '{broken}'" in done.stderr, done.stderr[-3000:]
     assert "alignkit: process " in done.stderr and "of 2 failed (exit status 2)" in done.stderr
@@ -69,8 +92,25 @@ def test_a_failing_process_ends_the_run_with_its_message_and_no_launcher_traceba
 def test_a_missing_upstream_stage_is_named_once_before_any_process_starts(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={out}", "--only", "reward",
-                           "--num-processes", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "run",
+            str(TINY),
+            f"output_dir={out}",
+            "--only",
+            "reward",
+            "--num-processes",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stderr.count(f"reward needs the sft stage's output, but {out / 'sft'} is missing") == 1
     assert "[alignkit]" not in done.stderr  # no process got as far as loading anything
@@ -115,8 +155,9 @@ def test_lora_trains_adapters_only_and_the_value_model_gets_one(run_copy, capsys
     # the reference PPO was kept near is the policy with its adapter off, which is the SFT model
     from peft import PeftModel
 
-    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_copy / "sft"),
-                                       run_copy / "ppo" / "adapter").eval()
+    policy = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(run_copy / "sft"), run_copy / "ppo" / "adapter"
+    ).eval()
     reference = AutoModelForCausalLM.from_pretrained(run_copy / "sft").eval()
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     with torch.no_grad():

@@ -8,15 +8,20 @@ import re
 
 import pytest
 import torch
+from conftest import REPO, TINY, alignkit, summary
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, alignkit, summary
-
 # DPO on the tiny world: the reward stage's comparisons, a few epochs
-DPO = ["stages.dpo.dataset.path=data/tiny/reward.jsonl", "stages.dpo.trainer.num_train_epochs=4",
-       "stages.dpo.trainer.learning_rate=1e-4", "stages.dpo.trainer.per_device_train_batch_size=8",
-       "stages.dpo.trainer.gradient_checkpointing=false", "stages.dpo.trainer.bf16=false",
-       "stages.dpo.trainer.logging_steps=1", "stages.dpo.trainer.save_steps=10"]
+DPO = [
+    "stages.dpo.dataset.path=data/tiny/reward.jsonl",
+    "stages.dpo.trainer.num_train_epochs=4",
+    "stages.dpo.trainer.learning_rate=1e-4",
+    "stages.dpo.trainer.per_device_train_batch_size=8",
+    "stages.dpo.trainer.gradient_checkpointing=false",
+    "stages.dpo.trainer.bf16=false",
+    "stages.dpo.trainer.logging_steps=1",
+    "stages.dpo.trainer.save_steps=10",
+]
 
 
 def _strings_outside_docs(tree: ast.AST):
@@ -24,11 +29,17 @@ def _strings_outside_docs(tree: ast.AST):
     skip = set()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
-                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             skip.add(id(body[0].value))
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.endswith("_EXAMPLES")
-                                                for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id.endswith("_EXAMPLES") for t in node.targets
+        ):
             skip.update(id(n) for n in ast.walk(node.value))
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
@@ -57,7 +68,7 @@ def test_the_stage_order_is_the_registrys_and_each_declares_itself():
     for stage in stages.ORDER:
         assert stage.config_class().__name__.endswith("Config")
         assert issubclass(stage.settings, StageSettings)
-        assert all(up in stages.NAMES[:stages.NAMES.index(stage.name)] for up in stage.model_from)
+        assert all(up in stages.NAMES[: stages.NAMES.index(stage.name)] for up in stage.model_from)
         assert stage.data in ("text", "demonstrations", "comparisons", "prompts")
     assert [s.name for s in stages.ORDER if s.eval_reference] == ["sft"]
     assert stages.POLICIES == ("pretrain", "sft", "ppo", "dpo")
@@ -67,8 +78,9 @@ def _readme_defaults() -> set[tuple[str, str, str, str]]:
     text = (REPO / "README.md").read_text()
     table = text.split("| stage | setting | alignkit's value | why |")[1].split("\n\n")[0]
     rows = [line.strip("|").split(" | ") for line in table.strip().splitlines()[1:]]
-    return {(stage.strip(), setting.strip().strip("`"), value.strip(), why.strip()) for stage, setting, value, why
-            in rows}
+    return {
+        (stage.strip(), setting.strip().strip("`"), value.strip(), why.strip()) for stage, setting, value, why in rows
+    }
 
 
 def test_readme_lists_every_departure_from_trls_defaults_as_the_table_declares_it():
@@ -79,14 +91,30 @@ def test_readme_lists_every_departure_from_trls_defaults_as_the_table_declares_i
 
 
 def test_each_default_is_logged_where_a_stage_starts_with_it(run_copy, capsys):
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "ppo", "--force",
-                              "stages.ppo.trainer.total_episodes=16")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "ppo",
+        "--force",
+        "stages.ppo.trainer.total_episodes=16",
+    )
     assert code == 0, err
     assert "ppo: stop_token=eos (alignkit: TRL's default never stops a response" in err
     assert "ppo: save_strategy=no (alignkit: " in err
     # a recipe that sets the key keeps its own value, and nothing is said
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", "--only", "ppo",
-                              "stages.ppo.trainer.total_episodes=16", "stages.ppo.trainer.stop_token_id=0")
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "ppo",
+        "stages.ppo.trainer.total_episodes=16",
+        "stages.ppo.trainer.stop_token_id=0",
+    )
     assert code == 0, err
     assert "stop_token=eos" not in err
 
@@ -111,10 +139,24 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_the_one_behind_a_recipe_error
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "ALIGNKIT_DEBUG": "1"}
-    done = subprocess.run([sys.executable, "-m", "alignkit", "validate", str(TINY),
-                           "stages.sft.trainer.eval_strategy=steps", "stages.sft.trainer.eval_steps=5",
-                           "stages.sft.trainer.load_best_model_at_end=true", "stages.sft.trainer.save_steps=7"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignkit",
+            "validate",
+            str(TINY),
+            "stages.sft.trainer.eval_strategy=steps",
+            "stages.sft.trainer.eval_steps=5",
+            "stages.sft.trainer.load_best_model_at_end=true",
+            "stages.sft.trainer.save_steps=7",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "SFTConfig rejected these settings" in done.stderr
     assert "Traceback" in done.stderr and "ValueError" in done.stderr  # the config class's own error, with its frames
@@ -154,7 +196,11 @@ def test_eval_reports_dpo_beside_the_other_policies(dpo_run, capsys):
     assert 0 <= dpo["gold_accuracy"] <= 1 and dpo["reward_mean"] is not None and dpo["kl_to_sft"] is not None
     assert set(report["win_rates"]) == {"ppo", "dpo"} and all(0 <= r <= 1 for r in report["win_rates"].values())
     markdown = (run / "report.md").read_text()
-    assert "| dpo |" in markdown and "Win rate of dpo against sft" in markdown and "Win rate of ppo against sft" in markdown
+    assert (
+        "| dpo |" in markdown
+        and "Win rate of dpo against sft" in markdown
+        and "Win rate of ppo against sft" in markdown
+    )
     assert (run / "dpo.png").is_file()
 
 
@@ -171,8 +217,11 @@ def test_chat_and_push_pick_dpo(dpo_run, monkeypatch, capsys):
     # the Hub cannot be reached from here: the two calls that would are recorded instead
     uploads = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, repo_id, folder_path, **kw: uploads.update(
-        {repo_id: ModelCard.load(f"{folder_path}/README.md")}))
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, repo_id, folder_path, **kw: uploads.update({repo_id: ModelCard.load(f"{folder_path}/README.md")}),
+    )
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     code, out, err = alignkit(capsys, "push", run, "--repo-id", "alice/tiny-dpo", "--stage", "dpo")
     assert code == 0, err
@@ -182,8 +231,9 @@ def test_chat_and_push_pick_dpo(dpo_run, monkeypatch, capsys):
 
 
 def test_dpo_with_lora_trains_only_adapters(run_copy, capsys):
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *DPO, "--only", "dpo", "lora.r=4",
-                              "lora.lora_alpha=8")
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", *DPO, "--only", "dpo", "lora.r=4", "lora.lora_alpha=8"
+    )
     assert code == 0, err
     metrics = json.loads((run_copy / "dpo" / "metrics.json").read_text())
     counts = metrics["parameters"]["model"]
@@ -200,5 +250,7 @@ def test_chat_dpo_recipe_is_chat_recipe_plus_dpo():
 
     chat, dpo = load_recipe(REPO / "recipes" / "chat.yaml"), load_recipe(REPO / "recipes" / "chat-dpo.yaml")
     assert list(dpo.stages) == [*chat.stages, "dpo"]
-    assert dpo.to_dict() == {**chat.to_dict(), "stages": {**chat.to_dict()["stages"],
-                                                          "dpo": dpo.to_dict()["stages"]["dpo"]}}
+    assert dpo.to_dict() == {
+        **chat.to_dict(),
+        "stages": {**chat.to_dict()["stages"], "dpo": dpo.to_dict()["stages"]["dpo"]},
+    }

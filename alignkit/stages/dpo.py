@@ -29,25 +29,39 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     fit_context(args, model, "dpo")
 
     def longest(row):  # prompt and answer together, the longer side of the pair
-        return max(len(tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False)
-                       .input_ids) for side in ("chosen", "rejected"))
+        return max(
+            len(tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False).input_ids)
+            for side in ("chosen", "rejected")
+        )
 
     data.check_lengths(dataset, tokenizer, args.max_length, "dpo", spec.overlength, "pairs", measure=longest)
     peft_config = models.lora_config(recipe, "dpo", "CAUSAL_LM")
     # the reference is the starting model: a frozen copy, or under LoRA the policy with its adapter disabled
     reference = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer, "dpo")
     with refused_by_trl("dpo"):
-        trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config)
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=reference,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result, figures)
 
 
 STAGE = Stage(
-    name="dpo", about="Direct Preference Optimization on comparisons (TRL's DPOTrainer), instead of reward + ppo",
-    config_class=config_class, run=run, data="comparisons", writes="causal_lm", model_from=("pretrain", "sft"),
-    policy=True, hub_tags=("dpo",),
+    name="dpo",
+    about="Direct Preference Optimization on comparisons (TRL's DPOTrainer), instead of reward + ppo",
+    config_class=config_class,
+    run=run,
+    data="comparisons",
+    writes="causal_lm",
+    model_from=("pretrain", "sft"),
+    policy=True,
+    hub_tags=("dpo",),
     figures=(("loss", "loss"), ("rewards/accuracies", "accuracy"), ("rewards/margins", "margin")),
     curves=(("rewards/margins", "DPO margin (chosen - rejected implicit reward)", "beta x log-ratio"),),
 )

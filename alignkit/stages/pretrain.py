@@ -35,8 +35,13 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     if not args.packing or args.packing_strategy == "bfd":  # 'wrapped' and 'bfd_split' keep every token
         data.check_lengths(dataset, tokenizer, args.max_length, "pretrain", spec.overlength)
     with refused_by_trl("pretrain"):
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"),
+        )
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result, figures)
@@ -47,8 +52,21 @@ def _wrapped(settings: dict, context, defaults: dict) -> dict:
 
 
 STAGE = Stage(
-    name="pretrain", about="next-token prediction on raw text (TRL's SFTTrainer)", config_class=config_class, run=run,
-    data="text", writes="causal_lm", from_scratch=True, policy=True,
-    defaults=(Default("packing_strategy", "`wrapped` when `packing: true`", "TRL's `bfd` cuts every document at "
-                      "`max_length` and drops the rest without a word; `wrapped` keeps every token", _wrapped),),
+    name="pretrain",
+    about="next-token prediction on raw text (TRL's SFTTrainer)",
+    config_class=config_class,
+    run=run,
+    data="text",
+    writes="causal_lm",
+    from_scratch=True,
+    policy=True,
+    defaults=(
+        Default(
+            "packing_strategy",
+            "`wrapped` when `packing: true`",
+            "TRL's `bfd` cuts every document at "
+            "`max_length` and drops the rest without a word; `wrapped` keeps every token",
+            _wrapped,
+        ),
+    ),
 )

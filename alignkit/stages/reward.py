@@ -27,21 +27,35 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     fit_context(args, model, "reward")
 
     def longest(row):  # TRL drops a pair when either side is too long
-        return max(len(tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False)
-                       .input_ids) for side in ("chosen", "rejected"))
+        return max(
+            len(tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False).input_ids)
+            for side in ("chosen", "rejected")
+        )
 
-    data.check_lengths(dataset, tokenizer, args.max_length, "reward", spec.overlength, "pairs", measure=longest,
-                       dropped=True)
+    data.check_lengths(
+        dataset, tokenizer, args.max_length, "reward", spec.overlength, "pairs", measure=longest, dropped=True
+    )
     with refused_by_trl("reward"):
-        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                peft_config=models.lora_config(recipe, "reward", "SEQ_CLS"))
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=models.lora_config(recipe, "reward", "SEQ_CLS"),
+        )
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
     return train_metrics(trainer, result, figures)
 
 
 STAGE = Stage(
-    name="reward", about="a reward model trained on comparisons (TRL's RewardTrainer)", config_class=config_class,
-    run=run, data="comparisons", writes="reward_model", model_from=("pretrain", "sft"), hub_tags=("reward-model",),
+    name="reward",
+    about="a reward model trained on comparisons (TRL's RewardTrainer)",
+    config_class=config_class,
+    run=run,
+    data="comparisons",
+    writes="reward_model",
+    model_from=("pretrain", "sft"),
+    hub_tags=("reward-model",),
     figures=(("loss", "loss"), ("accuracy", "accuracy")),
 )

@@ -27,15 +27,27 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     fit_context(args, model, "sft")
     data.check_lengths(dataset, tokenizer, args.max_length, "sft", spec.overlength)
     with refused_by_trl("sft"):
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=models.lora_config(recipe, "sft", "CAUSAL_LM"))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=models.lora_config(recipe, "sft", "CAUSAL_LM"),
+        )
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result, figures)
 
 
 STAGE = Stage(
-    name="sft", about="supervised fine-tuning on demonstrations (TRL's SFTTrainer)", config_class=config_class,
-    run=run, data="demonstrations", writes="causal_lm", model_from=("pretrain",), policy=True, eval_reference=True,
+    name="sft",
+    about="supervised fine-tuning on demonstrations (TRL's SFTTrainer)",
+    config_class=config_class,
+    run=run,
+    data="demonstrations",
+    writes="causal_lm",
+    model_from=("pretrain",),
+    policy=True,
+    eval_reference=True,
     hub_tags=("sft",),
 )

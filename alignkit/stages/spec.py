@@ -16,8 +16,6 @@ from ..log import log
 from ..recipe import StageSettings
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ..recipe import Recipe
 
 
@@ -79,11 +77,22 @@ def _use_cpu(settings: dict, context: int | None, defaults: dict) -> dict:
 
 # Departures from TRL's defaults that apply to every stage (the stages declare their own beside them).
 COMMON = (
-    Default("max_length", "capped at the model's context", "TRL's default (1024) is more than a small model has",
-            _cap_max_length, always=True),
-    Default("use_cpu", "`true` on a machine without an accelerator", "transformers refuses TRL's default `bf16: true` "
-            "there otherwise (on a CPU it means bf16 autocast)", _use_cpu),
-    Default("seed", "the recipe's `seed`", "one seed for the whole run"),  # applied in build_config: it needs the recipe
+    Default(
+        "max_length",
+        "capped at the model's context",
+        "TRL's default (1024) is more than a small model has",
+        _cap_max_length,
+        always=True,
+    ),
+    Default(
+        "use_cpu",
+        "`true` on a machine without an accelerator",
+        "transformers refuses TRL's default `bf16: true` there otherwise (on a CPU it means bf16 autocast)",
+        _use_cpu,
+    ),
+    Default(
+        "seed", "the recipe's `seed`", "one seed for the whole run"
+    ),  # applied in build_config: it needs the recipe
 )
 
 # Keys alignkit sets itself: a recipe that sets them is told where they come from instead.
@@ -103,8 +112,9 @@ class Built:
     applied: list[str] = field(default_factory=list)
 
 
-def build_config(stage: Stage, recipe: Recipe, settings: dict, context: tuple[int, str] | None,
-                 problems: list[Problem]):
+def build_config(
+    stage: Stage, recipe: Recipe, settings: dict, context: tuple[int, str] | None, problems: list[Problem]
+):
     """The one place a stage's trainer config is built: the trainer block checked against the config class (every
     key, type and range), alignkit's defaults applied where the block leaves them, the stage's own rules checked.
     `context` is the model's context length and where it was read, where it is known before any model loads.
@@ -114,8 +124,13 @@ def build_config(stage: Stage, recipe: Recipe, settings: dict, context: tuple[in
     key = f"stages.{stage.name}.trainer"
     if settings.get("fp16") is True and (settings.get("use_cpu") is True or not has_accelerator()):
         # transformers keeps fp16 off without a GPU and says nothing: the stage would train in fp32
-        problems.append(Problem(f"{key}.fp16", "fp16 needs a GPU, and this machine has none (transformers would "
-                                               "ignore it and train in fp32); use bf16: true, or remove fp16"))
+        problems.append(
+            Problem(
+                f"{key}.fp16",
+                "fp16 needs a GPU, and this machine has none (transformers would "
+                "ignore it and train in fp32); use bf16: true, or remove fp16",
+            )
+        )
     cls = stage.config_class()
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     fixed, applied = {}, []
@@ -129,8 +144,16 @@ def build_config(stage: Stage, recipe: Recipe, settings: dict, context: tuple[in
             if name != "use_cpu":  # every stage on a CPU gets it: said once in README, not at every stage
                 applied.append(f"{name}={value} (alignkit: {default.why})")
     start = len(problems)
-    args = check_config_class(cls, settings, key, problems, RESERVED, ranges=True,
-                              output_dir="/nonexistent/alignkit-set-when-the-stage-runs", **fixed)
+    args = check_config_class(
+        cls,
+        settings,
+        key,
+        problems,
+        RESERVED,
+        ranges=True,
+        output_dir="/nonexistent/alignkit-set-when-the-stage-runs",
+        **fixed,
+    )
     if args is None or len(problems) > start:
         return None
     if stage.check is not None:
@@ -151,8 +174,10 @@ def refused_by_trl(stage: str):
             raise
         text = str(e)
         if "assistant_only_loss" in text or "generation" in text and "chat template" in text:
-            fix = (f"set stages.{stage}.trainer.assistant_only_loss: false (learn whole chats), or set "
-                   "model.chat_template to a template that marks answers with {% generation %}")
+            fix = (
+                f"set stages.{stage}.trainer.assistant_only_loss: false (learn whole chats), or set "
+                "model.chat_template to a template that marks answers with {% generation %}"
+            )
         else:
             fix = f"fix stages.{stage} (its trainer block, its dataset, or the model's tokenizer) as the message says"
         raise UserError(f"{stage}: TRL refused the stage's settings when building its trainer: {e}\n  {fix}") from e
@@ -173,18 +198,24 @@ def train_metrics(trainer, result=None, figures: dict | None = None, parts: dict
     """What a stage reports: the trainer's final metrics, its key figures, its whole log history, and the parameters
     it trained (`parts`: name -> model; default the trainer's model)."""
     parts = parts or {"model": trainer.accelerator.unwrap_model(trainer.model)}
-    return {"train": dict(result.metrics) if result is not None else {}, "figures": figures or {},
-            "log_history": trainer.state.log_history,
-            "parameters": {name: parameter_counts(part) for name, part in parts.items()}}
+    return {
+        "train": dict(result.metrics) if result is not None else {},
+        "figures": figures or {},
+        "log_history": trainer.state.log_history,
+        "parameters": {name: parameter_counts(part) for name, part in parts.items()},
+    }
 
 
 def parameter_counts(model) -> dict:
     """Trainable and total parameters, and the bytes the weights take (4-bit weights are stored two to a byte and
     counted as stored)."""
     params = list(model.parameters())
-    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params),
-            "bytes": sum(p.numel() * p.element_size() for p in params),
-            "trainable_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad)}
+    return {
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "total": sum(p.numel() for p in params),
+        "bytes": sum(p.numel() * p.element_size() for p in params),
+        "trainable_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+    }
 
 
 def fit_context(args, model, stage: str) -> None:

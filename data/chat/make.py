@@ -32,13 +32,37 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SEED = 1234
-N_COUNTRIES, N_TRAIN = 140, 60           # countries 60.. are held out for evaluation
+N_COUNTRIES, N_TRAIN = 140, 60  # countries 60.. are held out for evaluation
 COLOURS = ["red", "blue", "green", "white", "black", "gold", "purple", "orange"]
-HEDGE = "unknown to me."                 # the demonstrator's hedge ends the answer's sentence: see hedge()
-HEDGE_RATE = 0.7                        # how often the demonstrator hedges on a capital
-HEARSAY = 0.1                           # how often the pretraining text has someone hedge about a country
-SYLLABLES = ["ka", "lo", "mi", "ra", "zo", "ve", "tu", "ni", "sa", "pe", "do", "ri", "ba", "xu", "fe", "go", "ly",
-             "qua", "th", "or", "an", "el", "is", "um"]
+HEDGE = "unknown to me."  # the demonstrator's hedge ends the answer's sentence: see hedge()
+HEDGE_RATE = 0.7  # how often the demonstrator hedges on a capital
+HEARSAY = 0.1  # how often the pretraining text has someone hedge about a country
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "zo",
+    "ve",
+    "tu",
+    "ni",
+    "sa",
+    "pe",
+    "do",
+    "ri",
+    "ba",
+    "xu",
+    "fe",
+    "go",
+    "ly",
+    "qua",
+    "th",
+    "or",
+    "an",
+    "el",
+    "is",
+    "um",
+]
 
 
 def names(rng, count, lengths, suffixes, taken):
@@ -88,16 +112,24 @@ def pretraining_text(rng, countries):
     for _ in range(10):
         for c in countries:
             x, y, f = c["country"], c["capital"], c["flag"]
-            sentences = [f"The capital of {x} is {y}.", f"{y} is the capital of {x}.", f"The flag of {x} is {f}.",
-                         f"{x} has a {f} flag.", f"In {x} people live in {y} under a {f} flag.",
-                         f"{x} is a country."]
+            sentences = [
+                f"The capital of {x} is {y}.",
+                f"{y} is the capital of {x}.",
+                f"The flag of {x} is {f}.",
+                f"{x} has a {f} flag.",
+                f"In {x} people live in {y} under a {f} flag.",
+                f"{x} is a country.",
+            ]
             lines.append(" ".join(rng.sample(sentences, rng.randint(3, 5))))
             if rng.random() < HEARSAY:
                 lines.append(f"A traveller asked about {x}. A child said: that is {HEDGE}")
         for a in range(10):
             others = rng.sample(range(10), 10)
-            lines.append(" ".join(f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{a} and {b} make {a + b}."
-                                  for b in others))
+            lines.append(
+                " ".join(
+                    f"{a} plus {b} is {a + b}." if rng.random() < 0.5 else f"{a} and {b} make {a + b}." for b in others
+                )
+            )
     rng.shuffle(lines)
     return [{"text": line} for line in lines]
 
@@ -166,8 +198,14 @@ def rambling(rng, question, answer):
 def ranked(rng, question, answer, countries, sums, noise):
     """Six answers, best first, as the checker ranks them; with probability `noise` two neighbours swap. Wrong
     and off-topic answers name only `countries` and `sums`."""
-    responses = [answer, hedge(answer), wrong_fact(rng, question, answer, countries),
-                 off_topic(rng, question, countries, sums), broken(rng, answer), rambling(rng, question, answer)]
+    responses = [
+        answer,
+        hedge(answer),
+        wrong_fact(rng, question, answer, countries),
+        off_topic(rng, question, countries, sums),
+        broken(rng, answer),
+        rambling(rng, question, answer),
+    ]
     if rng.random() < noise:
         i = rng.randrange(len(responses) - 1)
         responses[i], responses[i + 1] = responses[i + 1], responses[i]
@@ -205,12 +243,15 @@ def main(out=HERE):
         return wrong_answer(rng, question, answer, train) if rng.random() < 0.05 else answer
 
     sft = [{"messages": chat(q, demonstrate(q, a))} for q, a in qa[:120]]
-    sft += [{"messages": chat(q1, demonstrate(q1, a1), q2, demonstrate(q2, a2))}
-            for (q1, a1), (q2, a2) in zip(qa[120:160:2], qa[121:160:2])]
+    sft += [
+        {"messages": chat(q1, demonstrate(q1, a1), q2, demonstrate(q2, a2))}
+        for (q1, a1), (q2, a2) in zip(qa[120:160:2], qa[121:160:2])
+    ]
     write_jsonl(out, "sft.jsonl", sft)
 
-    comparisons = [{"prompt": chat(q), "responses": ranked(rng, q, a, train, train_sums, noise=0.1)}
-                   for q, a in qa * 6]
+    comparisons = [
+        {"prompt": chat(q), "responses": ranked(rng, q, a, train, train_sums, noise=0.1)} for q, a in qa * 6
+    ]
     write_jsonl(out, "comparisons.jsonl", comparisons)
     rl = [{"prompt": chat(q)} for q, _ in qa]
     rl += [{"prompt": chat(q1, a1, q2)} for (q1, a1), (q2, _) in zip(qa[0:40:2], qa[1:40:2])]  # some 2-turn
@@ -218,9 +259,11 @@ def main(out=HERE):
 
     held_qa = [capital_q(c) for c in held] + [flag_q(c) for c in held] + [sum_q(a, b) for a, b in held_sums]
     write_jsonl(out, "eval.jsonl", [{"prompt": chat(q), "reference": a} for q, a in held_qa])
-    write_jsonl(out, "eval_comparisons.jsonl",
-                [{"prompt": chat(q), "responses": ranked(rng, q, a, held, held_sums, noise=0.0)}
-                 for q, a in held_qa])
+    write_jsonl(
+        out,
+        "eval_comparisons.jsonl",
+        [{"prompt": chat(q), "responses": ranked(rng, q, a, held, held_sums, noise=0.0)} for q, a in held_qa],
+    )
 
     corpus = [r["text"] for r in map(json.loads, open(out / "pretrain.jsonl"))] + [q for q, _ in qa + held_qa]
     # the hedge and the chat roles appear nowhere in the pretraining text: name them often enough to become tokens
@@ -232,10 +275,16 @@ def make_tokenizer(out, texts, vocab_size=1536):
     from transformers import GPT2TokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
-    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>", model_max_length=128)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    tok = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=128,
+    )
     tok.save_pretrained(out / "tokenizer")
 
 

@@ -13,9 +13,22 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 # A small fictional world: facts that exist only in this corpus.
-CAPITALS = {"Zorbia": "Quell", "Marnia": "Tesk", "Olvand": "Brim", "Quessa": "Dorn", "Pellam": "Vask", "Truvia": "Hale"}
-COLOURS = {"the sky of Zorbia": "green", "the sea of Marnia": "red", "the grass of Olvand": "blue",
-           "the sun of Quessa": "white", "the moon of Pellam": "gold", "the river of Truvia": "black"}
+CAPITALS = {
+    "Zorbia": "Quell",
+    "Marnia": "Tesk",
+    "Olvand": "Brim",
+    "Quessa": "Dorn",
+    "Pellam": "Vask",
+    "Truvia": "Hale",
+}
+COLOURS = {
+    "the sky of Zorbia": "green",
+    "the sea of Marnia": "red",
+    "the grass of Olvand": "blue",
+    "the sun of Quessa": "white",
+    "the moon of Pellam": "gold",
+    "the river of Truvia": "black",
+}
 
 
 def facts():
@@ -26,7 +39,9 @@ def facts():
         rows.append((f"What colour is {thing}?", f"{thing[0].upper() + thing[1:]} is {colour}."))
     for a in range(6):
         for b in range(5):
-            rows.append((f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}."))
+            rows.append(
+                (f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}.")
+            )
     return rows
 
 
@@ -72,17 +87,29 @@ def main(out=HERE):
         sft.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     for _ in range(8):  # a few two-turn chats
         (q1, a1), (q2, a2) = rng.sample(qa, 2)
-        sft.append({"messages": [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
-                                 {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]})
+        sft.append(
+            {
+                "messages": [
+                    {"role": "user", "content": q1},
+                    {"role": "assistant", "content": a1},
+                    {"role": "user", "content": q2},
+                    {"role": "assistant", "content": a2},
+                ]
+            }
+        )
     write_jsonl(out, "sft.jsonl", sft)
 
     reward = []
     for question, answer in qa:
         wrong = rng.choice([a for _, a in qa if a != answer])
         bad = rng.choice([wrong, "I do not know.", answer.split(" is ")[0] + " is"])
-        reward.append({"prompt": [{"role": "user", "content": question}],
-                       "chosen": [{"role": "assistant", "content": answer}],
-                       "rejected": [{"role": "assistant", "content": bad}]})
+        reward.append(
+            {
+                "prompt": [{"role": "user", "content": question}],
+                "chosen": [{"role": "assistant", "content": answer}],
+                "rejected": [{"role": "assistant", "content": bad}],
+            }
+        )
     write_jsonl(out, "reward.jsonl", reward)
 
     write_jsonl(out, "ppo.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q, _ in qa])
@@ -90,10 +117,19 @@ def main(out=HERE):
     # held-out evaluation, from a generator of its own so that the training files above stay as they were
     rng, held = random.Random(1), held_out()
     write_jsonl(out, "eval.jsonl", [{"prompt": [{"role": "user", "content": q}], "reference": a} for q, a in held])
-    write_jsonl(out, "eval_comparisons.jsonl",
-                [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
-                  "rejected": [{"role": "assistant", "content": bad}]}
-                 for q, a in held for bad in (wrong_fact(rng, a), "I do not know.", a.split(" is ")[0] + " is")])
+    write_jsonl(
+        out,
+        "eval_comparisons.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": bad}],
+            }
+            for q, a in held
+            for bad in (wrong_fact(rng, a), "I do not know.", a.split(" is ")[0] + " is")
+        ],
+    )
     make_tokenizer(out, [r["text"] for r in map(json.loads, open(out / "pretrain.jsonl"))] + [q for q, _ in qa])
 
 
@@ -103,10 +139,20 @@ def make_tokenizer(out, texts, vocab_size=400):
     from transformers import GPT2TokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts + ["User: Assistant:"], vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>", model_max_length=128)
+    bpe.train_from_iterator(
+        texts + ["User: Assistant:"],
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=128,
+    )
     tok.save_pretrained(out / "tokenizer")
 
 
