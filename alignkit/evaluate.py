@@ -292,13 +292,25 @@ def win_rate(
 def write_report(recipe: Recipe, report: dict, stages: dict, wall_seconds: float) -> Path:
     """report.json, report.md and the plots, in {output_dir}."""
     out = Path(recipe.output_dir)
-    report = {"wall_seconds": wall_seconds, "stages": stages, **report}
+    report = {"wall_seconds": wall_seconds, "stages": _with_figures(out, stages), **report}
     plots = _plots(out, report["eval"])
     # each file replaced whole: a kill mid-write leaves the previous report, never a cut-off one
     files.write_json(out / "report.json", report)
     files.write_text(out / "report.md", _markdown(recipe, report, plots))
     log("eval", f"report: {out / 'report.md'}")
     return out / "report.md"
+
+
+def _with_figures(out: Path, stages: dict) -> dict:
+    """Each stage's entry with the key figures its training ended on (from its metrics.json)."""
+    result = {}
+    for stage, entry in stages.items():
+        try:
+            figures = json.loads((out / stage / "metrics.json").read_text()).get("figures") or {}
+        except (OSError, ValueError):
+            figures = {}
+        result[stage] = {**entry, "figures": figures} if figures else dict(entry)
+    return result
 
 
 def _history(out: Path, stage: str) -> list[dict]:
@@ -340,11 +352,13 @@ def _plots(out: Path, results: dict) -> list[str]:
         made.append("loss.png")
     for stage in ORDER:
         history = [h for h in _history(out, stage.name) if any(key in h for key, _, _ in stage.curves)]
-        if not history:
+        curves = [c for c in stage.curves if any(c[0] in h for h in history)]  # e.g. ptx loss only with PPO-ptx
+        if not curves:
             continue
         by = "episode" if all("episode" in h for h in history) else "step"
-        fig, axes = plt.subplots(1, len(stage.curves), figsize=(4 * len(stage.curves), 3), squeeze=False)
-        for ax, (key, title, label), colour in zip(axes[0], stage.curves, ("tab:blue", "tab:red", "tab:green")):
+        fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
+        colours = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
+        for ax, (key, title, label), colour in zip(axes[0], curves, colours):
             ax.plot(*zip(*[(h[by], h[key]) for h in history if key in h]), marker=".", color=colour)
             ax.set(title=title, xlabel=by, ylabel=label)
         fig.tight_layout()
@@ -379,6 +393,18 @@ def _eval_plot(out: Path, results: dict) -> str:
     return "eval.png"
 
 
+def _training(stages: dict) -> list[str]:
+    """What each stage's training ended on, and what its figures mean (as the stage declares)."""
+    lines = []
+    for name, entry in stages.items():
+        figures = entry.get("figures")
+        if figures:
+            lines.append(f"- **{name}**: " + ", ".join(f"{k} {fmt(v)}" for k, v in figures.items()))
+            notes = REGISTRY[name].notes if name in REGISTRY else ""
+            lines += [f"  ({notes})"] if notes else []
+    return ["## Training", "", "Each stage's figures at the end of its training:", "", *lines, ""] if lines else []
+
+
 def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
     lines = [
         f"# alignkit report: {recipe.source}",
@@ -402,7 +428,7 @@ def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
         "answer's token bigrams that repeat an earlier one." + (" " + KL_NOTE if shows_kl(report["eval"]) else ""),
         "",
     ]
-    lines += [f"![{p}]({p})" for p in plots] + ["", "## Sample answers", ""]
+    lines += [f"![{p}]({p})" for p in plots] + ["", *_training(report["stages"]), "## Sample answers", ""]
     for sample in report["samples"]:
         lines.append(f"**Prompt** `{sample['prompt']!r}` (reference: {sample['reference']!r})")
         lines += [f"- {name}: {sample[name]!r}" for name in report["eval"] if name in sample] + [""]

@@ -111,12 +111,7 @@ class _FiniteGuard(TrainerCallback):
         self.stage, self.declared = stage.name, stage
 
     def _stop(self, args, step: int, what: str):
-        checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
-        kept = f"its last good checkpoint is kept ({checkpoints[-1]})" if checkpoints else "no checkpoint was written"
-        raise NonFinite(
-            f"{self.stage}: training diverged at step {step}: {what}. The stage is not marked complete; "
-            f"{kept}.\n  {divergence_fix(self.declared, args)}"
-        )
+        raise diverged(self.declared, args, step, what)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         import torch
@@ -141,6 +136,17 @@ class _FiniteGuard(TrainerCallback):
                 state.global_step,
                 "NaN or infinite values logged: " + ", ".join(f"{k} = {v}" for k, v in bad.items()),
             )
+
+
+def diverged(stage, args, step: int, what: str) -> NonFinite:
+    """The error that stops `stage` (its declaration) at `step` for a non-finite `what`: it names the last good
+    checkpoint, which is kept, and the fix."""
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+    kept = f"its last good checkpoint is kept ({checkpoints[-1]})" if checkpoints else "no checkpoint was written"
+    return NonFinite(
+        f"{stage.name}: training diverged at step {step}: {what}. The stage is not marked complete; "
+        f"{kept}.\n  {divergence_fix(stage, args)}"
+    )
 
 
 def divergence_fix(stage, args) -> str:

@@ -30,6 +30,7 @@ from .errors import UserError
 from .log import log
 from .recipe import Recipe, plain
 from .stages import NAMES, REGISTRY
+from .stages.spec import stage_datasets
 
 MANIFEST = "alignkit_stage.json"
 
@@ -155,9 +156,10 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
         "quantization": quantization,
         "seed": recipe.seed,
     }
+    own, *more = [data.fingerprint(d, recipe) for _, d, _ in stage_datasets(REGISTRY[stage], recipe)]
     return {
         "config": _hash([spec, model_settings]),
-        "data": data.fingerprint(recipe.stages[stage].dataset, recipe),
+        "data": [own, *more] if more else own,  # a stage that reads only its own dataset: that one's hash
         "upstream": upstream_fps,
     }
 
@@ -183,7 +185,10 @@ def check_data(recipe: Recipe, stages, local_only: bool = False) -> list[str]:
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     problems = []
-    specs = [(f"stages.{stage}.dataset", recipe.stages[stage].dataset, stage, None) for stage in stages]
+    specs = []
+    for stage in stages:
+        own, *more = stage_datasets(REGISTRY[stage], recipe)
+        specs += [(own[0], own[1], stage, None)] + [(key, spec, key, kind) for key, spec, kind in more]
     if recipe.eval is not None:
         specs.append(("eval.dataset", recipe.eval.dataset, "eval.dataset", "eval"))
         if recipe.eval.comparisons is not None:
@@ -302,6 +307,8 @@ def _has_weights(checkpoint: Path) -> bool:
     there, or DeepSpeed's / FSDP's folders."""
     if any(checkpoint.glob("global_step*")) or any(checkpoint.glob("pytorch_model_fsdp*")):
         return True
+    if (checkpoint / "accelerator").is_dir():  # a trainer that saves its optimizer with accelerate (DeepSpeed)
+        return any(checkpoint.glob("*.safetensors"))
     index = checkpoint / "model.safetensors.index.json"
     if index.is_file():
         try:

@@ -628,6 +628,10 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
         key = f"stages.{name}"
         if stage.dataset is not None:
             _check_local(stage.dataset.path, f"{key}.dataset.path", base, problems)
+        if declared.more_data is not None:
+            for more, spec, _ in declared.more_data(recipe, stage):
+                if more.startswith(key) and isinstance(spec, Dataset):  # another stage's is checked there
+                    _check_local(spec.path, f"{more}.path", base, problems)
         given = getattr(stage, "reward_model", None)
         if given is not None:
             _check_local(

@@ -2,15 +2,17 @@
 
     python benchmarks/overhead.py [--width 256] [--repeats 3] [--out runs/bench-overhead]
 
-Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times sft, reward and ppo,
-each in a fresh process, both ways, on the same upstream folders, data and trainer settings:
+Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times sft, reward and dpo
+(tiny.yaml plus the DPO block below), each in a fresh process, both ways, on the same upstream folders, data and
+trainer settings:
   - alignkit: `alignkit run recipes/tiny.yaml --only STAGE --force` (recipe and data checks, conversion, length
     checks, fingerprints, the stage folder and its manifest);
   - plain TRL: what a user would write by hand: load the upstream model and tokenizer, `load_dataset("json")`, build
     TRL's trainer with the recipe's trainer block (plus the settings the stage cannot run without on this machine:
-    output_dir, use_cpu, max_length at the model's context, PPO's stop_token "eos"), train, save.
+    output_dir, use_cpu, max_length at the model's context), train, save.
 Prints the wall seconds of each process (imports included; the best of --repeats runs, to damp noise) and the ratio
-alignkit / plain TRL. PPO's classes come from alignkit.stages.ppo, the one module that imports TRL's experimental API.
+alignkit / plain TRL. The ppo stage is alignkit's own PPO (TRL has none after 1.12): benchmarks/ppo_vs_trl.py compares
+it with TRL 1.12's.
 """
 
 import argparse
@@ -23,7 +25,23 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.yaml"
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "dpo")
+# the dpo stage that tiny.yaml lacks: its comparisons, a few epochs (as tests/test_stages.py trains it)
+DPO = {
+    "dataset": {"path": "data/tiny/reward.jsonl"},
+    "trainer": {
+        "num_train_epochs": 4,
+        "learning_rate": 1.0e-4,
+        "per_device_train_batch_size": 8,
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "logging_steps": 1,
+        "save_steps": 10,
+    },
+}
+DPO_OVERRIDES = [f"stages.dpo.dataset.path={DPO['dataset']['path']}"] + [
+    f"stages.dpo.trainer.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in DPO["trainer"].items()
+]
 
 
 def plain(stage: str, out: Path) -> None:
@@ -34,6 +52,7 @@ def plain(stage: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["stages"]["dpo"] = DPO
     # the recipe's trainer block as it stands (checkpoints every save_steps, as alignkit's stage writes them)
     settings = dict(
         recipe["stages"][stage]["trainer"],
@@ -64,33 +83,16 @@ def plain(stage: str, out: Path) -> None:
             processing_class=tokenizer,
         )
     else:
-        sys.path.insert(0, str(REPO))
-        from alignkit.stages.ppo import _experimental
+        from trl import DPOConfig, DPOTrainer
 
-        PPOConfig, PPOTrainer = _experimental()
-        tokenizer = AutoTokenizer.from_pretrained(out / "sft", padding_side="left")
-        policy, ref = (AutoModelForCausalLM.from_pretrained(out / "sft") for _ in range(2))
-        reward, value = (
-            AutoModelForSequenceClassification.from_pretrained(out / "reward", num_labels=1) for _ in range(2)
-        )
-        data = data.map(
-            lambda row: {
-                "input_ids": tokenizer.apply_chat_template(
-                    row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
-                )["input_ids"]
-            },
-            remove_columns=data.column_names,
-        )
-        args = PPOConfig(stop_token="eos", save_strategy="no", **settings)  # as alignkit's ppo stage sets them
-        trainer = PPOTrainer(
-            args=args,
-            processing_class=tokenizer,
-            model=policy,
+        tokenizer = AutoTokenizer.from_pretrained(out / "sft")
+        model, ref = (AutoModelForCausalLM.from_pretrained(out / "sft") for _ in range(2))
+        trainer = DPOTrainer(
+            model=model,
             ref_model=ref,
-            reward_model=reward,
-            value_model=value,
+            args=DPOConfig(max_length=context, **settings),
             train_dataset=data,
-            eval_dataset=data.select(range(8)),
+            processing_class=tokenizer,
         )
     trainer.train()
     trainer.save_model(str(out / f"plain-{stage}" / "model"))
@@ -125,7 +127,8 @@ def main():
     rows = {}
     for stage in STAGES:
         print(f"{stage} ...", file=sys.stderr)
-        ours = min(timed([*alignkit, "--only", stage, "--force"]) for _ in range(args.repeats))
+        extra = DPO_OVERRIDES if stage == "dpo" else []
+        ours = min(timed([*alignkit, *extra, "--only", stage, "--force"]) for _ in range(args.repeats))
         theirs = min(timed([sys.executable, __file__, "--plain", stage, str(out)]) for _ in range(args.repeats))
         rows[stage] = (ours, theirs)
     print(

@@ -3,7 +3,7 @@
     python benchmarks/ppo_memory.py [--width 64|256|512] [--out runs/bench-memory]
 
 Trains recipes/tiny.yaml's pretrain -> sft -> reward once (at the chosen model width), then runs only its PPO stage
-three times, each in a fresh process: full fine-tuning (what plain TRL does), LoRA (reference = policy with the
+three times, each in a fresh process: full fine-tuning, LoRA (reference = policy with the
 adapter off, value model with an adapter), QLoRA (the same over 4-bit weights). For each it prints:
   - peak resident memory of the process (what the OS saw; includes Python, torch and the libraries, measured from a
     process that only imports them: "stack");
@@ -41,7 +41,8 @@ def child(argv):
         import torch  # noqa: F401
         import transformers  # noqa: F401
         import trl  # noqa: F401
-        from trl.experimental.ppo import PPOTrainer  # noqa: F401
+
+        from alignkit.stages.ppo_trainer import PPOTrainer  # noqa: F401
     else:
         from alignkit.cli import main
 

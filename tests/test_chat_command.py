@@ -78,11 +78,12 @@ def _greedy_answers(folder, questions, max_new_tokens, template=None, system=Non
         ids, longest = prompt(), max_new_tokens
         if context:
             room = context - min(max_new_tokens, min(64, context // 4))
+            before = list(history)
             while ids.shape[1] > room and len(history) > 1:
                 del history[:2]
                 ids = prompt()
-            if ids.shape[1] > room:
-                history.pop()
+            if ids.shape[1] > room:  # the conversation stays as it was before this message
+                history[:] = before[:-1]
                 answers.append(None)
                 continue
             longest = min(max_new_tokens, context - ids.shape[1])

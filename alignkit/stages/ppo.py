@@ -1,50 +1,46 @@
-"""ppo: reinforcement learning against the reward model, kept near the SFT model by a KL penalty (TRL's PPOTrainer).
+"""ppo: reinforcement learning against the reward model, kept near the reference (the model it starts from) by a
+per-token KL penalty, with InstructGPT's PPO-ptx; alignkit's own PPO (ppo_trainer.py), which resumes exactly.
 
-This is the one module that imports TRL's experimental API. TRL removed PPO after 1.12, so the pin (trl 1.12.x) or a
-replacement touches this file alone.
+TRL removed its PPO after 1.12; this stage needs nothing from TRL.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import data, models
-from ..errors import NonFinite, Problem, UserError
+from ..errors import Problem, UserError
 from ..log import log
-from ..recipe import Recipe, RewardModelSettings
-from .spec import Default, Stage, refused_by_trl, train_metrics
-
-TRL_PPO = "trl>=1.12,<1.13"
-
-
-def _experimental():
-    try:
-        from trl.experimental.ppo import PPOConfig, PPOTrainer
-    except ImportError:
-        import trl
-
-        raise UserError(
-            f"the ppo stage needs TRL's PPO, which TRL removed after 1.12; installed is trl "
-            f"{trl.__version__}. Install the supported line: pip install '{TRL_PPO}'"
-        ) from None
-    return PPOConfig, PPOTrainer
+from ..recipe import Dataset, Recipe, RewardModelSettings
+from .spec import Default, Stage, train_metrics
 
 
 def config_class():
-    import warnings
+    from .ppo_trainer import PPOConfig
 
-    with warnings.catch_warnings():  # "experimental API" is known and pinned
-        warnings.simplefilter("ignore")
-        return _experimental()[0]
+    return PPOConfig
+
+
+@dataclass
+class PPOSettings(RewardModelSettings):
+    """stages.ppo: the common keys, reward_model, and PPO-ptx's pretraining text."""
+
+    ptx_dataset: Dataset | None = field(
+        default=None,
+        metadata={
+            "help": "PPO-ptx's pretraining text, read with trainer.ptx_coef > 0 (default: the pretrain "
+            "stage's dataset)"
+        },
+    )
 
 
 def check(recipe: Recipe, settings, args, context, problems: list[Problem]) -> None:
-    """What TRL's PPOTrainer checks only when it starts, after the earlier stages have trained: checked with the
-    recipe instead."""
+    """Rules across keys, checked with the recipe so that a bad split fails before earlier stages train."""
     key = "stages.ppo.trainer"
-    rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps  # prompts per process per batch
+    rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps  # prompts per process per update
     if rollout % args.num_mini_batches:
         fits = [n for n in range(1, rollout + 1) if rollout % n == 0]
         problems.append(
@@ -55,13 +51,13 @@ def check(recipe: Recipe, settings, args, context, problems: list[Problem]) -> N
                 f"{rollout}), which PPO splits into num_mini_batches; use one of {fits}",
             )
         )
-    elif args.whiten_rewards and rollout // args.num_mini_batches < 8:
+    if args.whiten_rewards and rollout // max(args.num_mini_batches, 1) < 8:
         problems.append(
             Problem(
                 f"{key}.whiten_rewards",
-                f"whitening needs mini-batches of at least 8 answers per "
-                f"process; these have {rollout // args.num_mini_batches}: lower num_mini_batches or "
-                f"raise per_device_train_batch_size",
+                f"whitening needs mini-batches of at least 8 answers per process; these have "
+                f"{rollout // max(args.num_mini_batches, 1)}: lower num_mini_batches or raise "
+                "per_device_train_batch_size",
             )
         )
     if context and args.response_length >= context[0]:
@@ -74,24 +70,37 @@ def check(recipe: Recipe, settings, args, context, problems: list[Problem]) -> N
                 f"response_length below {context[0]}, with room to spare for the prompts",
             )
         )
+    if args.ptx_coef > 0 and not ptx_data(recipe, settings):
+        problems.append(
+            Problem(
+                f"{key}.ptx_coef",
+                "PPO-ptx needs pretraining text: set stages.ppo.ptx_dataset "
+                "(a dataset with a 'text' column), or add a pretrain stage, whose data it takes",
+            )
+        )
 
 
 def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) -> dict:
-    from ..guard import divergence_fix, fit
+    from ..guard import fit
+    from .ppo_trainer import PPOTrainer
 
-    _, PPOTrainer = _experimental()
     spec = recipe.stages["ppo"]
     if os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise UserError(
-            "the ppo stage cannot run sharded (ZeRO-3 or FSDP): its policy is saved from the main "
-            "process, which would hold a shard. Run ppo with recipes/accelerate/zero2.yaml or ddp.yaml"
+            "the ppo stage cannot run sharded (ZeRO-3 or FSDP): it samples from the whole policy on every "
+            "process. Run ppo with recipes/accelerate/zero2.yaml or ddp.yaml"
         )
-    if resume:
-        log("ppo", "TRL's PPO cannot resume from a checkpoint; training starts again")
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and args.num_mini_batches != 1:
+        raise UserError(
+            "under DeepSpeed the ppo stage takes num_mini_batches: 1 (DeepSpeed accumulates "
+            "gradient_accumulation_steps micro-batches per optimizer step, one mini-batch); set "
+            "stages.ppo.trainer.num_mini_batches: 1, or run with recipes/accelerate/ddp.yaml"
+        )
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
-    # Dropout off in all four models (TRL switches off dropout modules only; some architectures apply it from their
-    # config): with it on, the policy's log-probabilities differ from the reference's before any update.
+    # Dropout off in all four models, set in their configs before they are built (some architectures apply it from
+    # the config, where switching modules off does not reach): with it on, the policy's log-probabilities differ
+    # from the reference's before any update.
     policy = models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
     switched_off = models.dropout_settings(models.read_config(recipe, inputs["model"]))
     if switched_off:
@@ -100,19 +109,23 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             "dropout off in the policy, reference, reward and value models (alignkit: "
             f"{', '.join(f'{k} {v:g}' for k, v in switched_off.items())} -> 0)",
         )
-    peft_config = models.lora_config(recipe, "ppo", "CAUSAL_LM")
+    lora = _without_dropout(models.lora_config(recipe, "ppo", "CAUSAL_LM"))
     # With LoRA the reference is the policy with its adapter disabled, not a second copy.
-    ref = None if peft_config else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
+    ref = None if lora else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
+    if lora:
+        policy = _with_adapter(policy, lora, args)
     reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo", dropout=False)
-    value = _value_model(recipe, inputs["reward_model"], tokenizer, peft_config)
-    args.sft_model_path, args.reward_model_path = inputs["model"], inputs["reward_model"]
+    value = _value_model(recipe, inputs["reward_model"], tokenizer, lora is not None, args)
+    if args.gradient_checkpointing:
+        for model in (policy, value):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    prompts = data.load(spec.dataset, "ppo", recipe)
-    limit = models.context_length(policy.config) - args.response_length
+    context = models.context_length(policy.config)
+    limit = context - args.response_length
     if limit < 1:
         raise UserError(
             f"stages.ppo.trainer.response_length ({args.response_length}) leaves no room for a prompt in "
-            f"the model's context of {models.context_length(policy.config)} tokens; lower it"
+            f"the model's context of {context} tokens; lower it"
         )
     left = copy.deepcopy(tokenizer)
     left.padding_side = "left"  # generation continues from the right end of each prompt
@@ -120,6 +133,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     def prompt_ids(row):
         return left(data.render(row, left, add_generation_prompt=True), add_special_tokens=False).input_ids
 
+    prompts = data.load(spec.dataset, "ppo", recipe)
     data.check_lengths(
         prompts,
         left,
@@ -135,77 +149,122 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
         remove_columns=prompts.column_names,
         load_from_cache_file=False,
     )
-    with refused_by_trl("ppo"):
-        trainer = PPOTrainer(
-            args=args,
-            processing_class=left,
-            model=policy,
-            ref_model=ref,
-            reward_model=reward,
-            value_model=value,
-            train_dataset=train,
-            peft_config=peft_config,
-            eval_dataset=train.select(range(min(8, len(train)))),
-        )
-    try:
-        _, figures = fit(trainer, STAGE, folder)
-    except RuntimeError as e:  # sampling from a policy whose weights blew up: the one place TRL 1.12 meets it
-        if "probability tensor contains" not in str(e):
-            raise
-        raise NonFinite(
-            f"ppo: training diverged after update {trainer.state.global_step}: sampling from the policy "
-            f"met NaN or infinite probabilities. The stage is not marked complete.\n  "
-            f"{divergence_fix(STAGE, args)}"
-        ) from None
-    for key, value in switched_off.items():  # the saved model keeps the dropout it came with, for later fine-tuning
-        setattr(policy.config, key, value)
+    ptx = _ptx_blocks(recipe, spec, tokenizer, _ptx_length(recipe, args, context)) if args.ptx_coef > 0 else None
+    stop = tokenizer.eos_token_id if args.stop_token == "eos" else args.stop_token_id
+    trainer = PPOTrainer(args, policy, ref, reward, value, left, train, STAGE, ptx=ptx, stop_token_id=stop)
+    _, figures = fit(trainer, STAGE, folder, resume)
+    for key, setting in switched_off.items():  # the saved model keeps the dropout it came with, for later stages
+        setattr(trainer.accelerator.unwrap_model(trainer.model).policy.config, key, setting)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     wrapped = trainer.accelerator.unwrap_model(trainer.model)
     return train_metrics(trainer, figures=figures, parts={"policy": wrapped.policy, "value": wrapped.value_model})
 
 
-def _value_model(recipe: Recipe, path: str, tokenizer, peft_config):
-    """The value model starts from the reward model. TRL trains it in full; with LoRA alignkit gives it an adapter
-    (and quantizes its frozen weights as the recipe says), which removes PPO's largest remaining memory cost."""
-    if peft_config is None:
-        return models.load_reward_model(recipe, path, tokenizer, dropout=False)
-    from peft import get_peft_model
+def _without_dropout(lora):
+    """A LoRA config with the adapters' dropout off, as in the four models (the rollout samples in eval mode, the
+    update runs in train mode: with dropout the two would differ before any update)."""
+    if lora is not None and lora.lora_dropout:
+        log("ppo", f"lora_dropout {lora.lora_dropout:g} -> 0 in the policy's and value model's adapters (alignkit)")
+        lora.lora_dropout = 0.0
+    return lora
 
-    # the adapter and the score head stay in full precision: TRL reads values outside autocast
-    return get_peft_model(
+
+def _with_adapter(model, lora, args):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_quantized", False):  # QLoRA: norms in fp32, inputs that carry gradients
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    return get_peft_model(model, lora)
+
+
+def _value_model(recipe: Recipe, path: str, tokenizer, adapter: bool, args):
+    """The value model starts from the reward model. With LoRA it gets an adapter of its own (its score head trains
+    in full) over frozen weights, quantized as the recipe says: of PPO's four models only two adapters and the value
+    head train."""
+    if not adapter:
+        return models.load_reward_model(recipe, path, tokenizer, dropout=False)
+    return _with_adapter(
         models.load_reward_model(recipe, path, tokenizer, "ppo", dropout=False),
-        models.lora_config(recipe, "ppo", "SEQ_CLS"),
+        _without_dropout(models.lora_config(recipe, "ppo", "SEQ_CLS")),
+        args,
     )
+
+
+def ptx_data(recipe: Recipe, settings: PPOSettings) -> list:
+    """PPO-ptx's pretraining text, where trainer.ptx_coef > 0: stages.ppo.ptx_dataset, else the pretrain stage's."""
+    trainer = settings.trainer if isinstance(settings.trainer, dict) else {}
+    try:
+        coef = float(trainer.get("ptx_coef") or 0)
+    except (TypeError, ValueError):  # reported with the trainer block
+        return []
+    if not coef > 0:
+        return []
+    if settings.ptx_dataset is not None:
+        return [("stages.ppo.ptx_dataset", settings.ptx_dataset, "text")]
+    pretrain = recipe.stages.get("pretrain")
+    if pretrain is not None and pretrain.dataset is not None:
+        return [("stages.pretrain.dataset", pretrain.dataset, "text")]
+    return []
+
+
+def _ptx_length(recipe: Recipe, args, context: int) -> int:
+    """PPO-ptx's block length: ptx_max_length, else the pretrain stage's max_length, else 512; at most the context."""
+    pretrain = recipe.stages.get("pretrain")
+    asked = args.ptx_max_length or (pretrain.trainer.get("max_length") if pretrain is not None else None) or 512
+    return min(asked, context)
+
+
+def _ptx_blocks(recipe: Recipe, spec: PPOSettings, tokenizer, context: int) -> list[list[int]]:
+    """PPO-ptx's pretraining text as blocks of `context` tokens: every document with EOS after it, concatenated and
+    cut (the pretrain stage's packing)."""
+    key, source, kind = ptx_data(recipe, spec)[0]
+    rows = data.load(source, key, recipe, kind)
+    ids: list[int] = []
+    for text in rows["text"]:
+        ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    blocks = [ids[i : i + context] for i in range(0, len(ids) - context + 1, context)] or [ids[:context]]
+    log("ppo", f"PPO-ptx: {len(blocks)} blocks of {context} tokens of pretraining text from {source.path}")
+    return blocks
 
 
 def _stop_at_eos(settings: dict, context, defaults: dict) -> dict:
     return {} if "stop_token_id" in settings else {"stop_token": "eos"}
 
 
-def _no_checkpoints(settings: dict, context, defaults: dict) -> dict:
-    return {"save_strategy": "no"}
-
-
 STAGE = Stage(
     name="ppo",
-    about="reinforcement learning against the reward model (TRL 1.12's PPOTrainer)",
+    about="reinforcement learning against the reward model (alignkit's PPO, with PPO-ptx)",
     config_class=config_class,
     run=run,
     data="prompts",
     writes="causal_lm",
-    settings=RewardModelSettings,
+    settings=PPOSettings,
     model_from=("pretrain", "sft"),
     reward_model=True,
     policy=True,
-    resumable=False,
-    clips_gradients=False,
     hub_tags=("rlhf", "ppo"),
     check=check,
-    figures=(("objective/scores", "reward"), ("objective/kl", "kl")),
+    more_data=ptx_data,
+    figures=(
+        ("objective/scores", "reward"),
+        ("objective/kl", "kl"),
+        ("eps", "episodes/s"),
+        ("policy/clipfrac_avg", "clip fraction"),
+        ("loss/value_avg", "value loss"),
+        ("loss/ptx_avg", "ptx loss"),
+    ),
     curves=(
         ("objective/scores", "PPO reward (reward model's score)", "score"),
-        ("objective/kl", "PPO KL to the SFT model", "nats per response"),
+        ("objective/kl", "PPO KL to the reference", "nats per response"),
+        ("policy/clipfrac_avg", "PPO clip fraction", "share of tokens"),
+        ("loss/value_avg", "value loss", "loss"),
+        ("loss/ptx_avg", "PPO-ptx: loss on pretraining text", "loss"),
     ),
+    notes="reward: the reward model's mean score of the responses sampled in the last update; kl: their KL to the "
+    "reference (the model ppo started from), summed over each response's tokens; episodes/s: responses sampled and "
+    "trained on per second; clip fraction: share of response tokens whose probability ratio PPO clipped (a large "
+    "share: updates larger than cliprange allows); value loss: the value model's clipped squared error; ptx loss: "
+    "the language-modelling loss on pretraining text, with PPO-ptx",
     defaults=(
         Default(
             "stop_token",
@@ -214,17 +273,11 @@ STAGE = Stage(
             _stop_at_eos,
         ),
         Default(
-            "save_strategy",
-            "`no`",
-            "TRL's PPO cannot resume from its checkpoints, and writing them fails under DDP",
-            _no_checkpoints,
-        ),
-        Default(
             "dropout",
-            "0 in every model's config",
-            "with dropout on, the policy's log-probabilities differ from "
-            "the reference's before any update; TRL switches off dropout modules only, which misses architectures "
-            "that apply it from their config (OPT)",
+            "0 in every model's config and in LoRA adapters",
+            "with dropout on, the policy's log-probabilities differ from the reference's, and the update's from the "
+            "rollout's, before any update; switching dropout modules off misses architectures that apply it from "
+            "their config (OPT)",
         ),
     ),
 )

@@ -56,7 +56,11 @@ class Stage:
     hub_tags: tuple[str, ...] = ()
     figures: tuple[tuple[str, str], ...] = (("loss", "loss"),)  # (key in the trainer's logs, label): progress line
     curves: tuple[tuple[str, str, str], ...] = ()  # (log key, title, y label): the report's {name}.png, by episode
+    notes: str = ""  # what its figures mean, for report.md
     defaults: tuple[Default, ...] = ()  # its own departures from TRL's defaults (COMMON ones apply to every stage)
+    # more_data(recipe, settings) -> [(recipe key, dataset block, kind)]: datasets it reads beside its own (PPO-ptx's
+    # pretraining text), checked before anything trains and part of its fingerprint
+    more_data: Callable[..., list] | None = None
     # check(recipe, settings, args, context, problems): rules across keys that its config class does not check;
     # context is (the model's context length, where it was read) or None
     check: Callable[..., None] | None = None
@@ -231,3 +235,10 @@ def fit_context(args, model, stage: str) -> None:
 def settings_fields(cls: type) -> list[str]:
     """The recipe keys of a stage's settings schema."""
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
+
+
+def stage_datasets(stage: Stage, recipe: Recipe) -> list[tuple[str, Any, str]]:
+    """Every dataset `stage` reads: (recipe key, dataset block, kind of rows), its own first."""
+    settings = recipe.stages[stage.name]
+    extra = stage.more_data(recipe, settings) if stage.more_data is not None else []
+    return [(f"stages.{stage.name}.dataset", settings.dataset, stage.data), *extra]
