@@ -2,8 +2,9 @@
 
 Each stage declares the kind of rows it reads, and gets them in one of TRL's formats, plain or conversational:
   text: text;  demonstrations: text | prompt+completion | messages;  comparisons: [prompt+]chosen+rejected;
-  prompts: prompt;  eval: prompt (+ reference).
-A ranking of K answers (prompt + responses, best first) gives comparisons all K(K-1)/2 pairs, as in InstructGPT.
+  rankings: [prompt+]ranked (answers, best first);  prompts: prompt;  eval: prompt (+ reference).
+A ranking of K answers (prompt + responses, best first) stays one row for rankings (the reward stage trains it as one
+batch element, as InstructGPT does) and gives comparisons all K(K-1)/2 pairs; a pair is a ranking of two.
 Converters turn Alpaca (instruction/input/output), ShareGPT (conversations of from/value) and Anthropic HH
 transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") into those. Errors name the file and line.
 """
@@ -40,6 +41,8 @@ KINDS = {
     "demonstrations": "'messages', 'prompt' and 'completion', or 'text' columns, or Alpaca / ShareGPT data",
     "comparisons": "'chosen' and 'rejected' columns (with an optional 'prompt'), a ranking ('prompt' and "
     "'responses', best first), or Anthropic HH transcripts",
+    "rankings": "a ranking ('prompt' and 'responses', best first), 'chosen' and 'rejected' columns (with an "
+    "optional 'prompt'; a ranking of two), or Anthropic HH transcripts",
     "prompts": "a 'prompt' column, or 'messages', Alpaca, ShareGPT or HH data to take the prompts from",
     "eval": "a 'prompt' column (with an optional 'reference' answer), or 'messages'",
 }
@@ -371,6 +374,15 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
                 return [{"prompt": row["prompt"], "completion": row[answer]}]
         if "text" in has:
             return [{"text": row["text"]}]
+    if kind == "rankings":  # a ranking stays one row, best first; a pair is a ranking of two
+        if "ranked" in row:
+            return [{"prompt": row["prompt"], "ranked": row["ranked"]}]
+        if {"chosen", "rejected"} <= has:
+            _same_kind(row, "chosen", "rejected")
+            if "prompt" in has:
+                _same_kind(row, "prompt", "chosen")
+                return [{"prompt": row["prompt"], "ranked": [row["chosen"], row["rejected"]]}]
+            return [{"ranked": [row["chosen"], row["rejected"]]}]
     if kind == "comparisons":
         if "ranked" in row:
             return [

@@ -39,6 +39,10 @@ KEY_SETTINGS = (
     "cliprange",
     "vf_coef",
     "missing_eos_penalty",
+    "kl_target",
+    "ptx_coef",
+    "beta",
+    "loss_type",
     "bf16",
     "gradient_checkpointing",
 )

@@ -193,8 +193,11 @@ def check_data(recipe: Recipe, stages, local_only: bool = False) -> list[str]:
         specs.append(("eval.dataset", recipe.eval.dataset, "eval.dataset", "eval"))
         if recipe.eval.comparisons is not None:
             specs.append(("eval.comparisons", recipe.eval.comparisons, "eval.comparisons", "comparisons"))
-    unread = []
+    unread, seen = [], set()
     for key, spec, reader, kind in specs:
+        if key in seen:  # read for two stages (the sft stage's data normalises the reward model): checked once
+            continue
+        seen.add(key)
         if local_only and not recipe.resolve(spec.path).is_file():
             unread.append(f"{key} ({spec.path})")
             continue

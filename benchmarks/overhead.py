@@ -1,6 +1,6 @@
 """What alignkit's layer costs: each stage through `alignkit run` against plain TRL doing the same training.
 
-    python benchmarks/overhead.py [--width 256] [--repeats 3] [--out runs/bench-overhead]
+    python benchmarks/overhead.py [--width 256] [--pairs 5] [--out runs/bench-overhead]
 
 Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times sft, reward and dpo
 (tiny.yaml plus the DPO block below), each in a fresh process, both ways, on the same upstream folders, data and
@@ -10,12 +10,14 @@ trainer settings:
   - plain TRL: what a user would write by hand: load the upstream model and tokenizer, `load_dataset("json")`, build
     TRL's trainer with the recipe's trainer block (plus the settings the stage cannot run without on this machine:
     output_dir, use_cpu, max_length at the model's context), train, save.
-Prints the wall seconds of each process (imports included; the best of --repeats runs, to damp noise) and the ratio
-alignkit / plain TRL. The ppo stage is alignkit's own PPO (TRL has none after 1.12): benchmarks/ppo_vs_trl.py compares
-it with TRL 1.12's.
+The two run as interleaved pairs (alignkit, plain TRL, alignkit, plain TRL, ...: drift on the machine touches both
+alike). Prints per stage the median wall seconds of each (a fresh process, imports included) and the median of the
+per-pair ratios alignkit / plain TRL, with their range. The ppo stage is alignkit's own PPO (TRL has none after
+1.12): benchmarks/ppo_vs_trl.py compares it with TRL 1.12's.
 """
 
 import argparse
+import statistics
 import subprocess
 import sys
 import time
@@ -111,7 +113,7 @@ def main():
         return plain(sys.argv[2], Path(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=256, help="n_embd of the tiny GPT-2 (64 is recipes/tiny.yaml)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved runs of each")
     parser.add_argument("--out", default="runs/bench-overhead")
     args = parser.parse_args()
     out = (REPO / args.out / f"width{args.width}").resolve()
@@ -128,16 +130,23 @@ def main():
     for stage in STAGES:
         print(f"{stage} ...", file=sys.stderr)
         extra = DPO_OVERRIDES if stage == "dpo" else []
-        ours = min(timed([*alignkit, *extra, "--only", stage, "--force"]) for _ in range(args.repeats))
-        theirs = min(timed([sys.executable, __file__, "--plain", stage, str(out)]) for _ in range(args.repeats))
-        rows[stage] = (ours, theirs)
+        pairs = []
+        for _ in range(args.pairs):
+            ours = timed([*alignkit, *extra, "--only", stage, "--force"])
+            theirs = timed([sys.executable, __file__, "--plain", stage, str(out)])
+            pairs.append((ours, theirs))
+        rows[stage] = pairs
     print(
         f"\nrecipes/tiny.yaml, GPT-2 of 4 layers and width {args.width}; wall seconds of a fresh process per stage, "
-        f"best of {args.repeats}\n"
+        f"{args.pairs} interleaved pairs\n"
     )
-    print(f"{'stage':8s}{'alignkit':>10s}{'plain TRL':>11s}{'ratio':>8s}{'difference':>12s}")
-    for stage, (ours, theirs) in rows.items():
-        print(f"{stage:8s}{ours:9.1f}s{theirs:10.1f}s{ours / theirs:8.2f}{ours - theirs:+11.1f}s")
+    print(f"{'stage':8s}{'alignkit':>10s}{'plain TRL':>11s}{'ratio (median)':>16s}{'ratios':>18s}")
+    for stage, pairs in rows.items():
+        ratios = sorted(a / b for a, b in pairs)
+        print(
+            f"{stage:8s}{statistics.median(a for a, _ in pairs):9.1f}s{statistics.median(b for _, b in pairs):10.1f}s"
+            f"{statistics.median(ratios):16.3f}{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>18s}"
+        )
 
 
 if __name__ == "__main__":

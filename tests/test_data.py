@@ -69,7 +69,7 @@ def test_hh_transcripts_become_prompt_chosen_rejected(tmp_path):
             "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant: 5",
         }
     ]
-    ds = _load(tmp_path, rows, "reward")
+    ds = _load(tmp_path, rows, "dpo")
     assert ds[0] == {
         "prompt": [user("Hi"), assistant("Hello"), user("2+2?")],
         "chosen": [assistant("4")],
@@ -82,7 +82,7 @@ def test_hh_transcripts_become_prompt_chosen_rejected(tmp_path):
 def test_hh_pairs_must_share_the_dialogue(tmp_path):
     rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: A", "rejected": "\n\nHuman: Bye\n\nAssistant: B"}]
     with pytest.raises(DataError, match=r"d.jsonl:1: 'chosen' and 'rejected' differ before their last Assistant"):
-        _load(tmp_path, rows, "reward")
+        _load(tmp_path, rows, "dpo")
 
 
 def test_trl_formats_pass_through(tmp_path):
@@ -91,13 +91,13 @@ def test_trl_formats_pass_through(tmp_path):
         "prompt": "Q: 1+1?",
         "completion": " 2",
     }
-    assert _load(tmp_path, [{"prompt": "Q", "chosen": "good", "rejected": "bad"}], "reward")[0] == {
+    assert _load(tmp_path, [{"prompt": "Q", "chosen": "good", "rejected": "bad"}], "dpo")[0] == {
         "prompt": "Q",
         "chosen": "good",
         "rejected": "bad",
     }
     implicit = {"chosen": [user("Q"), assistant("good")], "rejected": [user("Q"), assistant("bad")]}
-    assert _load(tmp_path, [implicit], "reward")[0] == implicit
+    assert _load(tmp_path, [implicit], "dpo")[0] == implicit
     assert _load(tmp_path, [{"prompt": "Tell me a story."}], "ppo")[0] == {"prompt": "Tell me a story."}
 
 
@@ -171,12 +171,24 @@ def test_overlength_rows_are_counted(tmp_path, capsys):
         data.check_lengths(ds, tok, limit, "sft", "error")
 
 
+def test_the_reward_stage_keeps_a_ranking_together_and_takes_a_pair_as_a_ranking_of_two(tmp_path):
+    rows = [
+        {"prompt": [user("2+2?")], "responses": ["4", "5", "6", "seven"]},
+        {"prompt": [user("1+1?")], "chosen": [assistant("2")], "rejected": [assistant("3")]},
+    ]
+    ds = _load(tmp_path, rows[:1], "reward")
+    assert ds[0] == {"prompt": [user("2+2?")], "ranked": [[assistant(a)] for a in ("4", "5", "6", "seven")]}
+    pair = _load(tmp_path, rows[1:], "reward")
+    assert pair[0] == {"prompt": [user("1+1?")], "ranked": [[assistant("2")], [assistant("3")]]}
+
+
 def test_rankings_expand_to_every_pair_best_first(tmp_path):
+    """For DPO (and the evaluation's comparisons), a ranking gives every pair of its answers."""
     rows = [
         {"prompt": [user("2+2?")], "responses": ["4", "5", "6", "seven"]},
         {"prompt": [user("1+1?")], "responses": ["2", "3"]},
     ]
-    ds = _load(tmp_path, rows, "reward")
+    ds = _load(tmp_path, rows, "dpo")
     pairs = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in ds]
     assert pairs == [
         ("2+2?", "4", "5"),
@@ -190,10 +202,10 @@ def test_rankings_expand_to_every_pair_best_first(tmp_path):
     assert all(r["chosen"][0]["role"] == "assistant" for r in ds)
     assert _load(tmp_path, rows, "sft")[0] == {"prompt": [user("2+2?")], "completion": [assistant("4")]}
     assert _load(tmp_path, rows, "ppo")[1] == {"prompt": [user("1+1?")]}
-    plain = _load(tmp_path, [{"prompt": "Q", "responses": ["a", "b", "c"]}], "reward")
+    plain = _load(tmp_path, [{"prompt": "Q", "responses": ["a", "b", "c"]}], "dpo")
     assert [(r["chosen"], r["rejected"]) for r in plain] == [("a", "b"), ("a", "c"), ("b", "c")]
     with pytest.raises(DataError, match=r"d.jsonl:1: 'responses' must list at least two answers"):
-        _load(tmp_path, [{"prompt": "Q", "responses": ["a"]}], "reward")
+        _load(tmp_path, [{"prompt": "Q", "responses": ["a"]}], "dpo")
 
 
 def test_eval_rows_carry_their_reference(tmp_path):

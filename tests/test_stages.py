@@ -69,7 +69,7 @@ def test_the_stage_order_is_the_registrys_and_each_declares_itself():
         assert stage.config_class().__name__.endswith("Config")
         assert issubclass(stage.settings, StageSettings)
         assert all(up in stages.NAMES[: stages.NAMES.index(stage.name)] for up in stage.model_from)
-        assert stage.data in ("text", "demonstrations", "comparisons", "prompts")
+        assert stage.data in ("text", "demonstrations", "comparisons", "rankings", "prompts")
     assert [s.name for s in stages.ORDER if s.eval_reference] == ["sft"]
     assert stages.POLICIES == ("pretrain", "sft", "ppo", "dpo")
 
@@ -253,3 +253,80 @@ def test_chat_dpo_recipe_is_chat_recipe_plus_dpo():
         **chat.to_dict(),
         "stages": {**chat.to_dict()["stages"], "dpo": dpo.to_dict()["stages"]["dpo"]},
     }
+
+
+# --- the reward model as InstructGPT trains it ----------------------------------------------------------------------
+
+
+def test_ranking_loss_matches_a_hand_computation_on_a_batch_of_a_ranking_and_a_pair():
+    import math
+
+    from alignkit.stages.reward import RankingCollator, ranking_loss
+
+    batch = RankingCollator(pad_token_id=0)([{"ranked_ids": [[5, 6], [7], [8, 9, 10]]}, {"ranked_ids": [[1], [2, 3]]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 0, 0], [8, 9, 10], [1, 0, 0], [2, 3, 0]]
+    assert batch["better"].tolist() == [0, 0, 1, 3] and batch["worse"].tolist() == [1, 2, 2, 4]
+    r = torch.tensor([2.0, 0.5, -1.0, 0.3, 0.7])
+
+    def nll(x):
+        return -math.log(1 / (1 + math.exp(-x)))
+
+    ranking = (nll(2.0 - 0.5) + nll(2.0 + 1.0) + nll(0.5 + 1.0)) / 3  # -1/C(3,2) sum log sigmoid
+    pair = nll(0.3 - 0.7)
+    loss = ranking_loss(r, batch["better"], batch["worse"], batch["weight"], batch["rankings"])
+    assert loss.item() == pytest.approx((ranking + pair) / 2, rel=1e-6)
+
+
+def test_all_pairs_trains_each_pair_of_a_ranking_as_its_own_element():
+    from transformers import AutoTokenizer
+
+    from alignkit.stages.reward import tokenize_rankings
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tiny" / "tokenizer")
+    rows = [
+        {"prompt": "Q: 1+1?\nA:", "ranked": [" 2", " 3", " 4", " 5"]},
+        {"prompt": "Q: x?\nA:", "ranked": [" y", " z"]},
+    ]
+    one, _, _ = tokenize_rankings(rows, tokenizer, 128)
+    pairs, _, _ = tokenize_rankings(rows, tokenizer, 128, all_pairs=True)
+    assert [len(r) for r in one["ranked_ids"]] == [4, 2]
+    assert len(pairs) == 6 + 1 and all(len(r) == 2 for r in pairs["ranked_ids"])
+    first = one["ranked_ids"][0]
+    assert pairs["ranked_ids"][:6] == [[first[a], first[b]] for a in range(4) for b in range(a + 1, 4)]
+
+
+def test_the_reward_stage_trains_rankings_of_two_and_six_and_normalises_on_the_demonstrations(run_copy, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit import data
+    from alignkit.recipe import Dataset, load_recipe
+
+    questions = [json.loads(line) for line in (REPO / "data" / "tiny" / "reward.jsonl").read_text().splitlines()]
+    rows = []
+    for i, row in enumerate(questions):  # every other question a ranking of six: the chosen, the rejected, 4 cut
+        answer = row["chosen"][0]["content"]
+        cut = [answer.split()[: -k - 1] for k in range(4)]
+        extra = [[{"role": "assistant", "content": " ".join(words) + "."}] for words in cut] if i % 2 else []
+        rows.append({"prompt": row["prompt"], "responses": [row["chosen"], *extra, row["rejected"]]})
+    rankings = run_copy / "rankings.jsonl"
+    rankings.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", "--only", "reward", f"stages.reward.dataset.path={rankings}"
+    )
+    assert code == 0, err
+    assert "reward: normalised: the demonstrations (data/tiny/sft.jsonl, 50) scored" in err
+    sft = load_file(run_copy / "sft" / "model.safetensors")
+    reward = load_file(run_copy / "reward" / "model.safetensors")
+    assert not torch.equal(sft["transformer.h.0.attn.c_attn.weight"], reward["transformer.h.0.attn.c_attn.weight"])
+    metrics = json.loads((run_copy / "reward" / "metrics.json").read_text())
+    assert 0.5 < metrics["figures"]["accuracy"] <= 1 and metrics["normalize"]["applied"]
+    # the demonstrations' mean score is 0, read back with plain transformers
+    tokenizer = AutoTokenizer.from_pretrained(run_copy / "reward")
+    model = AutoModelForSequenceClassification.from_pretrained(run_copy / "reward").eval()
+    recipe = load_recipe(TINY, check_trainers=False)
+    texts = [data.render(r, tokenizer) for r in data.load(Dataset(path="data/tiny/sft.jsonl"), "sft", recipe)]
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = model(**batch).logits[:, 0]
+    assert abs(scores.mean().item()) < 1e-3 and scores.std().item() > 0.01
+    assert abs(metrics["normalize"]["mean_before"]) > 1e-3  # it did move

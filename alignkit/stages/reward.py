@@ -1,11 +1,20 @@
-"""reward: a reward model trained on comparisons (TRL's RewardTrainer), scoring a whole answer at its EOS token."""
+"""reward: a reward model trained on rankings as InstructGPT trains it (on TRL's RewardTrainer), scoring a whole answer
+at its EOS token, then shifted so that the demonstrations score 0 on average.
+
+A prompt's K ranked answers (best first; a chosen/rejected pair is K = 2) are one batch element: one forward pass per
+answer, loss -1/C(K,2) * sum over its pairs (better, worse) of log sigmoid(r_better - r_worse) (Ouyang et al. 2022).
+Expanding a ranking into its C(K,2) pairs instead costs 2 C(K,2) forward passes and, the paper reports, overfits.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import data, models
-from ..recipe import Recipe
+from ..distributed import is_main, wait_for_everyone
+from ..log import log
+from ..recipe import Dataset, Recipe, StageSettings
 from .spec import Stage, fit_context, refused_by_trl, train_metrics
 
 
@@ -15,47 +24,265 @@ def config_class():
     return RewardConfig
 
 
-def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) -> dict:
-    from trl import RewardTrainer
+@dataclass
+class RewardSettings(StageSettings):
+    """stages.reward: the common keys, and the normalisation of its scores."""
 
+    normalize: bool | None = field(
+        default=None,
+        metadata={
+            "help": "after training, shift the scores so that the demonstrations score 0 on average "
+            "(InstructGPT); default: on when the recipe has an sft stage or normalize_dataset is set"
+        },
+    )
+    normalize_dataset: Dataset | None = field(
+        default=None, metadata={"help": "the demonstrations to normalise on (default: the sft stage's dataset)"}
+    )
+    all_pairs: bool = field(
+        default=False,
+        metadata={
+            "help": "train each of a ranking's C(K,2) pairs as its own batch element (what TRL and most tools do: "
+            "2 C(K,2) forward passes per ranking) instead of the ranking as one element (InstructGPT: K passes)"
+        },
+    )
+
+
+def normalize_data(recipe: Recipe, settings: RewardSettings) -> list:
+    """The demonstrations the scores are normalised on, [(recipe key, dataset, kind)], or [] when it is off."""
+    if settings.normalize is False:
+        return []
+    if settings.normalize_dataset is not None:
+        return [("stages.reward.normalize_dataset", settings.normalize_dataset, "demonstrations")]
+    sft = recipe.stages.get("sft")
+    if sft is not None and sft.dataset is not None:
+        return [("stages.sft.dataset", sft.dataset, "demonstrations")]
+    return []
+
+
+def check(recipe: Recipe, settings, args, context, problems) -> None:
+    from ..errors import Problem
+
+    if settings.normalize is True and not normalize_data(recipe, settings):
+        problems.append(
+            Problem(
+                "stages.reward.normalize",
+                "normalising needs demonstrations: add an sft stage, or "
+                "set stages.reward.normalize_dataset, or remove normalize",
+            )
+        )
+
+
+def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) -> dict:
     from ..guard import fit
 
     spec = recipe.stages["reward"]
-    dataset = data.load(spec.dataset, "reward", recipe)
+    rankings = data.load(spec.dataset, "reward", recipe)
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
     model = models.load_reward_model(recipe, inputs["model"], tokenizer, "reward")
     fit_context(args, model, "reward")
-
-    def longest(row):  # TRL drops a pair when either side is too long
-        return max(
-            len(tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False).input_ids)
-            for side in ("chosen", "rejected")
+    train, dropped, lost = tokenize_rankings(rankings, tokenizer, args.max_length, all_pairs=spec.all_pairs)
+    if dropped:
+        log(
+            "reward",
+            f"warning: {dropped} answers longer than {args.max_length} tokens dropped from their rankings "
+            f"(a ranking keeps its other answers; {lost} rankings left with fewer than "
+            "two were dropped whole)",
         )
+        if spec.overlength == "error":
+            from ..errors import DataError
 
-    data.check_lengths(
-        dataset, tokenizer, args.max_length, "reward", spec.overlength, "pairs", measure=longest, dropped=True
-    )
+            raise DataError(
+                f"stages.reward: {dropped} answers are longer than {args.max_length} tokens; shorten them, "
+                "or set stages.reward.overlength: truncate (they are dropped from their rankings)"
+            )
+    args.remove_unused_columns = False  # the collator reads ranked_ids, which TRL's own collator does not know
     with refused_by_trl("reward"):
-        trainer = RewardTrainer(
+        trainer = ranking_trainer()(
             model=model,
             args=args,
-            train_dataset=dataset,
+            train_dataset=train,
             processing_class=tokenizer,
             peft_config=models.lora_config(recipe, "reward", "SEQ_CLS"),
+            data_collator=RankingCollator(tokenizer.pad_token_id),
         )
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
-    return train_metrics(trainer, result, figures)
+    metrics = train_metrics(trainer, result, figures)
+    demonstrations = normalize_data(recipe, spec)
+    if demonstrations and is_main():
+        metrics["normalize"] = normalize(folder, recipe, tokenizer, *demonstrations[0])
+    wait_for_everyone()
+    return metrics
+
+
+def tokenize_rankings(rankings, tokenizer, max_length: int | None, all_pairs: bool = False):
+    """Each ranking's answers as token ids (prompt and answer together, ending with EOS), best first, as TRL's
+    RewardTrainer takes its pairs (chosen_ids / rejected_ids: the best and the worst) plus `ranked_ids`; answers
+    longer than max_length are left out. With all_pairs, each of a ranking's pairs becomes a ranking of two.
+    Returns (dataset, answers dropped, rankings dropped whole)."""
+    import datasets
+
+    eos = tokenizer.eos_token
+    rows, dropped, lost = [], 0, 0
+    for row in rankings:
+        ranked = []
+        for answer in row["ranked"]:
+            text = data.render({**row, "chosen": answer}, tokenizer)
+            if isinstance(answer, str) and not text.endswith(eos):  # plain text: TRL appends EOS, so does alignkit
+                text += eos
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if max_length is not None and len(ids) > max_length:
+                dropped += 1
+                continue
+            ranked.append(ids)
+        if len(ranked) < 2:
+            lost += 1
+            continue
+        groups = [[a, b] for i, a in enumerate(ranked) for b in ranked[i + 1 :]] if all_pairs else [ranked]
+        rows += [{"chosen_ids": g[0], "rejected_ids": g[-1], "ranked_ids": g} for g in groups]
+    return datasets.Dataset.from_list(rows), dropped, lost
+
+
+class RankingCollator:
+    """A batch of rankings: every answer of every ranking padded into one batch, and the pairs to compare (indices
+    into it, each weighted 1/C(K,2) of its ranking)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        answers = [ids for example in examples for ids in example["ranked_ids"]]
+        width = max(map(len, answers))
+        input_ids = torch.full((len(answers), width), self.pad, dtype=torch.long)
+        attention = torch.zeros((len(answers), width), dtype=torch.long)
+        for i, ids in enumerate(answers):
+            input_ids[i, : len(ids)], attention[i, : len(ids)] = torch.tensor(ids), 1
+        better, worse, weight, start = [], [], [], 0
+        for example in examples:
+            k = len(example["ranked_ids"])
+            pairs = [(start + a, start + b) for a in range(k) for b in range(a + 1, k)]
+            better += [a for a, _ in pairs]
+            worse += [b for _, b in pairs]
+            weight += [1 / len(pairs)] * len(pairs)
+            start += k
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "better": torch.tensor(better),
+            "worse": torch.tensor(worse),
+            "weight": torch.tensor(weight),
+            "rankings": torch.tensor(len(examples)),
+        }
+
+
+def ranking_loss(rewards, better, worse, weight, rankings):
+    """InstructGPT's loss over a batch of rankings: -1/C(K,2) sum log sigmoid(r_better - r_worse) per ranking,
+    averaged over the rankings."""
+    import torch.nn.functional as F
+
+    return -(weight * F.logsigmoid(rewards[better] - rewards[worse])).sum() / rankings
+
+
+def ranking_trainer():
+    """TRL's RewardTrainer with rankings as batch elements: its compute_loss reads the collator's pairs."""
+    import torch
+    from trl import RewardTrainer
+
+    class RankingRewardTrainer(RewardTrainer):
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["ranked_ids"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            rewards = outputs.logits.squeeze(-1)
+            loss = ranking_loss(rewards, inputs["better"], inputs["worse"], inputs["weight"], inputs["rankings"])
+            with torch.no_grad():
+                diff = rewards[inputs["better"]] - rewards[inputs["worse"]]
+                gather = self.accelerator.gather_for_metrics
+                self._metrics[mode]["accuracy"].append(gather((diff > 0).float().mean()).mean().item())
+                self._metrics[mode]["margin"].append(gather(diff.mean()).mean().item())
+                self._metrics[mode]["mean_reward"].append(gather(rewards.mean()).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return RankingRewardTrainer
+
+
+def normalize(folder: Path, recipe: Recipe, tokenizer, key: str, spec, kind: str) -> dict:
+    """Shift the saved reward model's scores so that the demonstrations score 0 on average (InstructGPT): through
+    the score head's bias where it has one, else the bias of the final layer norm that feeds it (GPT-2's ln_f:
+    shifting it by d * w / |w|^2 shifts every score by d exactly). Returns what it did, for metrics.json."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    rows = data.load(spec, key, recipe, kind)
+    texts = [data.render(row, tokenizer) for row in rows]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+
+    def mean_score() -> float:
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(texts), 32):
+                batch = tokenizer(
+                    texts[start : start + 32], add_special_tokens=False, padding=True, return_tensors="pt"
+                )
+                scores += model(**batch).logits[:, 0].float().tolist()
+        return sum(scores) / len(scores)
+
+    before = mean_score()
+    head = getattr(model, "score", None)
+    where = None
+    if isinstance(getattr(head, "bias", None), torch.nn.Parameter):
+        with torch.no_grad():
+            head.bias -= before
+        where = "the score head's bias"
+    else:
+        base = getattr(model, model.base_model_prefix, None)
+        norm = next((getattr(base, n) for n in ("ln_f", "final_layer_norm", "norm") if hasattr(base, n)), None)
+        if head is not None and isinstance(getattr(norm, "bias", None), torch.nn.Parameter):
+            w = head.weight[0].float()
+            with torch.no_grad():
+                norm.bias -= (before * w / w.dot(w)).to(norm.bias.dtype)
+            where = "the final layer norm's bias"
+    if where is None:
+        log(
+            "reward",
+            "warning: cannot normalise this architecture's scores (its score head and final norm have no "
+            f"bias); the demonstrations score {before:.4g} on average",
+        )
+        return {"dataset": spec.path, "rows": len(texts), "mean_before": before, "shift": 0.0, "applied": False}
+    model.save_pretrained(folder)
+    after = mean_score()
+    log(
+        "reward",
+        f"normalised: the demonstrations ({spec.path}, {len(texts)}) scored {before:.4g} on average, now "
+        f"{after:.2g} (shift {-before:+.4g}, in {where})",
+    )
+    return {
+        "dataset": spec.path,
+        "rows": len(texts),
+        "mean_before": before,
+        "mean_after": after,
+        "shift": -before,
+        "applied": True,
+        "where": where,
+    }
 
 
 STAGE = Stage(
     name="reward",
-    about="a reward model trained on comparisons (TRL's RewardTrainer)",
+    about="a reward model trained on rankings, each one batch element (InstructGPT), on TRL's RewardTrainer",
     config_class=config_class,
     run=run,
-    data="comparisons",
+    data="rankings",
     writes="reward_model",
+    settings=RewardSettings,
     model_from=("pretrain", "sft"),
     hub_tags=("reward-model",),
     figures=(("loss", "loss"), ("accuracy", "accuracy")),
+    more_data=normalize_data,
+    check=check,
 )
