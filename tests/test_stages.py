@@ -275,6 +275,10 @@ def test_ranking_loss_matches_a_hand_computation_on_a_batch_of_a_ranking_and_a_p
     pair = nll(0.3 - 0.7)
     loss = ranking_loss(r, batch["better"], batch["worse"], batch["weight"], batch["rankings"])
     assert loss.item() == pytest.approx((ranking + pair) / 2, rel=1e-6)
+    # TRL's center_rewards_coefficient: c x (r_better + r_worse)^2, averaged as the pairs are
+    centered = ranking_loss(r, batch["better"], batch["worse"], batch["weight"], batch["rankings"], center=0.01)
+    squares = ((2.0 + 0.5) ** 2 + (2.0 - 1.0) ** 2 + (0.5 - 1.0) ** 2) / 3 + (0.3 + 0.7) ** 2
+    assert centered.item() == pytest.approx((ranking + pair) / 2 + 0.01 * squares / 2, rel=1e-6)
 
 
 def test_all_pairs_trains_each_pair_of_a_ranking_as_its_own_element():

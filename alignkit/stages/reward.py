@@ -15,7 +15,7 @@ from .. import data, models
 from ..distributed import is_main, wait_for_everyone
 from ..log import log
 from ..recipe import Dataset, Recipe, StageSettings
-from .spec import Stage, fit_context, refused_by_trl, train_metrics
+from .spec import Default, Stage, fit_context, refused_by_trl, train_metrics
 
 
 def config_class():
@@ -177,12 +177,16 @@ class RankingCollator:
         }
 
 
-def ranking_loss(rewards, better, worse, weight, rankings):
+def ranking_loss(rewards, better, worse, weight, rankings, center: float | None = None):
     """InstructGPT's loss over a batch of rankings: -1/C(K,2) sum log sigmoid(r_better - r_worse) per ranking,
-    averaged over the rankings."""
+    averaged over the rankings. With `center` (TRL's center_rewards_coefficient), plus center x the same average of
+    (r_better + r_worse)^2, which keeps the scores near 0 (Eisenstein et al. 2023; for a pair, TRL's own term)."""
     import torch.nn.functional as F
 
-    return -(weight * F.logsigmoid(rewards[better] - rewards[worse])).sum() / rankings
+    loss = -(weight * F.logsigmoid(rewards[better] - rewards[worse])).sum() / rankings
+    if center:
+        loss = loss + center * (weight * (rewards[better] + rewards[worse]) ** 2).sum() / rankings
+    return loss
 
 
 def ranking_trainer():
@@ -199,7 +203,14 @@ def ranking_trainer():
             mode = "train" if self.model.training else "eval"
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             rewards = outputs.logits.squeeze(-1)
-            loss = ranking_loss(rewards, inputs["better"], inputs["worse"], inputs["weight"], inputs["rankings"])
+            loss = ranking_loss(
+                rewards,
+                inputs["better"],
+                inputs["worse"],
+                inputs["weight"],
+                inputs["rankings"],
+                self.args.center_rewards_coefficient,
+            )
             with torch.no_grad():
                 diff = rewards[inputs["better"]] - rewards[inputs["worse"]]
                 gather = self.accelerator.gather_for_metrics
@@ -285,4 +296,17 @@ STAGE = Stage(
     figures=(("loss", "loss"), ("accuracy", "accuracy")),
     more_data=normalize_data,
     check=check,
+    defaults=(
+        Default(
+            "rankings",
+            "one batch element per ranking (`stages.reward.all_pairs: false`)",
+            "InstructGPT: K forward passes per ranking of K, not 2·C(K,2) (6, not 30, for six answers), and less "
+            "overfitting; TRL's RewardTrainer takes pairs only",
+        ),
+        Default(
+            "normalize",
+            "on when the recipe has an sft stage",
+            "InstructGPT: the demonstrations score 0, so PPO's rewards and its KL penalty are on a known scale",
+        ),
+    ),
 )

@@ -1,0 +1,104 @@
+"""What each of alignkit's own choices costs or saves, on and off (a benchmark, not a test).
+
+    python benchmarks/defaults.py --run runs/seeds/seed42 [--seed 42] [--repeats 2] [--out runs/bench-defaults]
+
+--run is a complete run of recipes/chat.yaml (its pretrain and sft folders are the upstream of the stages timed
+here). Each choice is timed both ways through `alignkit run recipes/chat.yaml --only STAGE --force` in a fresh
+process, as interleaved repeats (on, off, on, off, ...), by the trainer's own clock (train_runtime):
+  - packing_strategy (pretrain): `wrapped` (alignkit's, with packing: true) against TRL's `bfd`, 40 steps;
+  - bf16 autocast (pretrain): chat.yaml's fp32 against bf16, 40 steps, and the loss reached;
+  - rankings (reward): one batch element per ranking (alignkit's) against all 15 pairs of each (`all_pairs: true`),
+    one epoch each, with the pairwise accuracy reached.
+Prints the median seconds of each side, the ratio off / on, and what each side reached.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "chat.yaml"
+PRETRAIN = ["stages.pretrain.trainer.max_steps=40", "stages.pretrain.trainer.save_strategy=no"]
+REWARD = ["stages.reward.trainer.num_train_epochs=1", "stages.reward.trainer.save_strategy=no"]
+CHOICES = (
+    (
+        "packing_strategy",
+        "pretrain",
+        "wrapped (alignkit)",
+        PRETRAIN + ["stages.pretrain.trainer.packing_strategy=wrapped"],
+        "bfd (TRL's default)",
+        PRETRAIN + ["stages.pretrain.trainer.packing_strategy=bfd"],
+    ),
+    (
+        "bf16",
+        "pretrain",
+        "fp32 (chat.yaml)",
+        PRETRAIN,
+        "bf16 autocast",
+        PRETRAIN + ["stages.pretrain.trainer.bf16=true"],
+    ),
+    (
+        "rankings",
+        "reward",
+        "one element per ranking (alignkit)",
+        REWARD,
+        "all 15 pairs (all_pairs: true)",
+        REWARD + ["stages.reward.all_pairs=true"],
+    ),
+)
+
+
+def timed(out: Path, stage: str, overrides: list[str]) -> tuple[float, dict]:
+    cmd = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={out}", "--only", stage, "--force"]
+    done = subprocess.run(cmd + overrides, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd + overrides)} failed:\n{done.stderr[-3000:]}")
+    history = json.loads((out / stage / "metrics.json").read_text())["log_history"]
+    runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
+    last = [h for h in history if "loss" in h][-1]
+    return runtime, {k: last[k] for k in ("loss", "accuracy") if k in last}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a complete run of recipes/chat.yaml")
+    parser.add_argument("--seed", type=int, default=42, help="the seed of that run")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench-defaults")
+    args = parser.parse_args()
+    run, out = Path(args.run).resolve(), REPO / args.out
+    seed = args.seed
+    rows = []
+    for name, stage, on_label, on, off_label, off in CHOICES:
+        folder = out / name
+        for upstream in ("pretrain", "sft"):
+            if upstream != stage:
+                shutil.copytree(run / upstream, folder / upstream, dirs_exist_ok=True)
+        times = {"on": [], "off": []}
+        reached = {}
+        for _ in range(args.repeats):
+            for side, overrides in (("on", on), ("off", off)):
+                seconds, figures = timed(folder, stage, [f"seed={seed}", *overrides])
+                times[side].append(seconds)
+                reached[side] = figures
+                print(f"{name} {side}: {seconds:.1f} s {figures}", file=sys.stderr, flush=True)
+        rows.append((name, stage, on_label, off_label, times, reached))
+
+    print(f"\n{RECIPE.name}, upstream from {run}; median of {args.repeats} interleaved repeats, training seconds\n")
+    print("| choice | stage | alignkit's | s | reached | the other | s | reached | other / alignkit's |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, stage, on_label, off_label, times, reached in rows:
+        a, b = statistics.median(times["on"]), statistics.median(times["off"])
+        fig = {side: ", ".join(f"{k} {v:.3f}" for k, v in reached[side].items()) for side in reached}
+        print(
+            f"| {name} | {stage} | {on_label} | {a:.1f} | {fig['on']} | {off_label} | {b:.1f} | {fig['off']} "
+            f"| {b / a:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
