@@ -3,8 +3,9 @@
     python -m venv --system-site-packages /work/trl112 && /work/trl112/bin/pip install --no-deps trl==1.12.0
     python benchmarks/ppo_vs_trl.py --trl-python /work/trl112/bin/python [--seeds 42 1 2 3] [--out runs/seeds]
 
-For each seed: `alignkit run recipes/chat.yaml seed=N output_dir=OUT/seedN` (pretrain, sft, reward, then alignkit's
-ppo and the evaluation; stages already complete are reused), then TRL 1.12's PPOTrainer, run by the other
+For each seed: `alignkit run recipes/chat.yaml seed=N output_dir=OUT/seedN stages.ppo.trainer.ptx_coef=0` (pretrain,
+sft, reward, then alignkit's ppo without PPO-ptx, which TRL lacks, and the evaluation; stages already complete are
+reused), then TRL 1.12's PPOTrainer, run by the other
 environment's python, trains a policy from the same sft and reward folders with the recipe's ppo trainer block, the
 same prompts (tokenized by alignkit's own code) and the settings alignkit applies (stop_token eos, dropout off), into
 OUT/seedN-trl/ppo, which `alignkit eval` then evaluates on the same held-out prompts. Prints per seed: held-out gold
@@ -23,12 +24,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "chat.yaml"
+SAME = ["stages.ppo.trainer.ptx_coef=0"]  # TRL's PPO has no PPO-ptx: both run without it
 
 
 def trl_ppo(run: Path, out: Path, seed: int) -> None:
     """In TRL 1.12's environment: train the recipe's ppo stage with TRL's PPOTrainer; write the policy, its tokenizer
     and timing.json to `out`."""
     import copy
+    import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -37,7 +40,7 @@ def trl_ppo(run: Path, out: Path, seed: int) -> None:
     from alignkit import data, models
     from alignkit.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE, [f"seed={seed}"], check_trainers=False)
+    recipe = load_recipe(RECIPE, [f"seed={seed}", *SAME], check_trainers=False)
     spec = recipe.stages["ppo"]
     tokenizer = AutoTokenizer.from_pretrained(run / "sft")
     left = copy.deepcopy(tokenizer)
@@ -51,7 +54,8 @@ def trl_ppo(run: Path, out: Path, seed: int) -> None:
     )
     for model in (policy, ref, reward, value):
         models.fit_to_tokenizer(model, tokenizer)
-    settings = dict(spec.trainer)
+    known = {f.name for f in dataclasses.fields(PPOConfig)}  # alignkit's own keys (ptx_coef 0 here, kl_target) out
+    settings = {k: v for k, v in spec.trainer.items() if k in known}
     limit = models.context_length(policy.config) - settings["response_length"]
     prompts = data.load(spec.dataset, "ppo", recipe)
     ids = prompts.map(
@@ -124,7 +128,7 @@ def main():
     for seed in args.seeds:
         run, theirs = REPO / args.out / f"seed{seed}", REPO / args.out / f"seed{seed}-trl"
         print(f"seed {seed}: alignkit ...", file=sys.stderr, flush=True)
-        alignkit("run", RECIPE, f"seed={seed}", f"output_dir={run}")
+        alignkit("run", RECIPE, f"seed={seed}", f"output_dir={run}", *SAME)
         ours = json.loads((run / "report.json").read_text())
         manifest = json.loads((run / "ppo" / "alignkit_stage.json").read_text())
         logged = json.loads((run / "ppo" / "metrics.json").read_text())["log_history"]
@@ -146,7 +150,7 @@ def main():
         wall = time.time() - start
         timing = json.loads((theirs / "ppo" / "timing.json").read_text())
         as_stage(theirs / "ppo")
-        alignkit("eval", RECIPE, f"seed={seed}", f"output_dir={theirs}")
+        alignkit("eval", RECIPE, f"seed={seed}", f"output_dir={theirs}", *SAME)
         report = json.loads((theirs / "report.json").read_text())
         rows.append(
             {
