@@ -2,14 +2,15 @@
 
     python benchmarks/overhead.py [--width 256] [--pairs 5] [--out runs/bench-overhead]
 
-Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times sft, reward and dpo
-(tiny.yaml plus the DPO block below), each in a fresh process, both ways, on the same upstream folders, data and
-trainer settings:
+Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times pretrain, sft, reward
+(its normalisation off: plain TRL has none) and dpo (tiny.yaml plus the DPO block below), each in a fresh process,
+both ways, on the same upstream folders, data and trainer settings:
   - alignkit: `alignkit run recipes/tiny.yaml --only STAGE --force` (recipe and data checks, conversion, length
     checks, fingerprints, the stage folder and its manifest);
-  - plain TRL: what a user would write by hand: load the upstream model and tokenizer, `load_dataset("json")`, build
-    TRL's trainer with the recipe's trainer block (plus the settings the stage cannot run without on this machine:
-    output_dir, use_cpu, max_length at the model's context), train, save.
+  - plain TRL: what a user would write by hand: load the upstream model and tokenizer (pretrain: the same untrained
+    model, built from the same seed), `load_dataset("json")`, build TRL's trainer with the recipe's trainer block
+    (plus the settings the stage cannot run without on this machine: output_dir, use_cpu, max_length at the model's
+    context), train, save.
 The two run as interleaved pairs (alignkit, plain TRL, alignkit, plain TRL, ...: drift on the machine touches both
 alike). Prints per stage the median wall seconds of each (a fresh process, imports included) and the median of the
 per-pair ratios alignkit / plain TRL, with their range. The ppo stage is alignkit's own PPO (TRL has none after
@@ -27,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny.yaml"
-STAGES = ("sft", "reward", "dpo")
+STAGES = ("pretrain", "sft", "reward", "dpo")
 # the dpo stage that tiny.yaml lacks: its comparisons, a few epochs (as tests/test_stages.py trains it)
 DPO = {
     "dataset": {"path": "data/tiny/reward.jsonl"},
@@ -64,7 +65,17 @@ def plain(stage: str, out: Path) -> None:
     )
     data = load_dataset("json", data_files=str(REPO / recipe["stages"][stage]["dataset"]["path"]), split="train")
     context = 128  # n_positions, as main() sets it
-    if stage == "sft":
+    if stage == "pretrain":  # the model alignkit built (its config.json), untrained, from the same seed
+        from transformers import AutoConfig, set_seed
+        from trl import SFTConfig, SFTTrainer
+
+        tokenizer = AutoTokenizer.from_pretrained(out / "pretrain")
+        set_seed(recipe["seed"])
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "pretrain"))
+        trainer = SFTTrainer(
+            model=model, args=SFTConfig(max_length=context, **settings), train_dataset=data, processing_class=tokenizer
+        )
+    elif stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
         tokenizer = AutoTokenizer.from_pretrained(out / "pretrain")
@@ -129,7 +140,8 @@ def main():
     rows = {}
     for stage in STAGES:
         print(f"{stage} ...", file=sys.stderr)
-        extra = DPO_OVERRIDES if stage == "dpo" else []
+        # the same work: plain TRL has no reward normalisation, so alignkit's is off here
+        extra = {"dpo": DPO_OVERRIDES, "reward": ["stages.reward.normalize=false"]}.get(stage, [])
         pairs = []
         for _ in range(args.pairs):
             ours = timed([*alignkit, *extra, "--only", stage, "--force"])
