@@ -5,7 +5,7 @@
 With --recipe recipes/chat-dpo.yaml the runs add a DPO stage, and the table shows ppo and dpo side by side (with the
 same --out, the stages the two recipes share are reused).
 
-Each seed is a whole run (pretraining included: the seed sets the initial weights), about 9 minutes on 2 CPU cores.
+Each seed is a whole run (pretraining included: the seed sets the initial weights), about 8-9 minutes on 2 CPU cores.
 To run seeds side by side, start one benchmark per seed with OMP_NUM_THREADS=1 each: two runs that each take
 every core slow each other down about tenfold.
 Prints, per checkpoint, the mean and spread (sample standard deviation) over seeds of the held-out gold accuracy,

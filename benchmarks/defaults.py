@@ -1,6 +1,7 @@
 """What each of alignkit's own choices costs or saves, on and off (a benchmark, not a test).
 
-    python benchmarks/defaults.py --run runs/seeds/seed42 [--seed 42] [--repeats 2] [--out runs/bench-defaults]
+    python benchmarks/defaults.py --run runs/seeds/seed42 [--seed 42] [--repeats 2] [--choices NAME ...]
+        [--out runs/bench-defaults]
 
 --run is a complete run of recipes/chat.yaml (its pretrain and sft folders are the upstream of the stages timed
 here). Each choice is timed both ways through `alignkit run recipes/chat.yaml --only STAGE --force` in a fresh
@@ -22,8 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "chat.yaml"
-PRETRAIN = ["stages.pretrain.trainer.max_steps=40", "stages.pretrain.trainer.save_strategy=no"]
-REWARD = ["stages.reward.trainer.num_train_epochs=1", "stages.reward.trainer.save_strategy=no"]
+PRETRAIN = ["stages.pretrain.trainer.max_steps=40", "stages.pretrain.trainer.save_strategy='no'"]
+REWARD = ["stages.reward.trainer.num_train_epochs=1", "stages.reward.trainer.save_strategy='no'"]
 CHOICES = (
     (
         "packing_strategy",
@@ -44,9 +45,9 @@ CHOICES = (
     (
         "rankings",
         "reward",
-        "one element per ranking (alignkit)",
-        REWARD,
-        "all 15 pairs (all_pairs: true)",
+        "one element per ranking (alignkit's default)",
+        REWARD + ["stages.reward.all_pairs=false"],
+        "all 15 pairs (all_pairs: true, chat.yaml's)",
         REWARD + ["stages.reward.all_pairs=true"],
     ),
 )
@@ -69,11 +70,12 @@ def main():
     parser.add_argument("--seed", type=int, default=42, help="the seed of that run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-defaults")
+    parser.add_argument("--choices", nargs="+", default=[c[0] for c in CHOICES], help="which of them to time")
     args = parser.parse_args()
     run, out = Path(args.run).resolve(), REPO / args.out
     seed = args.seed
     rows = []
-    for name, stage, on_label, on, off_label, off in CHOICES:
+    for name, stage, on_label, on, off_label, off in (c for c in CHOICES if c[0] in args.choices):
         folder = out / name
         for upstream in ("pretrain", "sft"):
             if upstream != stage:
