@@ -1,8 +1,8 @@
 """Models and tokenizers: load or build them, fix GPT-2's pitfalls up front, LoRA / 4-bit settings, save outputs.
 
 GPT-2 has no pad token and no chat template. Padding with EOS hides EOS from the loss (the model never learns to stop),
-makes TRL's PPO read the reward before EOS, and makes it treat EOS as padding. So alignkit gives every tokenizer a pad
-token of its own and a chat template that ends each assistant turn with EOS.
+and makes a PPO that finds an answer's end by the pad token read the reward before EOS and treat EOS as padding. So
+alignkit gives every tokenizer a pad token of its own and a chat template that ends each assistant turn with EOS.
 """
 
 from __future__ import annotations

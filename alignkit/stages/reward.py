@@ -122,15 +122,11 @@ def tokenize_rankings(rankings, tokenizer, max_length: int | None, all_pairs: bo
     Returns (dataset, answers dropped, rankings dropped whole)."""
     import datasets
 
-    eos = tokenizer.eos_token
     rows, dropped, lost = [], 0, 0
     for row in rankings:
         ranked = []
         for answer in row["ranked"]:
-            text = data.render({**row, "chosen": answer}, tokenizer)
-            if isinstance(answer, str) and not text.endswith(eos):  # plain text: TRL appends EOS, so does alignkit
-                text += eos
-            ids = tokenizer(text, add_special_tokens=False).input_ids
+            ids = tokenizer(_scored_text({**row, "chosen": answer}, tokenizer), add_special_tokens=False).input_ids
             if max_length is not None and len(ids) > max_length:
                 dropped += 1
                 continue
@@ -141,6 +137,13 @@ def tokenize_rankings(rankings, tokenizer, max_length: int | None, all_pairs: bo
         groups = [[a, b] for i, a in enumerate(ranked) for b in ranked[i + 1 :]] if all_pairs else [ranked]
         rows += [{"chosen_ids": g[0], "rejected_ids": g[-1], "ranked_ids": g} for g in groups]
     return datasets.Dataset.from_list(rows), dropped, lost
+
+
+def _scored_text(row: dict, tokenizer) -> str:
+    """A row as the reward model scores it: rendered, ending with EOS, where the score is read (plain text gets one
+    appended, as TRL does; a chat template writes its own)."""
+    text = data.render(row, tokenizer)
+    return text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
 
 
 class RankingCollator:
@@ -230,7 +233,7 @@ def normalize(folder: Path, recipe: Recipe, tokenizer, key: str, spec, kind: str
     from transformers import AutoModelForSequenceClassification
 
     rows = data.load(spec, key, recipe, kind)
-    texts = [data.render(row, tokenizer) for row in rows]
+    texts = [_scored_text(row, tokenizer) for row in rows]
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
 
     def mean_score() -> float:
