@@ -9,7 +9,10 @@ process, as interleaved repeats (on, off, on, off, ...), by the trainer's own cl
   - packing_strategy (pretrain): `wrapped` (alignkit's, with packing: true) against TRL's `bfd`, 40 steps;
   - bf16 autocast (pretrain): chat.yaml's fp32 against bf16, 40 steps, and the loss reached;
   - rankings (reward): one batch element per ranking (alignkit's) against all 15 pairs of each (`all_pairs: true`),
-    one epoch each, with the pairwise accuracy reached.
+    one epoch each, with the pairwise accuracy reached;
+  - lora_reference (ppo, with LoRA r=16 on the ppo stage, 640 episodes, no ptx): the reference as the policy with
+    its adapter disabled (alignkit's) against a second frozen copy (`separate_reference: true`), timed by the stage's
+    own clock (alignkit_stage.json), with the reward and KL reached (memory: benchmarks/ppo_memory.py).
 Prints the median seconds of each side, the ratio off / on, and what each side reached.
 """
 
@@ -25,6 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "chat.yaml"
 PRETRAIN = ["stages.pretrain.trainer.max_steps=40", "stages.pretrain.trainer.save_strategy='no'"]
 REWARD = ["stages.reward.trainer.num_train_epochs=1", "stages.reward.trainer.save_strategy='no'"]
+PPO = [
+    "stages.ppo.trainer.total_episodes=640",
+    "stages.ppo.trainer.ptx_coef=0",
+    "stages.ppo.lora.r=16",
+    "stages.ppo.lora.lora_alpha=32",
+]
 CHOICES = (
     (
         "packing_strategy",
@@ -50,15 +59,38 @@ CHOICES = (
         "all 15 pairs (all_pairs: true, chat.yaml's)",
         REWARD + ["stages.reward.all_pairs=true"],
     ),
+    (
+        "lora_reference",
+        "ppo",
+        "the policy, adapter disabled (alignkit's)",
+        PPO + ["stages.ppo.separate_reference=false"],
+        "a second frozen copy",
+        PPO + ["stages.ppo.separate_reference=true"],
+    ),
 )
 
 
 def timed(out: Path, stage: str, overrides: list[str]) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={out}", "--only", stage, "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "alignkit",
+        "run",
+        str(RECIPE),
+        f"output_dir={out}",
+        "--only",
+        stage,
+        "--force",
+        "~eval",
+    ]
     done = subprocess.run(cmd + overrides, cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(cmd + overrides)} failed:\n{done.stderr[-3000:]}")
-    history = json.loads((out / stage / "metrics.json").read_text())["log_history"]
+    metrics = json.loads((out / stage / "metrics.json").read_text())
+    history = metrics["log_history"]
+    if stage == "ppo":  # alignkit's PPO: the stage's own clock, and the figures its training ended on
+        seconds = json.loads((out / stage / "alignkit_stage.json").read_text())["seconds"]
+        return seconds, {k: metrics["figures"][k] for k in ("reward", "kl")}
     runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
     last = [h for h in history if "loss" in h][-1]
     return runtime, {k: last[k] for k in ("loss", "accuracy") if k in last}
@@ -77,9 +109,8 @@ def main():
     rows = []
     for name, stage, on_label, on, off_label, off in (c for c in CHOICES if c[0] in args.choices):
         folder = out / name
-        for upstream in ("pretrain", "sft"):
-            if upstream != stage:
-                shutil.copytree(run / upstream, folder / upstream, dirs_exist_ok=True)
+        for upstream in ("pretrain", "sft", "reward")[: ("pretrain", "sft", "reward", "ppo").index(stage)]:
+            shutil.copytree(run / upstream, folder / upstream, dirs_exist_ok=True)
         times = {"on": [], "off": []}
         reached = {}
         for _ in range(args.repeats):

@@ -1,19 +1,22 @@
 """What alignkit's layer costs: each stage through `alignkit run` against plain TRL doing the same training.
 
-    python benchmarks/overhead.py [--width 256] [--pairs 5] [--out runs/bench-overhead]
+    python benchmarks/overhead.py [--width 256] [--pairs 5] [--epochs-times 1] [--out runs/bench-overhead]
 
 Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times pretrain, sft, reward
 (its normalisation off: plain TRL has none) and dpo (tiny.yaml plus the DPO block below), each in a fresh process,
 both ways, on the same upstream folders, data and trainer settings:
-  - alignkit: `alignkit run recipes/tiny.yaml --only STAGE --force` (recipe and data checks, conversion, length
-    checks, fingerprints, the stage folder and its manifest);
+  - alignkit: `alignkit run recipes/tiny.yaml --only STAGE --force ~eval` (recipe and data checks, conversion, length
+    checks, fingerprints, the stage folder and its manifest; without the held-out evaluation and report.md, which
+    plain TRL does not do: the report's cost is printed on its own);
   - plain TRL: what a user would write by hand: load the upstream model and tokenizer (pretrain: the same untrained
     model, built from the same seed), `load_dataset("json")`, build TRL's trainer with the recipe's trainer block
     (plus the settings the stage cannot run without on this machine: output_dir, use_cpu, max_length at the model's
     context), train, save.
 The two run as interleaved pairs (alignkit, plain TRL, alignkit, plain TRL, ...: drift on the machine touches both
-alike). Prints per stage the median wall seconds of each (a fresh process, imports included) and the median of the
-per-pair ratios alignkit / plain TRL, with their range. The ppo stage is alignkit's own PPO (TRL has none after
+alike). --epochs-times N multiplies every stage's num_train_epochs on both sides: alignkit's cost is mostly a fixed
+cost per invocation, so its share depends on how long the stage trains. Prints per stage the median wall seconds of
+each (a fresh process, imports included) and the median of the per-pair ratios alignkit / plain TRL, with their
+range. The ppo stage is alignkit's own PPO (TRL has none after
 1.12): benchmarks/ppo_vs_trl.py compares it with TRL 1.12's.
 """
 
@@ -47,7 +50,7 @@ DPO_OVERRIDES = [f"stages.dpo.dataset.path={DPO['dataset']['path']}"] + [
 ]
 
 
-def plain(stage: str, out: Path) -> None:
+def plain(stage: str, out: Path, times: float = 1.0) -> None:
     """The stage in plain TRL, from the alignkit run's upstream folders (tokenizer with pad token and chat
     template)."""
     import torch
@@ -63,6 +66,7 @@ def plain(stage: str, out: Path) -> None:
         use_cpu=not torch.cuda.is_available(),
         output_dir=str(out / f"plain-{stage}"),
     )
+    settings["num_train_epochs"] = settings["num_train_epochs"] * times
     data = load_dataset("json", data_files=str(REPO / recipe["stages"][stage]["dataset"]["path"]), split="train")
     context = 128  # n_positions, as main() sets it
     if stage == "pretrain":  # the model alignkit built (its config.json), untrained, from the same seed
@@ -121,10 +125,11 @@ def timed(command: list[str]) -> float:
 
 def main():
     if sys.argv[1:2] == ["--plain"]:
-        return plain(sys.argv[2], Path(sys.argv[3]))
+        return plain(sys.argv[2], Path(sys.argv[3]), float(sys.argv[4]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=256, help="n_embd of the tiny GPT-2 (64 is recipes/tiny.yaml)")
     parser.add_argument("--pairs", type=int, default=5, help="interleaved runs of each")
+    parser.add_argument("--epochs-times", type=float, default=1.0, help="scale every stage's num_train_epochs")
     parser.add_argument("--out", default="runs/bench-overhead")
     args = parser.parse_args()
     out = (REPO / args.out / f"width{args.width}").resolve()
@@ -135,22 +140,29 @@ def main():
         "model.config.n_positions=128",
     ]
     alignkit = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={out}", *size]
+    recipe = yaml.safe_load(RECIPE.read_text())
     print(f"training the pipeline once ({out}) ...", file=sys.stderr)
     timed(alignkit)
+    # what alignkit does after the stages, which plain TRL does not: evaluate on the held-out prompts, write report.md
+    report = statistics.median(
+        timed([sys.executable, "-m", "alignkit", "eval", str(RECIPE), f"output_dir={out}", *size]) for _ in range(3)
+    )
     rows = {}
     for stage in STAGES:
         print(f"{stage} ...", file=sys.stderr)
         # the same work: plain TRL has no reward normalisation, so alignkit's is off here
         extra = {"dpo": DPO_OVERRIDES, "reward": ["stages.reward.normalize=false"]}.get(stage, [])
+        epochs = (DPO if stage == "dpo" else recipe["stages"][stage])["trainer"]["num_train_epochs"]
+        extra = [*extra, f"stages.{stage}.trainer.num_train_epochs={epochs * args.epochs_times}", "~eval"]
         pairs = []
         for _ in range(args.pairs):
             ours = timed([*alignkit, *extra, "--only", stage, "--force"])
-            theirs = timed([sys.executable, __file__, "--plain", stage, str(out)])
+            theirs = timed([sys.executable, __file__, "--plain", stage, str(out), str(args.epochs_times)])
             pairs.append((ours, theirs))
         rows[stage] = pairs
     print(
-        f"\nrecipes/tiny.yaml, GPT-2 of 4 layers and width {args.width}; wall seconds of a fresh process per stage, "
-        f"{args.pairs} interleaved pairs\n"
+        f"\nrecipes/tiny.yaml, GPT-2 of 4 layers and width {args.width}, num_train_epochs x {args.epochs_times:g}; "
+        f"wall seconds of a fresh process per stage, {args.pairs} interleaved pairs\n"
     )
     print(f"{'stage':8s}{'alignkit':>10s}{'plain TRL':>11s}{'ratio (median)':>16s}{'ratios':>18s}")
     for stage, pairs in rows.items():
@@ -159,6 +171,9 @@ def main():
             f"{stage:8s}{statistics.median(a for a, _ in pairs):9.1f}s{statistics.median(b for _, b in pairs):10.1f}s"
             f"{statistics.median(ratios):16.3f}{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>18s}"
         )
+    print(
+        f"\n`alignkit eval` (held-out evaluation and report.md, which a run ends with), fresh process: {report:.1f}s"
+    )
 
 
 if __name__ == "__main__":

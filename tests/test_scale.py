@@ -172,3 +172,33 @@ def test_ppo_refuses_to_run_sharded(run_copy, capsys, monkeypatch):
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "ppo", "--force")
     assert code == 2 and "cannot run sharded (ZeRO-3 or FSDP)" in err and "zero2.yaml" in err
     assert (run_copy / "ppo" / "model.safetensors").read_bytes() == before  # the old output is whole
+
+
+def test_a_separate_reference_copy_trains_the_same_lora_policy(run_copy, capsys):
+    """With LoRA the reference is the policy with its adapter disabled; `separate_reference` loads a second frozen
+    copy instead. Both compute the same reference, so PPO trains the same adapter either way."""
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for separate in ("false", "true"):
+        code, out, err = alignkit(
+            capsys,
+            "run",
+            TINY,
+            f"output_dir={run_copy}",
+            *FAST,
+            "--only",
+            "ppo",
+            "--force",
+            "lora.r=4",
+            "lora.lora_alpha=8",
+            f"stages.ppo.separate_reference={separate}",
+        )
+        assert code == 0, err
+        wanted = "a second frozen copy" if separate == "true" else "the policy with its adapter disabled"
+        assert f"reference: {wanted}" in err
+        adapters[separate] = load_file(run_copy / "ppo" / "adapter" / "adapter_model.safetensors")
+    assert adapters["true"].keys() == adapters["false"].keys()
+    for name, tensor in adapters["true"].items():
+        assert torch.allclose(tensor, adapters["false"][name], atol=1e-5), name
+    assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in adapters["true"].items())  # trained

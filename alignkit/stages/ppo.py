@@ -35,6 +35,13 @@ class PPOSettings(RewardModelSettings):
             "stage's dataset)"
         },
     )
+    separate_reference: bool = field(
+        default=False,
+        metadata={
+            "help": "with LoRA, load the reference as a second frozen copy of the model instead of using the "
+            "policy with its adapter disabled (alignkit's default: no second copy in memory)"
+        },
+    )
 
 
 def check(recipe: Recipe, settings, args, context, problems: list[Problem]) -> None:
@@ -110,8 +117,11 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             f"{', '.join(f'{k} {v:g}' for k, v in switched_off.items())} -> 0)",
         )
     lora = _without_dropout(models.lora_config(recipe, "ppo", "CAUSAL_LM"))
-    # With LoRA the reference is the policy with its adapter disabled, not a second copy.
-    ref = None if lora else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
+    # With LoRA the reference is the policy with its adapter disabled, not a second copy (unless asked for one).
+    shared = lora is not None and not spec.separate_reference
+    ref = None if shared else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
+    if lora is not None:
+        log("ppo", "reference: " + ("the policy with its adapter disabled" if shared else "a second frozen copy"))
     if lora:
         policy = _with_adapter(policy, lora, args)
     reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo", dropout=False)

@@ -1,0 +1,134 @@
+"""Choosing the reward stage's settings without the held-out prompts: does a reward model generalise to countries
+whose questions it never saw? (A benchmark, not a test.)
+
+    python benchmarks/reward_choice.py --run runs/chat [--out runs/bench-reward-choice] [--only NAME ...]
+
+--run is a complete run of recipes/chat.yaml; its pretrain and sft folders are the upstream. The training rankings
+(data/chat/comparisons.jsonl) are split by country: every 4th of the 60 training countries (sorted by name) is set
+aside, and each setting below trains the reward stage on the other 45 countries' rankings (`alignkit run
+recipes/chat.yaml --only reward`, without the evaluation, which would read the held-out comparisons). On the 15
+set-aside countries' questions it then asks what PPO needs from it on the held-out prompts: does the right answer (the
+one the noisy rankings put first most often) score above the hedge ("... is unknown to me."), and above every other
+answer seen for that question, and by how much over the hedge. Prints one row per setting with the reward stage's
+seconds. data/chat/eval*.jsonl is never read.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "chat.yaml"
+R = "stages.reward"
+SETTINGS = {  # name: overrides of chat.yaml's reward stage
+    "pairs 4 ep 1e-4": [f"{R}.all_pairs=true"],
+    "pairs 2 ep 2e-4": [f"{R}.all_pairs=true", f"{R}.trainer.num_train_epochs=2", f"{R}.trainer.learning_rate=2e-4"],
+    "pairs 1 ep 3e-4": [f"{R}.all_pairs=true", f"{R}.trainer.num_train_epochs=1", f"{R}.trainer.learning_rate=3e-4"],
+    "rankings 8 ep 6e-4": [
+        f"{R}.all_pairs=false",
+        f"{R}.trainer.num_train_epochs=8",
+        f"{R}.trainer.learning_rate=6e-4",
+    ],
+    "rankings 8 ep 1.2e-3": [
+        f"{R}.all_pairs=false",
+        f"{R}.trainer.num_train_epochs=8",
+        f"{R}.trainer.learning_rate=1.2e-3",
+    ],
+    "rankings 8 ep 6e-4 batch 8": [
+        f"{R}.all_pairs=false",
+        f"{R}.trainer.num_train_epochs=8",
+        f"{R}.trainer.learning_rate=6e-4",
+        f"{R}.trainer.per_device_train_batch_size=8",
+    ],
+    "rankings 16 ep 6e-4": [
+        f"{R}.all_pairs=false",
+        f"{R}.trainer.num_train_epochs=16",
+        f"{R}.trainer.learning_rate=6e-4",
+    ],
+}
+
+
+def country(row: dict) -> str | None:
+    found = re.search(r"(?:capital|flag) of (\w+)\?", row["prompt"][-1]["content"])
+    return found[1] if found else None
+
+
+def split(rows: list[dict]) -> set[str]:
+    names = sorted({c for c in map(country, rows) if c})
+    return set(names[::4])
+
+
+def score(folder: Path, rows: list[dict], aside: set[str]) -> dict:
+    """On the set-aside countries' questions: right above the hedge, right above every answer, mean margin."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.stages.reward import _scored_text
+
+    firsts, answers = {}, {}
+    for row in rows:
+        if country(row) in aside:
+            question = row["prompt"][-1]["content"]
+            firsts.setdefault(question, Counter())[row["responses"][0]] += 1
+            answers.setdefault(question, (row["prompt"], set()))[1].update(row["responses"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    over_hedge, over_all, margins = 0, 0, []
+    for question, counts in firsts.items():
+        right = counts.most_common(1)[0][0]
+        prompt, seen = answers[question]
+        seen = sorted(seen)
+        texts = [_scored_text({"messages": prompt + [{"role": "assistant", "content": a}]}, tokenizer) for a in seen]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            scores = dict(zip(seen, model(**batch).logits[:, 0].tolist()))
+        over_all += all(scores[right] > s for a, s in scores.items() if a != right)
+        hedge = next(a for a in seen if "unknown to me" in a)
+        over_hedge += scores[right] > scores[hedge]
+        margins.append(scores[right] - scores[hedge])
+    n = len(firsts)
+    return {"questions": n, "over_hedge": over_hedge, "over_all": over_all, "margin": sum(margins) / n}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a complete run of recipes/chat.yaml (pretrain and sft)")
+    parser.add_argument("--out", default="runs/bench-reward-choice")
+    parser.add_argument("--only", nargs="+", default=list(SETTINGS), help="which settings (names above)")
+    args = parser.parse_args()
+    run, out = Path(args.run).resolve(), (REPO / args.out).resolve()
+    rows = [json.loads(line) for line in (REPO / "data" / "chat" / "comparisons.jsonl").read_text().splitlines()]
+    aside = split(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    fit = out / "fit.jsonl"
+    fit.write_text("".join(json.dumps(r) + "\n" for r in rows if country(r) not in aside))
+    results = []
+    for name in args.only:
+        folder = out / re.sub(r"[^\w.-]+", "_", name)
+        for upstream in ("pretrain", "sft"):
+            shutil.copytree(run / upstream, folder / upstream, dirs_exist_ok=True)
+        cmd = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={folder}", "--only", "reward"]
+        cmd += ["--force", f"{R}.dataset.path={fit}", "~eval", *SETTINGS[name]]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        seconds = json.loads((folder / "reward" / "alignkit_stage.json").read_text())["seconds"]
+        results.append((name, seconds, score(folder / "reward", rows, aside)))
+        print(name, results[-1][1:], file=sys.stderr, flush=True)
+    n = results[0][2]["questions"]
+    print(
+        f"\nreward models trained on 45 training countries, asked about the other 15 ({n} questions); upstream {run}\n"
+    )
+    print("| setting | reward stage (s) | right above the hedge | right above every answer | margin over the hedge |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, seconds, r in results:
+        print(f"| {name} | {seconds:.0f} | {r['over_hedge']}/{n} | {r['over_all']}/{n} | {r['margin']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
