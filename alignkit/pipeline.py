@@ -363,6 +363,11 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
     args = copy.deepcopy(built.args)  # the recipe's stays as loaded
     args.output_dir = str(partial / "checkpoints")
 
+    # Seed before any model loads: weights a stage creates (a reward model's score head, rows for an added pad
+    # token) come from torch's global generator, which each process otherwise seeds at random.
+    from transformers import set_seed
+
+    set_seed(args.seed)
     t0 = time.time()
     metrics = declared.run(recipe, partial, inputs, resume, args)
     seconds = time.time() - t0

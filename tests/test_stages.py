@@ -334,3 +334,18 @@ def test_the_reward_stage_trains_rankings_of_two_and_six_and_normalises_on_the_d
         scores = model(**batch).logits[:, 0]
     assert abs(scores.mean().item()) < 1e-3 and scores.std().item() > 0.01
     assert abs(metrics["normalize"]["mean_before"]) > 1e-3  # it did move
+
+
+def test_a_stage_run_twice_trains_the_same_weights(run_copy, capsys):
+    """Each stage seeds torch before loading anything: the reward model's score head, which the stage creates, and
+    so every weight after training come out the same from the same seed (they used to differ from run to run)."""
+    weights = []
+    for _ in range(2):
+        code, out, err = alignkit(
+            capsys, "run", TINY, f"output_dir={run_copy}", "--only", "reward", "--force", "~eval"
+        )
+        assert code == 0, err
+        weights.append(load_file(run_copy / "reward" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys() and any("score" in k for k in weights[0])
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
