@@ -1,7 +1,8 @@
 """Choosing the reward stage's settings without the held-out prompts: does a reward model generalise to countries
 whose questions it never saw? (A benchmark, not a test.)
 
-    python benchmarks/reward_choice.py --run runs/chat [--out runs/bench-reward-choice] [--only NAME ...]
+    python benchmarks/reward_choice.py --run runs/chat [--seeds 42 1 2] [--out runs/bench-reward-choice]
+        [--only NAME ...]
 
 --run is a complete run of recipes/chat.yaml; its pretrain and sft folders are the upstream. The training rankings
 (data/chat/comparisons.jsonl) are split by country: every 4th of the 60 training countries (sorted by name) is set
@@ -9,14 +10,16 @@ aside, and each setting below trains the reward stage on the other 45 countries'
 recipes/chat.yaml --only reward`, without the evaluation, which would read the held-out comparisons). On the 15
 set-aside countries' questions it then asks what PPO needs from it on the held-out prompts: does the right answer (the
 one the noisy rankings put first most often) score above the hedge ("... is unknown to me."), and above every other
-answer seen for that question, and by how much over the hedge. Prints one row per setting with the reward stage's
-seconds. data/chat/eval*.jsonl is never read.
+answer seen for that question, and by how much over the hedge. Each setting trains once per seed (the seed sets the
+score head's initial weights and the order of the data, and the answers to these questions vary with it); prints one
+row per setting and seed and one with the means. data/chat/eval*.jsonl is never read.
 """
 
 import argparse
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -99,6 +102,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a complete run of recipes/chat.yaml (pretrain and sft)")
     parser.add_argument("--out", default="runs/bench-reward-choice")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--only", nargs="+", default=list(SETTINGS), help="which settings (names above)")
     args = parser.parse_args()
     run, out = Path(args.run).resolve(), (REPO / args.out).resolve()
@@ -109,25 +113,39 @@ def main():
     fit.write_text("".join(json.dumps(r) + "\n" for r in rows if country(r) not in aside))
     results = []
     for name in args.only:
-        folder = out / re.sub(r"[^\w.-]+", "_", name)
-        for upstream in ("pretrain", "sft"):
-            shutil.copytree(run / upstream, folder / upstream, dirs_exist_ok=True)
-        cmd = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={folder}", "--only", "reward"]
-        cmd += ["--force", f"{R}.dataset.path={fit}", "~eval", *SETTINGS[name]]
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-        seconds = json.loads((folder / "reward" / "alignkit_stage.json").read_text())["seconds"]
-        results.append((name, seconds, score(folder / "reward", rows, aside)))
-        print(name, results[-1][1:], file=sys.stderr, flush=True)
-    n = results[0][2]["questions"]
+        for seed in args.seeds:
+            folder = out / re.sub(r"[^\w.-]+", "_", name) / f"seed{seed}"
+            for upstream in ("pretrain", "sft"):
+                shutil.copytree(run / upstream, folder / upstream, dirs_exist_ok=True)
+            cmd = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={folder}", "--only", "reward"]
+            cmd += ["--force", f"seed={seed}", f"{R}.dataset.path={fit}", "~eval", *SETTINGS[name]]
+            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+            seconds = json.loads((folder / "reward" / "alignkit_stage.json").read_text())["seconds"]
+            results.append((name, seed, seconds, score(folder / "reward", rows, aside)))
+            print(*results[-1], file=sys.stderr, flush=True)
+    n = results[0][3]["questions"]
     print(
         f"\nreward models trained on 45 training countries, asked about the other 15 ({n} questions); upstream {run}\n"
     )
-    print("| setting | reward stage (s) | right above the hedge | right above every answer | margin over the hedge |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, seconds, r in results:
-        print(f"| {name} | {seconds:.0f} | {r['over_hedge']}/{n} | {r['over_all']}/{n} | {r['margin']:.2f} |")
+    print(
+        "| setting | seed | reward stage (s) | right above the hedge | right above every answer "
+        "| margin over the hedge |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in args.only:
+        mine = [r for r in results if r[0] == name]
+        for _, seed, seconds, r in mine:
+            print(
+                f"| {name} | {seed} | {seconds:.0f} | {r['over_hedge']}/{n} | {r['over_all']}/{n} "
+                f"| {r['margin']:.2f} |"
+            )
+        mean = {k: statistics.mean(r[3][k] for r in mine) for k in ("over_hedge", "over_all", "margin")}
+        print(
+            f"| {name} | mean | {statistics.mean(r[2] for r in mine):.0f} | {mean['over_hedge']:.1f}/{n} "
+            f"| {mean['over_all']:.1f}/{n} | {mean['margin']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
