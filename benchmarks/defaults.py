@@ -1,11 +1,12 @@
 """What each of alignkit's own choices costs or saves, on and off (a benchmark, not a test).
 
-    python benchmarks/defaults.py --run runs/seeds/seed42 [--seed 42] [--repeats 2] [--choices NAME ...]
+    python benchmarks/defaults.py --run runs/seeds/seed42 [--repeats 2] [--choices NAME ...]
         [--out runs/bench-defaults]
 
---run is a complete run of recipes/chat.yaml (its pretrain and sft folders are the upstream of the stages timed
-here). Each choice is timed both ways through `alignkit run recipes/chat.yaml --only STAGE --force` in a fresh
-process, as interleaved repeats (on, off, on, off, ...), by the trainer's own clock (train_runtime):
+--run is a complete run of recipes/chat.yaml (its pretrain, sft and reward folders are the upstream of the stages
+timed here; the runs take its seed, from its sft/recipe.yaml). Each choice is timed both ways through `alignkit run
+recipes/chat.yaml --only STAGE --force` in a fresh process, as interleaved repeats (on, off, on, off, ...), by the
+trainer's own clock (train_runtime; ppo, alignkit's own trainer: the stage's seconds, loading included):
   - packing_strategy (pretrain): `wrapped` (alignkit's, with packing: true) against TRL's `bfd`, 40 steps;
   - bf16 autocast (pretrain): chat.yaml's fp32 against bf16, 40 steps, and the loss reached;
   - rankings (reward): one batch element per ranking (alignkit's) against all 15 pairs of each (`all_pairs: true`),
@@ -23,6 +24,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "chat.yaml"
@@ -99,13 +102,12 @@ def timed(out: Path, stage: str, overrides: list[str]) -> tuple[float, dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a complete run of recipes/chat.yaml")
-    parser.add_argument("--seed", type=int, default=42, help="the seed of that run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-defaults")
     parser.add_argument("--choices", nargs="+", default=[c[0] for c in CHOICES], help="which of them to time")
     args = parser.parse_args()
     run, out = Path(args.run).resolve(), REPO / args.out
-    seed = args.seed
+    seed = yaml.safe_load((run / "sft" / "recipe.yaml").read_text())["seed"]  # the run's own
     rows = []
     for name, stage, on_label, on, off_label, off in (c for c in CHOICES if c[0] in args.choices):
         folder = out / name
@@ -121,7 +123,7 @@ def main():
                 print(f"{name} {side}: {seconds:.1f} s {figures}", file=sys.stderr, flush=True)
         rows.append((name, stage, on_label, off_label, times, reached))
 
-    print(f"\n{RECIPE.name}, upstream from {run}; median of {args.repeats} interleaved repeats, training seconds\n")
+    print(f"\n{RECIPE.name}, upstream from {run}; median of {args.repeats} interleaved repeats, seconds (as above)\n")
     print("| choice | stage | alignkit's | s | reached | the other | s | reached | other / alignkit's |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, stage, on_label, off_label, times, reached in rows:

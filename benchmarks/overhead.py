@@ -7,7 +7,7 @@ Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignki
 both ways, on the same upstream folders, data and trainer settings:
   - alignkit: `alignkit run recipes/tiny.yaml --only STAGE --force ~eval` (recipe and data checks, conversion, length
     checks, fingerprints, the stage folder and its manifest; without the held-out evaluation and report.md, which
-    plain TRL does not do: the report's cost is printed on its own);
+    plain TRL does not do; `alignkit eval` as its own command is timed apart: a fresh process, imports included);
   - plain TRL: what a user would write by hand: load the upstream model and tokenizer (pretrain: the same untrained
     model, built from the same seed), `load_dataset("json")`, build TRL's trainer with the recipe's trainer block
     (plus the settings the stage cannot run without on this machine: output_dir, use_cpu, max_length at the model's
@@ -172,7 +172,7 @@ def main():
             f"{statistics.median(ratios):16.3f}{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>18s}"
         )
     print(
-        f"\n`alignkit eval` (held-out evaluation and report.md, which a run ends with), fresh process: {report:.1f}s"
+        f"\n`alignkit eval` as its own command (evaluation, report.md; fresh process, imports included): {report:.1f}s"
     )
 
 

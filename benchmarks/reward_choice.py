@@ -1,18 +1,20 @@
 """Choosing the reward stage's settings without the held-out prompts: does a reward model generalise to countries
-whose questions it never saw? (A benchmark, not a test.)
+that the reward stage never saw? (A benchmark, not a test.)
 
     python benchmarks/reward_choice.py --run runs/chat [--seeds 42 1 2] [--out runs/bench-reward-choice]
         [--only NAME ...]
 
---run is a complete run of recipes/chat.yaml; its pretrain and sft folders are the upstream. The training rankings
+--run is a complete run of recipes/chat.yaml; its sft folder is the upstream. The training rankings
 (data/chat/comparisons.jsonl) are split by country: every 4th of the 60 training countries (sorted by name) is set
-aside, and each setting below trains the reward stage on the other 45 countries' rankings (`alignkit run
-recipes/chat.yaml --only reward`, without the evaluation, which would read the held-out comparisons). On the 15
-set-aside countries' questions it then asks what PPO needs from it on the held-out prompts: does the right answer (the
-one the noisy rankings put first most often) score above the hedge ("... is unknown to me."), and above every other
-answer seen for that question, and by how much over the hedge. Each setting trains once per seed (the seed sets the
-score head's initial weights and the order of the data, and the answers to these questions vary with it); prints one
-row per setting and seed and one with the means. data/chat/eval*.jsonl is never read.
+aside, and each setting below trains the reward stage (`alignkit run recipes/chat.yaml --only reward`, without the
+evaluation, which would read the held-out comparisons) on the rankings that name no set-aside country or capital,
+in the question or in any answer (the arithmetic rankings included). On the 15 set-aside countries' questions, which
+the reward stage never saw (the sft model did see 26 demonstrations about them), it then asks what PPO needs from it
+on the held-out prompts: does the right answer (the one the noisy rankings put first most often) score above the
+hedge ("... is unknown to me."), and above every other answer seen for that question, and by how much over the
+hedge. Each setting trains once per seed (the seed sets the score head's initial weights and the order of the data,
+and the answers to these questions vary with it); prints one row per setting and seed and one with the
+means. data/chat/eval*.jsonl is never read.
 """
 
 import argparse
@@ -66,6 +68,22 @@ def split(rows: list[dict]) -> set[str]:
     return set(names[::4])
 
 
+def names_of(aside: set[str]) -> set[str]:
+    """The set-aside countries and their capitals (from the pretraining text), as words."""
+    capitals = set()
+    for line in (REPO / "data" / "chat" / "pretrain.jsonl").read_text().splitlines():
+        for m in re.finditer(r"The capital of (\w+) is (\w+)\.", json.loads(line)["text"]):
+            if m[1] in aside:
+                capitals.add(m[2])
+    return aside | capitals
+
+
+def unseen(row: dict, words: set[str]) -> bool:
+    """Whether a ranking names none of `words`, in its question or in any answer (a wrong answer to another
+    country's question may name a set-aside country or capital)."""
+    return not words & set(re.findall(r"\w+", json.dumps(row)))
+
+
 def score(folder: Path, rows: list[dict], aside: set[str]) -> dict:
     """On the set-aside countries' questions: right above the hedge, right above every answer, mean margin."""
     import torch
@@ -110,13 +128,17 @@ def main():
     aside = split(rows)
     out.mkdir(parents=True, exist_ok=True)
     fit = out / "fit.jsonl"
-    fit.write_text("".join(json.dumps(r) + "\n" for r in rows if country(r) not in aside))
+    words = names_of(aside)
+    kept = [r for r in rows if unseen(r, words)]
+    fit.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    print(
+        f"training on {len(kept)} of {len(rows)} rankings: none names a set-aside country or capital", file=sys.stderr
+    )
     results = []
     for name in args.only:
         for seed in args.seeds:
             folder = out / re.sub(r"[^\w.-]+", "_", name) / f"seed{seed}"
-            for upstream in ("pretrain", "sft"):
-                shutil.copytree(run / upstream, folder / upstream, dirs_exist_ok=True)
+            shutil.copytree(run / "sft", folder / "sft", dirs_exist_ok=True)
             cmd = [sys.executable, "-m", "alignkit", "run", str(RECIPE), f"output_dir={folder}", "--only", "reward"]
             cmd += ["--force", f"seed={seed}", f"{R}.dataset.path={fit}", "~eval", *SETTINGS[name]]
             done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -151,9 +151,17 @@ def test_a_killed_ppo_stage_resumes_and_ends_with_the_weights_of_an_uninterrupte
 
 def test_ppo_logs_what_the_report_reads_every_update(run_copy, capsys):
     code, out, err = alignkit(
-        capsys, "run", TINY, f"output_dir={run_copy}", *PPO, "--force", "stages.ppo.trainer.save_total_limit=1"
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *PPO,
+        "--force",
+        "stages.ppo.trainer.save_total_limit=1",
+        "stages.ppo.separate_reference=true",
     )
     assert code == 0, err
+    assert "separate_reference has no effect without LoRA" in err  # said, not silently ignored
     metrics = json.loads((run_copy / "ppo" / "metrics.json").read_text())
     assert metrics["parameters"]["value"]["trainable"] > 0
     logged = [h for h in metrics["log_history"] if "objective/kl" in h]

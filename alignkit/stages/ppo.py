@@ -122,6 +122,8 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     ref = None if shared else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
     if lora is not None:
         log("ppo", "reference: " + ("the policy with its adapter disabled" if shared else "a second frozen copy"))
+    elif spec.separate_reference:
+        log("ppo", "stages.ppo.separate_reference has no effect without LoRA: the reference is a copy anyway")
     if lora:
         policy = _with_adapter(policy, lora, args)
     reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo", dropout=False)
