@@ -342,13 +342,15 @@ def test_a_stage_run_twice_trains_the_same_weights(run_copy, capsys):
     weights = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-identical is promised on one thread (more may split sums differently)
-    for _ in range(2):
-        code, out, err = alignkit(
-            capsys, "run", TINY, f"output_dir={run_copy}", "--only", "reward", "--force", "~eval"
-        )
-        assert code == 0, err
-        weights.append(load_file(run_copy / "reward" / "model.safetensors"))
-    torch.set_num_threads(threads)
+    try:
+        for _ in range(2):
+            code, out, err = alignkit(
+                capsys, "run", TINY, f"output_dir={run_copy}", "--only", "reward", "--force", "~eval"
+            )
+            assert code == 0, err
+            weights.append(load_file(run_copy / "reward" / "model.safetensors"))
+    finally:
+        torch.set_num_threads(threads)  # the tests after this one keep their threads
     assert weights[0].keys() == weights[1].keys() and any("score" in k for k in weights[0])
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
