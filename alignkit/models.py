@@ -184,7 +184,9 @@ def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = 
 
 
 def fit_to_tokenizer(model, tokenizer):
-    """Grow the embeddings for an added pad token; tell config and generation which ids are pad and EOS."""
+    """Grow the embeddings for an added pad token; tell config and generation which ids are pad and EOS; compute
+    GPT-2's activation in one kernel (fused_gelu)."""
+    fused_gelu(model)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -193,6 +195,36 @@ def fit_to_tokenizer(model, tokenizer):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def fused_gelu(model) -> int:
+    """Replace transformers' `gelu_new` modules (GPT-2's GELU, the tanh approximation written as seven elementwise
+    operations, each with its own backward) by `gelu_pytorch_tanh`: the same function in one torch kernel, equal to
+    within 5e-7, and 12 % faster per step on the chat recipe's reward model (docs/benchmarks.md). The config says so,
+    so the saved model loads with it. Returns how many were replaced."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    if swapped:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            for key in ("activation_function", "hidden_act"):
+                if getattr(config, key, None) == "gelu_new":
+                    setattr(config, key, "gelu_pytorch_tanh")
+        if not _said_gelu:
+            _said_gelu.append(True)
+            log(
+                "",
+                f"{model.config.model_type}: gelu_new computed as gelu_pytorch_tanh (the same function, one kernel)",
+            )
+    return swapped
+
+
+_said_gelu: list = []  # said once per process
 
 
 def lora_config(recipe: Recipe, stage: str, task_type: str):

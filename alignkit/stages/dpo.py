@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data, models
+from .. import data, lm_head, models
 from ..recipe import Recipe
-from .spec import Stage, fit_context, refused_by_trl, train_metrics
+from .spec import FULL_LOGITS, LanguageModelSettings, Stage, fit_context, refused_by_trl, train_metrics
 
 
 def config_class():
@@ -47,6 +47,9 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             processing_class=tokenizer,
             peft_config=peft_config,
         )
+    # the fields TRL asks its head for: WPO's weights need log_sum_sq_probs
+    extra = ("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ()
+    lm_head.apply(trainer, "dpo", spec.full_logits, ("log_probs", "entropy", "mean_logits", "is_top1", *extra))
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result, figures)
@@ -59,8 +62,10 @@ STAGE = Stage(
     run=run,
     data="comparisons",
     writes="causal_lm",
+    settings=LanguageModelSettings,
     model_from=("pretrain", "sft"),
     policy=True,
+    defaults=(FULL_LOGITS,),
     hub_tags=("dpo",),
     figures=(("loss", "loss"), ("rewards/accuracies", "accuracy"), ("rewards/margins", "margin")),
     curves=(("rewards/margins", "DPO margin (chosen - rejected implicit reward)", "beta x log-ratio"),),

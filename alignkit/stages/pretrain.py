@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data, models
+from .. import data, lm_head, models
 from ..log import log
 from ..recipe import Recipe
-from .spec import Default, Stage, fit_context, refused_by_trl, train_metrics
+from .spec import FULL_LOGITS, Default, LanguageModelSettings, Stage, fit_context, refused_by_trl, train_metrics
 
 
 def config_class():
@@ -42,6 +42,9 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             processing_class=tokenizer,
             peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"),
         )
+    lm_head.apply(
+        trainer, "pretrain", spec.full_logits, ("log_probs", "entropy", "is_top1")
+    )  # the fields TRL asks its head for
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result, figures)
@@ -58,6 +61,7 @@ STAGE = Stage(
     run=run,
     data="text",
     writes="causal_lm",
+    settings=LanguageModelSettings,
     from_scratch=True,
     policy=True,
     defaults=(
@@ -68,5 +72,6 @@ STAGE = Stage(
             "`max_length` and drops the rest without a word; `wrapped` keeps every token",
             _wrapped,
         ),
+        FULL_LOGITS,
     ),
 )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data, models
+from .. import data, lm_head, models
 from ..recipe import Recipe
-from .spec import Stage, fit_context, refused_by_trl, train_metrics
+from .spec import FULL_LOGITS, LanguageModelSettings, Stage, fit_context, refused_by_trl, train_metrics
 
 
 def config_class():
@@ -34,6 +34,9 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             processing_class=tokenizer,
             peft_config=models.lora_config(recipe, "sft", "CAUSAL_LM"),
         )
+    lm_head.apply(
+        trainer, "sft", spec.full_logits, ("log_probs", "entropy", "is_top1")
+    )  # the fields TRL asks its head for
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result, figures)
@@ -46,8 +49,10 @@ STAGE = Stage(
     run=run,
     data="demonstrations",
     writes="causal_lm",
+    settings=LanguageModelSettings,
     model_from=("pretrain",),
     policy=True,
     eval_reference=True,
+    defaults=(FULL_LOGITS,),
     hub_tags=("sft",),
 )

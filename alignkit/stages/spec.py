@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+from .. import lm_head
 from ..errors import Problem, UserError
 from ..log import log
 from ..recipe import StageSettings
@@ -98,6 +99,25 @@ COMMON = (
         "seed", "the recipe's `seed`", "one seed for the whole run"
     ),  # applied in build_config: it needs the recipe
 )
+
+
+@dataclass
+class LanguageModelSettings(StageSettings):
+    """stages.<stage> of a stage that trains on TRL's fused LM head (SFTTrainer, DPOTrainer): the common keys, and
+    how its loss is computed on a CPU."""
+
+    full_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "on a CPU, compute the per-token log-probabilities from the whole logits when they take at most "
+            "256 MiB (faster there than TRL's chunked LM head, the same values); false: TRL's head always"
+        },
+    )
+
+
+# The stages on TRL's fused LM head declare it (lm_head.apply applies and logs it).
+FULL_LOGITS = Default("full_logits", "`true`: on a CPU, whole logits when they take ≤ 256 MiB", lm_head.WHY)
+
 
 # Keys alignkit sets itself: a recipe that sets them is told where they come from instead.
 RESERVED = {
