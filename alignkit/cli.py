@@ -19,7 +19,7 @@ RUN_EXAMPLES = """examples:
   alignkit run recipes/tiny.yaml ~model.config model.name_or_path=openai-community/gpt2   # ~KEY removes a key
 
 A stage whose config, data and upstream stages are unchanged is reused; an interrupted stage resumes from its last
-checkpoint when the same command runs again (ppo, whose TRL trainer cannot resume, starts again). With an eval
+checkpoint when the same command runs again (alignkit's ppo included). With an eval
 section the run ends by evaluating every policy checkpoint and writing {output_dir}/report.md (as `alignkit eval`
 does)."""
 

@@ -197,7 +197,7 @@ def evaluate(recipe: Recipe) -> dict:
         t0 = time.time()
         model = reference if name == REFERENCE else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         if name == BASE:  # a base model from the Hub lacks the pad token the stages added
-            models.fit_to_tokenizer(model, tokenizer)
+            models.fit_to_tokenizer(model, tokenizer, recipe.model.fused_gelu)
         responses = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         answers[name] = texts

@@ -98,7 +98,7 @@ def build_model(recipe: Recipe, tokenizer):
     set_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config)
     log("", f"built an untrained {model_type} with {sum(p.numel() for p in model.parameters()):,} parameters")
-    return fit_to_tokenizer(model, tokenizer)
+    return fit_to_tokenizer(model, tokenizer, recipe.model.fused_gelu)
 
 
 def _load_kwargs(recipe: Recipe, path: str, stage: str | None, dropout: bool = True) -> dict:
@@ -148,7 +148,7 @@ def load_causal_lm(recipe: Recipe, path: str, tokenizer, stage: str | None = Non
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, recipe, path, _load_kwargs(recipe, path, stage, dropout))
-    return fit_to_tokenizer(model, tokenizer)
+    return fit_to_tokenizer(model, tokenizer, recipe.model.fused_gelu)
 
 
 def _from_pretrained(cls, recipe: Recipe, path: str, kwargs: dict):
@@ -180,13 +180,14 @@ def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = 
         model = _from_pretrained(AutoModelForSequenceClassification, recipe, path, kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return fit_to_tokenizer(model, tokenizer)
+    return fit_to_tokenizer(model, tokenizer, recipe.model.fused_gelu)
 
 
-def fit_to_tokenizer(model, tokenizer):
-    """Grow the embeddings for an added pad token; tell config and generation which ids are pad and EOS; compute
-    GPT-2's activation in one kernel (fused_gelu)."""
-    fused_gelu(model)
+def fit_to_tokenizer(model, tokenizer, gelu: bool = True):
+    """Grow the embeddings for an added pad token; tell config and generation which ids are pad and EOS; with
+    `gelu` (the recipe's model.fused_gelu), compute GPT-2's activation in one kernel (fused_gelu)."""
+    if gelu:
+        fused_gelu(model)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -101,6 +101,13 @@ class Model:
         },
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model and tokenizer"})
+    fused_gelu: bool = field(
+        default=True,
+        metadata={
+            "help": "compute GPT-2's gelu_new as gelu_pytorch_tanh, the same function in one kernel (faster; "
+            "saved models say so); false: keep the model's own activation modules"
+        },
+    )
 
 
 @dataclass

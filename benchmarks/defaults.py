@@ -11,6 +11,11 @@ trainer's own clock (train_runtime; ppo, alignkit's own trainer: the stage's sec
   - bf16 autocast (pretrain): chat.yaml's fp32 against bf16, 40 steps, and the loss reached;
   - rankings (reward): one batch element per ranking (alignkit's) against all 15 pairs of each (`all_pairs: true`),
     one epoch each, with the pairwise accuracy reached;
+  - full_logits (pretrain): the loss from whole logits on a CPU (alignkit's) against TRL's chunked LM head,
+    40 steps, and the loss reached;
+  - fused_gelu (reward, all pairs, one epoch): GPT-2's gelu_new as gelu_pytorch_tanh (alignkit's) against the
+    model's own gelu_new modules; --run must then be a run saved with gelu_new (before alignkit fused it, or run
+    with model.fused_gelu: false), since a model saved with gelu_pytorch_tanh loads with it either way;
   - lora_reference (ppo, with LoRA r=16 on the ppo stage, 640 episodes, no ptx): the reference as the policy with
     its adapter disabled (alignkit's) against a second frozen copy (`separate_reference: true`), timed by the stage's
     own clock (alignkit_stage.json), with the reward and KL reached (memory: benchmarks/ppo_memory.py).
@@ -61,6 +66,22 @@ CHOICES = (
         REWARD + ["stages.reward.all_pairs=false"],
         "all 15 pairs (all_pairs: true, chat.yaml's)",
         REWARD + ["stages.reward.all_pairs=true"],
+    ),
+    (
+        "full_logits",
+        "pretrain",
+        "whole logits on the CPU (alignkit's)",
+        PRETRAIN + ["stages.pretrain.full_logits=true"],
+        "TRL's chunked LM head",
+        PRETRAIN + ["stages.pretrain.full_logits=false"],
+    ),
+    (
+        "fused_gelu",
+        "reward",
+        "gelu_pytorch_tanh (alignkit's)",
+        REWARD + ["stages.reward.all_pairs=true", "model.fused_gelu=true"],
+        "gelu_new (the model's own)",
+        REWARD + ["stages.reward.all_pairs=true", "model.fused_gelu=false"],
     ),
     (
         "lora_reference",

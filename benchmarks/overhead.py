@@ -1,6 +1,6 @@
 """What alignkit's layer costs: each stage through `alignkit run` against plain TRL doing the same training.
 
-    python benchmarks/overhead.py [--width 256] [--pairs 5] [--epochs-times 1] [--out runs/bench-overhead]
+    python benchmarks/overhead.py [--width 256] [--pairs 5] [--epochs-times 1] [--trl-head] [--out runs/bench-overhead]
 
 Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times pretrain, sft, reward
 (its normalisation off: plain TRL has none) and dpo (tiny.yaml plus the DPO block below), each in a fresh process,
@@ -16,7 +16,10 @@ The two run as interleaved pairs (alignkit, plain TRL, alignkit, plain TRL, ...:
 alike). --epochs-times N multiplies every stage's num_train_epochs on both sides: alignkit's cost is mostly a fixed
 cost per invocation, so its share depends on how long the stage trains. Prints per stage the median wall seconds of
 each (a fresh process, imports included) and the median of the per-pair ratios alignkit / plain TRL, with their
-range. The ppo stage is alignkit's own PPO (TRL has none after
+range. alignkit's pretrain, sft and dpo compute their loss on a CPU from the whole logits (`full_logits`), which is
+faster than the chunked LM head plain TRL uses: with --trl-head each pair becomes a triple, the third run alignkit
+with `full_logits: false` (TRL's head, exactly plain TRL's work), and a second ratio shows the layer's own cost
+apart from that choice. The ppo stage is alignkit's own PPO (TRL has none after
 1.12): benchmarks/ppo_vs_trl.py compares it with TRL 1.12's.
 """
 
@@ -130,6 +133,7 @@ def main():
     parser.add_argument("--width", type=int, default=256, help="n_embd of the tiny GPT-2 (64 is recipes/tiny.yaml)")
     parser.add_argument("--pairs", type=int, default=5, help="interleaved runs of each")
     parser.add_argument("--epochs-times", type=float, default=1.0, help="scale every stage's num_train_epochs")
+    parser.add_argument("--trl-head", action="store_true", help="also time alignkit with full_logits: false")
     parser.add_argument("--out", default="runs/bench-overhead")
     args = parser.parse_args()
     out = (REPO / args.out / f"width{args.width}").resolve()
@@ -158,19 +162,31 @@ def main():
         for _ in range(args.pairs):
             ours = timed([*alignkit, *extra, "--only", stage, "--force"])
             theirs = timed([sys.executable, __file__, "--plain", stage, str(out), str(args.epochs_times)])
-            pairs.append((ours, theirs))
+            head = None
+            if args.trl_head and stage != "reward":  # the reward model has no LM head
+                head = timed([*alignkit, *extra, f"stages.{stage}.full_logits=false", "--only", stage, "--force"])
+            pairs.append((ours, theirs, head))
         rows[stage] = pairs
     print(
         f"\nrecipes/tiny.yaml, GPT-2 of 4 layers and width {args.width}, num_train_epochs x {args.epochs_times:g}; "
         f"wall seconds of a fresh process per stage, {args.pairs} interleaved pairs\n"
     )
-    print(f"{'stage':8s}{'alignkit':>10s}{'plain TRL':>11s}{'ratio (median)':>16s}{'ratios':>18s}")
+    print(f"{'stage':8s}{'alignkit':>10s}{'plain TRL':>11s}{'ratio (median)':>16s}{'ratios':>18s}", end="")
+    print(f"{'TRL head':>10s}{'ratio (median)':>16s}{'ratios':>18s}" if args.trl_head else "")
     for stage, pairs in rows.items():
-        ratios = sorted(a / b for a, b in pairs)
+        ratios = sorted(a / b for a, b, _ in pairs)
         print(
-            f"{stage:8s}{statistics.median(a for a, _ in pairs):9.1f}s{statistics.median(b for _, b in pairs):10.1f}s"
-            f"{statistics.median(ratios):16.3f}{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>18s}"
+            f"{stage:8s}{statistics.median(a for a, _, _ in pairs):9.1f}s"
+            f"{statistics.median(b for _, b, _ in pairs):10.1f}s"
+            f"{statistics.median(ratios):16.3f}{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>18s}",
+            end="",
         )
+        heads = sorted(h / b for _, b, h in pairs if h is not None)
+        if heads:
+            median = statistics.median(h for _, _, h in pairs)
+            print(f"{median:9.1f}s{statistics.median(heads):16.3f}{f'{heads[0]:.2f}-{heads[-1]:.2f}':>18s}")
+        else:
+            print()
     print(
         f"\n`alignkit eval` as its own command (evaluation, report.md; fresh process, imports included): {report:.1f}s"
     )

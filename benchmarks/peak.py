@@ -6,6 +6,8 @@ In one run, for fp32 and for bf16 (autocast, as TRL's `bf16: true` does on a CPU
   1. the machine's matrix-product peak: the best FLOP/s of square torch.mm products (1024 to 4096) on all threads;
   2. a plain PyTorch training loop on a GPT-2-small shape (12 layers, 768 wide, 12 heads; the chat world's tokenizer,
      so a small vocabulary) over blocks of --length tokens: AdamW, --steps steps of --batch blocks, tokens per second;
+     once as transformers builds GPT-2 (gelu_new), once with the activation alignkit computes it with
+     (gelu_pytorch_tanh, the same function: model.fused_gelu);
   3. the same model and work through alignkit: `alignkit run` of a pretrain stage (model.config, packing, max_steps)
      on data/chat/pretrain.jsonl, tokens per second from its train_runtime (the trainer's own clock, as the loop's).
 Tokens per second become FLOP/s with the usual count for training a decoder: 6 x (its matrix-product parameters,
@@ -67,13 +69,16 @@ def flops_per_token(config, length: int) -> float:
     return 6 * matmul_params + 12 * config.n_layer * config.n_embd * length
 
 
-def plain_loop(vocab: int, steps: int, batch: int, length: int, bf16: bool) -> float:
-    """Tokens per second of a plain PyTorch training loop on the GPT-2-small shape."""
+def plain_loop(vocab: int, steps: int, batch: int, length: int, bf16: bool, act: str = "gelu_new") -> float:
+    """Tokens per second of a plain PyTorch training loop on the GPT-2-small shape (GPT-2's activation: its own
+    gelu_new, or gelu_pytorch_tanh as alignkit computes it)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(**{k: v for k, v in SHAPE.items() if k != "model_type"}, vocab_size=vocab)
+    config = GPT2Config(
+        **{k: v for k, v in SHAPE.items() if k != "model_type"}, vocab_size=vocab, activation_function=act
+    )
     model = GPT2LMHeadModel(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (steps, batch, length))
@@ -146,14 +151,17 @@ def main():
     )
     print(
         f"{'precision':9s} {'peak GFLOP/s':>12s} | {'plain loop tok/s':>16s} {'of peak':>7s} | "
-        f"{'alignkit tok/s':>14s} {'of peak':>7s} | {'alignkit/plain':>14s}"
+        f"{'plain, tanh GELU':>16s} {'of peak':>7s} | {'alignkit tok/s':>14s} {'of peak':>7s} | "
+        f"{'alignkit/plain':>14s}"
     )
     for name, dtype, bf16 in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, True)):
         top = peak(dtype)
         loop = plain_loop(vocab, args.steps, args.batch, args.length, bf16)
+        tanh = plain_loop(vocab, args.steps, args.batch, args.length, bf16, act="gelu_pytorch_tanh")
         ours = through_alignkit(REPO / args.out / name, args.steps, args.batch, args.length, bf16)
         print(
             f"{name:9s} {top / 1e9:12.1f} | {loop:16.1f} {loop * per_token / top:7.1%} | "
+            f"{tanh:16.1f} {tanh * per_token / top:7.1%} | "
             f"{ours:14.1f} {ours * per_token / top:7.1%} | {ours / loop:14.2f}",
             flush=True,
         )

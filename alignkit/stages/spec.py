@@ -98,6 +98,12 @@ COMMON = (
     Default(
         "seed", "the recipe's `seed`", "one seed for the whole run"
     ),  # applied in build_config: it needs the recipe
+    Default(
+        "model.fused_gelu",
+        "`true`: GPT-2's `gelu_new` computed as `gelu_pytorch_tanh`",
+        "the same function (to 5e-7) in one kernel instead of seven operations: 12 % faster reward-model steps on "
+        "the chat recipe",
+    ),  # applied where models load (models.fused_gelu), said once per process
 )
 
 
