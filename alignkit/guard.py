@@ -119,13 +119,19 @@ class _FiniteGuard(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
         if not grads:  # DeepSpeed keeps gradients elsewhere; the logged loss and grad_norm are checked below
             return
-        largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max()
-        if not torch.isfinite(largest):
+        # Each tensor's 2-norm is finite unless the tensor holds NaN or infinity, or its squares overflow; only then
+        # are its values looked at. (The max-norm would say it directly, but torch computes it element by element
+        # on a CPU: 16x slower, 30 ms a step for a 3.4M-parameter model.)
+        norms = torch.stack(torch._foreach_norm(grads, 2.0))
+        if torch.isfinite(norms).all():
+            return
+        bad = [g for g, n in zip(grads, norms) if not torch.isfinite(n) and not torch.isfinite(g).all()]
+        if bad:
             self._stop(
                 args,
                 state.global_step + 1,
-                f"the gradients hold {'NaN' if largest.isnan() else 'infinite'} values (the loss "
-                "was NaN or infinite, or overflowed in the backward pass)",
+                f"the gradients hold {'NaN' if any(g.isnan().any() for g in bad) else 'infinite'} values (the "
+                "loss was NaN or infinite, or overflowed in the backward pass)",
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):

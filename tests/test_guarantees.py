@@ -245,6 +245,29 @@ def test_a_signal_saves_a_checkpoint_at_the_step_boundary_and_the_rerun_resumes(
 # --- non-finite values ---------------------------------------------------------------------------------------------
 
 
+def test_the_gradient_check_finds_nan_and_infinity_and_lets_huge_finite_gradients_pass(tmp_path):
+    """The guard looks at each gradient's 2-norm first (fast) and at the values only where that norm is not finite:
+    an overflowing norm of finite values is not a divergence."""
+    from types import SimpleNamespace
+
+    from alignkit.errors import NonFinite
+    from alignkit.guard import _FiniteGuard
+    from alignkit.stages import REGISTRY
+
+    guard = _FiniteGuard(REGISTRY["pretrain"])
+    args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=1e-3, max_grad_norm=1.0)
+    state = SimpleNamespace(global_step=4)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[1].weight.grad[0, 0] = 1e30  # its square overflows float32: the norm is infinite, the values are not
+    guard.on_pre_optimizer_step(args, state, None, model=model)  # passes
+    for value, said in ((float("inf"), "infinite"), (float("nan"), "NaN")):
+        model[0].bias.grad[2] = value
+        with pytest.raises(NonFinite, match=f"diverged at step 5: the gradients hold {said} values"):
+            guard.on_pre_optimizer_step(args, state, None, model=model)
+
+
 def test_divergence_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     recipe, run = micro(tmp_path, learning_rate=1.0e10), tmp_path / "run"
     code, out, err = alignkit(capsys, "run", recipe)
