@@ -36,20 +36,17 @@ def use_full_logits(model, outputs: tuple[str, ...], limit_bytes: int = LIMIT_BY
     @functools.wraps(fused)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         head = self.get_output_embeddings()
-        if not fused_lm_head or head.weight.device.type != "cpu" or kwargs.get("output_router_logits"):
+        targets = (labels[:, 1:] if shift_labels is None else shift_labels) if fused_lm_head else None
+        whole = (
+            targets is not None
+            and head.weight.device.type == "cpu"
+            and not kwargs.get("output_router_logits")
+            and targets.numel() * head.weight.shape[0] * 4 <= limit_bytes
+        )
+        if not whole:  # TRL's forward, as the trainer would have called it
             return fused(
                 *args,
                 fused_lm_head=fused_lm_head,
-                labels=labels,
-                shift_labels=shift_labels,
-                num_items_in_batch=num_items_in_batch,
-                **kwargs,
-            )
-        targets = labels[:, 1:] if shift_labels is None else shift_labels
-        if targets.numel() * head.weight.shape[0] * 4 > limit_bytes:
-            return fused(
-                *args,
-                fused_lm_head=True,
                 labels=labels,
                 shift_labels=shift_labels,
                 num_items_in_batch=num_items_in_batch,

@@ -42,9 +42,8 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             processing_class=tokenizer,
             peft_config=None if from_scratch else models.lora_config(recipe, "pretrain", "CAUSAL_LM"),
         )
-    lm_head.apply(
-        trainer, "pretrain", spec.full_logits, ("log_probs", "entropy", "is_top1")
-    )  # the fields TRL asks its head for
+    # the fields TRL's SFTTrainer asks its head for
+    lm_head.apply(trainer, "pretrain", spec.full_logits, ("log_probs", "entropy", "is_top1"))
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result, figures)

@@ -34,9 +34,8 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             processing_class=tokenizer,
             peft_config=models.lora_config(recipe, "sft", "CAUSAL_LM"),
         )
-    lm_head.apply(
-        trainer, "sft", spec.full_logits, ("log_probs", "entropy", "is_top1")
-    )  # the fields TRL asks its head for
+    # the fields TRL's SFTTrainer asks its head for
+    lm_head.apply(trainer, "sft", spec.full_logits, ("log_probs", "entropy", "is_top1"))
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result, figures)
