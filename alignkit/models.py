@@ -85,19 +85,30 @@ def context_length(config) -> int:
     return 1024
 
 
-def build_model(recipe: Recipe, tokenizer):
-    """An untrained causal LM from `model.config`, sized to the tokenizer, initialised from the recipe's seed."""
-    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+def built_config(recipe: Recipe, tokenizer):
+    """The config of the untrained model that `model.config` describes, sized to the tokenizer."""
+    from transformers import AutoConfig
 
     settings = dict(recipe.model.config)
-    model_type = settings.pop("model_type")
-    config = AutoConfig.for_model(model_type, **settings)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     config.vocab_size = len(tokenizer)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def build_model(recipe: Recipe, tokenizer, dropout: bool = True):
+    """An untrained causal LM from `model.config`, sized to the tokenizer, initialised from the recipe's seed; with
+    `dropout` False every dropout probability in its config is 0 (the initial weights are the same)."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    config = built_config(recipe, tokenizer)
+    if not dropout:
+        for key in dropout_settings(config):
+            setattr(config, key, 0.0)
     set_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config)
-    log("", f"built an untrained {model_type} with {sum(p.numel() for p in model.parameters()):,} parameters")
+    log("", f"built an untrained {config.model_type} with {sum(p.numel() for p in model.parameters()):,} parameters")
     return fit_to_tokenizer(model, tokenizer, recipe.model.fused_gelu)
 
 
@@ -125,6 +136,14 @@ def dropout_settings(config) -> dict[str, float]:
         for k, v in config.to_dict().items()
         if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or k.endswith("pdrop")) and v > 0
     }
+
+
+def restore_dropout(model, settings: dict[str, float]) -> None:
+    """Put back in `model`'s config the dropout probabilities a stage trained without (`dropout_settings` of the
+    config it came with), so that the saved model hands them on to the stages after it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for key, value in settings.items():
+        setattr(inner.config, key, value)
 
 
 def read_config(recipe: Recipe, path: str):

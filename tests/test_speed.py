@@ -1,5 +1,6 @@
 """The result-preserving speed-ups: the loss from whole logits on a CPU (alignkit/lm_head.py) and GPT-2's GELU in one
-kernel (models.fused_gelu) compute what TRL's head and transformers' gelu_new compute, and the stages use them."""
+kernel (models.fused_gelu) compute what TRL's head and transformers' gelu_new compute, and the stages use them; and
+`disable_dropout` (pretrain, sft), which changes what is learned, trains as a model without dropout would."""
 
 import json
 
@@ -163,3 +164,76 @@ def test_model_fused_gelu_false_keeps_the_models_own_activation(run_copy, capsys
     )
     assert code == 0, err
     assert json.loads((run_copy / "pretrain" / "config.json").read_text())["activation_function"] == "gelu_new"
+
+
+def _pretrain(capsys, out, *overrides):
+    code, _, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={out}",
+        "--only",
+        "pretrain",
+        "--force",
+        "~eval",
+        "stages.pretrain.trainer.max_steps=3",
+        *overrides,
+    )
+    assert code == 0, err
+    return (
+        load_file(out / "pretrain" / "model.safetensors"),
+        json.loads((out / "pretrain" / "config.json").read_text()),
+        err,
+    )
+
+
+def test_disable_dropout_trains_as_a_model_without_dropout_and_saves_the_config_it_had(run_copy, capsys):
+    off, off_config, said = _pretrain(capsys, run_copy, "stages.pretrain.disable_dropout=true")
+    assert (
+        "pretrain: disable_dropout: dropout off while training (resid_pdrop 0.1, embd_pdrop 0.1, attn_pdrop 0.1"
+        in said
+    )
+    zero = "model.config.resid_pdrop=0 model.config.embd_pdrop=0 model.config.attn_pdrop=0".split()
+    none, none_config, _ = _pretrain(capsys, run_copy, *zero)
+    on, on_config, _ = _pretrain(capsys, run_copy)
+    assert (off_config["resid_pdrop"], off_config["attn_pdrop"]) == (0.1, 0.1)  # the model's own, for later stages
+    assert (none_config["resid_pdrop"], on_config["resid_pdrop"]) == (0.0, 0.1)
+    for name, tensor in off.items():  # the same steps as a model built without dropout
+        assert torch.allclose(tensor, none[name], atol=1e-6), name
+    assert not torch.allclose(off["transformer.h.0.mlp.c_fc.weight"], on["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_sft_with_disable_dropout_trains_without_it_and_keeps_it_in_the_saved_config(run_copy, capsys):
+    from transformers import AutoModelForCausalLM
+
+    args = (
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "sft",
+        "--force",
+        "~eval",
+        "stages.sft.trainer.max_steps=2",
+    )
+    seen = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def load(*a, **kw):  # record what the stage trains: its dropout modules' probabilities
+        model = original(*a, **kw)
+        seen.append(model)
+        return model
+
+    try:
+        AutoModelForCausalLM.from_pretrained = load
+        code, _, err = alignkit(capsys, *args, "stages.sft.disable_dropout=true")
+    finally:
+        AutoModelForCausalLM.from_pretrained = original
+    assert code == 0, err
+    assert "sft: disable_dropout: dropout off while training" in err
+    drop = [m.p for m in seen[0].modules() if isinstance(m, torch.nn.Dropout)]
+    assert drop and all(p == 0 for p in drop)
+    assert json.loads((run_copy / "sft" / "config.json").read_text())["resid_pdrop"] == 0.1
+    start = load_file(run_copy / "pretrain" / "model.safetensors")
+    trained = load_file(run_copy / "sft" / "model.safetensors")
+    assert not torch.allclose(trained["transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"])

@@ -7,7 +7,16 @@ from pathlib import Path
 from .. import data, lm_head, models
 from ..log import log
 from ..recipe import Recipe
-from .spec import FULL_LOGITS, Default, LanguageModelSettings, Stage, fit_context, refused_by_trl, train_metrics
+from .spec import (
+    FULL_LOGITS,
+    Default,
+    Stage,
+    SupervisedSettings,
+    dropout_off,
+    fit_context,
+    refused_by_trl,
+    train_metrics,
+)
 
 
 def config_class():
@@ -25,12 +34,17 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     dataset = data.load(spec.dataset, "pretrain", recipe)
     tokenizer = models.load_tokenizer(recipe)
     from_scratch = recipe.model.config is not None
+    dropout = not spec.disable_dropout
     if from_scratch:  # every weight is new, so it trains in full: no LoRA, no quantization
         if any(recipe.adapters("pretrain")):
             log("pretrain", "training from scratch trains every weight; lora and quantization apply to later stages")
-        model = models.build_model(recipe, tokenizer)
+        switched_off = {} if dropout else models.dropout_settings(models.built_config(recipe, tokenizer))
+        model = models.build_model(recipe, tokenizer, dropout=dropout)
     else:
-        model = models.load_causal_lm(recipe, recipe.model.name_or_path, tokenizer, "pretrain")
+        switched_off = (
+            {} if dropout else models.dropout_settings(models.read_config(recipe, recipe.model.name_or_path))
+        )
+        model = models.load_causal_lm(recipe, recipe.model.name_or_path, tokenizer, "pretrain", dropout=dropout)
     fit_context(args, model, "pretrain")
     if not args.packing or args.packing_strategy == "bfd":  # 'wrapped' and 'bfd_split' keep every token
         data.check_lengths(dataset, tokenizer, args.max_length, "pretrain", spec.overlength)
@@ -44,7 +58,11 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
         )
     # the fields TRL's SFTTrainer asks its head for
     lm_head.apply(trainer, "pretrain", spec.full_logits, ("log_probs", "entropy", "is_top1"))
+    if not dropout:
+        dropout_off(trainer, "pretrain", switched_off)
     result, figures = fit(trainer, STAGE, folder, resume)
+    if not dropout:
+        models.restore_dropout(trainer.accelerator.unwrap_model(trainer.model), switched_off)
     models.save(trainer, tokenizer, folder, recipe, base=recipe.model.name_or_path)
     return train_metrics(trainer, result, figures)
 
@@ -60,7 +78,7 @@ STAGE = Stage(
     run=run,
     data="text",
     writes="causal_lm",
-    settings=LanguageModelSettings,
+    settings=SupervisedSettings,
     from_scratch=True,
     policy=True,
     defaults=(

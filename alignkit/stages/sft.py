@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import data, lm_head, models
 from ..recipe import Recipe
-from .spec import FULL_LOGITS, LanguageModelSettings, Stage, fit_context, refused_by_trl, train_metrics
+from .spec import FULL_LOGITS, Stage, SupervisedSettings, dropout_off, fit_context, refused_by_trl, train_metrics
 
 
 def config_class():
@@ -23,7 +23,9 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     spec = recipe.stages["sft"]
     dataset = data.load(spec.dataset, "sft", recipe)
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
-    model = models.load_causal_lm(recipe, inputs["model"], tokenizer, "sft")
+    dropout = not spec.disable_dropout
+    switched_off = models.dropout_settings(models.read_config(recipe, inputs["model"])) if not dropout else {}
+    model = models.load_causal_lm(recipe, inputs["model"], tokenizer, "sft", dropout=dropout)
     fit_context(args, model, "sft")
     data.check_lengths(dataset, tokenizer, args.max_length, "sft", spec.overlength)
     with refused_by_trl("sft"):
@@ -36,7 +38,11 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
         )
     # the fields TRL's SFTTrainer asks its head for
     lm_head.apply(trainer, "sft", spec.full_logits, ("log_probs", "entropy", "is_top1"))
+    if not dropout:
+        dropout_off(trainer, "sft", switched_off)
     result, figures = fit(trainer, STAGE, folder, resume)
+    if not dropout:
+        models.restore_dropout(trainer.accelerator.unwrap_model(trainer.model), switched_off)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     return train_metrics(trainer, result, figures)
 
@@ -48,7 +54,7 @@ STAGE = Stage(
     run=run,
     data="demonstrations",
     writes="causal_lm",
-    settings=LanguageModelSettings,
+    settings=SupervisedSettings,
     model_from=("pretrain",),
     policy=True,
     eval_reference=True,

@@ -121,6 +121,31 @@ class LanguageModelSettings(StageSettings):
     )
 
 
+@dataclass
+class SupervisedSettings(LanguageModelSettings):
+    """stages.<stage> of a stage on TRL's SFTTrainer (pretrain, sft), whose config has no `disable_dropout` (TRL's
+    RewardConfig and DPOConfig have it in the trainer block)."""
+
+    disable_dropout: bool = field(
+        default=False,
+        metadata={
+            "help": "train this stage with every dropout probability in the model's config at 0 (as TRL's "
+            "RewardConfig and DPOConfig do by default); the saved model's config keeps the probabilities it had, "
+            "for the stages after it"
+        },
+    )
+
+
+def dropout_off(trainer, stage: str, settings: dict[str, float]) -> None:
+    """`disable_dropout: true`: the model was loaded with its config's dropout at 0; TRL's own switch then sets every
+    dropout module to 0 as well (LoRA's adapters' among them), as its RewardTrainer and DPOTrainer do."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(trainer.model)
+    said = ", ".join(f"{k} {v:g}" for k, v in settings.items()) or "none set"
+    log(stage, f"disable_dropout: dropout off while training ({said} -> 0; the saved config keeps them)")
+
+
 # The stages on TRL's fused LM head declare it (lm_head.apply applies and logs it).
 FULL_LOGITS = Default("full_logits", "`true`: on a CPU, whole logits when they take ≤ 256 MiB", lm_head.WHY)
 
