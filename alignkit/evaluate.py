@@ -260,13 +260,15 @@ def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
     """Share of held-out pairs (rankings expanded) where the chosen answer scores above the rejected one."""
     pairs = data.load(recipe.eval.comparisons, "eval.comparisons", recipe, "comparisons")
 
-    def ids(row, side):
-        return tokenizer(data.render({**row, "chosen": row[side]}, tokenizer), add_special_tokens=False).input_ids
-
-    bs = recipe.eval.batch_size
-    chosen = _scores(reward_model, tokenizer, [ids(r, "chosen") for r in pairs], bs)
-    rejected = _scores(reward_model, tokenizer, [ids(r, "rejected") for r in pairs], bs)
-    return _mean(c > r for c, r in zip(chosen, rejected))
+    # a ranking of K answers expands into C(K,2) pairs of the same K answers: each distinct text is scored once
+    texts = {}
+    sides = [
+        [texts.setdefault(data.render({**r, "chosen": r[side]}, tokenizer), len(texts)) for r in pairs]
+        for side in ("chosen", "rejected")
+    ]
+    encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    scores = _scores(reward_model, tokenizer, encoded, recipe.eval.batch_size)
+    return _mean(scores[c] > scores[r] for c, r in zip(*sides))
 
 
 def win_rate(
