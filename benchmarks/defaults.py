@@ -1,4 +1,5 @@
-"""What each of alignkit's own choices costs or saves, on and off (a benchmark, not a test).
+"""What each of alignkit's own choices (and chat.yaml's choices for time) costs or saves, on and off (a benchmark, not
+a test).
 
     python benchmarks/defaults.py --run runs/seeds/seed42 [--repeats 2] [--choices NAME ...]
         [--out runs/bench-defaults]
@@ -18,7 +19,11 @@ trainer's own clock (train_runtime; ppo, alignkit's own trainer: the stage's sec
     with model.fused_gelu: false), since a model saved with gelu_pytorch_tanh loads with it either way;
   - lora_reference (ppo, with LoRA r=16 on the ppo stage, 640 episodes, no ptx): the reference as the policy with
     its adapter disabled (alignkit's) against a second frozen copy (`separate_reference: true`), timed by the stage's
-    own clock (alignkit_stage.json), with the reward and KL reached (memory: benchmarks/ppo_memory.py).
+    own clock (alignkit_stage.json), with the reward and KL reached (memory: benchmarks/ppo_memory.py);
+  - disable_dropout (pretrain, chat.yaml's choice; TRL's SFTConfig has no such key): dropout off while pretraining
+    against dropout as the model's config says, 40 steps, and the loss reached;
+  - ptx_max_length (ppo, chat.yaml's choice): PPO-ptx on 64-token blocks against 128 (the pretrain stage's
+    max_length, what it would take otherwise), 640 episodes, timed by the stage's own clock.
 Prints the median seconds of each side, the ratio off / on, and what each side reached.
 """
 
@@ -42,6 +47,7 @@ PPO = [
     "stages.ppo.lora.r=16",
     "stages.ppo.lora.lora_alpha=32",
 ]
+PTX = ["stages.ppo.trainer.total_episodes=640"]
 CHOICES = (
     (
         "packing_strategy",
@@ -64,7 +70,7 @@ CHOICES = (
         "reward",
         "one element per ranking (alignkit's default)",
         REWARD + ["stages.reward.all_pairs=false"],
-        "all 15 pairs (all_pairs: true, chat.yaml's)",
+        "all 15 pairs (all_pairs: true, TRL's way)",
         REWARD + ["stages.reward.all_pairs=true"],
     ),
     (
@@ -90,6 +96,22 @@ CHOICES = (
         PPO + ["stages.ppo.separate_reference=false"],
         "a second frozen copy",
         PPO + ["stages.ppo.separate_reference=true"],
+    ),
+    (
+        "disable_dropout",
+        "pretrain",
+        "dropout off (chat.yaml's)",
+        PRETRAIN + ["stages.pretrain.disable_dropout=true"],
+        "dropout as the model's config says",
+        PRETRAIN + ["stages.pretrain.disable_dropout=false"],
+    ),
+    (
+        "ptx_max_length",
+        "ppo",
+        "64-token PPO-ptx blocks (chat.yaml's)",
+        PTX + ["stages.ppo.trainer.ptx_max_length=64"],
+        "128 (the pretrain stage's max_length)",
+        PTX + ["stages.ppo.trainer.ptx_max_length=128"],
     ),
 )
 

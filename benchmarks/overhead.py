@@ -1,6 +1,7 @@
 """What alignkit's layer costs: each stage through `alignkit run` against plain TRL doing the same training.
 
-    python benchmarks/overhead.py [--width 256] [--pairs 5] [--epochs-times 1] [--trl-head] [--out runs/bench-overhead]
+    python benchmarks/overhead.py [--width 256] [--pairs 5] [--epochs-times 1] [--trl-head] [--stages STAGE ...]
+        [--out runs/bench-overhead]
 
 Trains recipes/tiny.yaml (a 4-layer GPT-2 of the chosen width) once with alignkit, then times pretrain, sft, reward
 (its normalisation off: plain TRL has none) and dpo (tiny.yaml plus the DPO block below), each in a fresh process,
@@ -134,6 +135,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=5, help="interleaved runs of each")
     parser.add_argument("--epochs-times", type=float, default=1.0, help="scale every stage's num_train_epochs")
     parser.add_argument("--trl-head", action="store_true", help="also time alignkit with full_logits: false")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="which stages to time")
     parser.add_argument("--out", default="runs/bench-overhead")
     args = parser.parse_args()
     out = (REPO / args.out / f"width{args.width}").resolve()
@@ -152,7 +154,7 @@ def main():
         timed([sys.executable, "-m", "alignkit", "eval", str(RECIPE), f"output_dir={out}", *size]) for _ in range(3)
     )
     rows = {}
-    for stage in STAGES:
+    for stage in args.stages:
         print(f"{stage} ...", file=sys.stderr)
         # the same work: plain TRL has no reward normalisation, so alignkit's is off here
         extra = {"dpo": DPO_OVERRIDES, "reward": ["stages.reward.normalize=false"]}.get(stage, [])
