@@ -22,6 +22,8 @@ trainer's own clock (train_runtime; ppo, alignkit's own trainer: the stage's sec
     own clock (alignkit_stage.json), with the reward and KL reached (memory: benchmarks/ppo_memory.py);
   - disable_dropout (pretrain, chat.yaml's choice; TRL's SFTConfig has no such key): dropout off while pretraining
     against dropout as the model's config says, 40 steps, and the loss reached;
+  - shared_prefix (reward, one epoch): the tokens a ranking's answers share run once per ranking against every
+    answer whole, with the pairwise accuracy reached (the same scores and gradients, to rounding);
   - ptx_max_length (ppo, chat.yaml's choice): PPO-ptx on 64-token blocks against 128 (the pretrain stage's
     max_length, what it would take otherwise), 640 episodes, timed by the stage's own clock.
 Prints the median seconds of each side, the ratio off / on, and what each side reached.
@@ -104,6 +106,14 @@ CHOICES = (
         PRETRAIN + ["stages.pretrain.disable_dropout=true"],
         "dropout as the model's config says",
         PRETRAIN + ["stages.pretrain.disable_dropout=false"],
+    ),
+    (
+        "shared_prefix",
+        "reward",
+        "shared prefix (`shared_prefix: true`)",
+        REWARD + ["stages.reward.shared_prefix=true"],
+        "every answer whole",
+        REWARD + ["stages.reward.shared_prefix=false"],
     ),
     (
         "ptx_max_length",

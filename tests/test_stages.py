@@ -299,6 +299,79 @@ def test_all_pairs_trains_each_pair_of_a_ranking_as_its_own_element():
     assert pairs["ranked_ids"][:6] == [[first[a], first[b]] for a in range(4) for b in range(a + 1, 4)]
 
 
+def test_a_shared_prefix_gives_the_plain_forwards_scores_and_gradients():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from alignkit.stages.reward import RankingCollator, ranking_loss, ranking_scores
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50, num_labels=1, pad_token_id=0)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    model = GPT2ForSequenceClassification(config)
+    examples = [
+        {
+            "ranked_ids": [
+                [5, 6, 7, 8, 9],
+                [5, 6, 7, 8, 11, 12],
+                [5, 6, 7, 2],
+                [5, 6, 3],
+                [5, 6, 7, 8, 9, 4],
+                [5, 6, 1],
+            ]
+        },
+        {"ranked_ids": [[20, 21, 22], [20, 23]]},  # K = 2, a shorter prefix: padding between prefix and answer
+        {"ranked_ids": [[30, 31], [40]]},  # nothing shared
+    ]
+    plain, shared = RankingCollator(0)(examples), RankingCollator(0, shared_prefix=True)(examples)
+    assert shared["prefix_length"].tolist() == [2, 1, 0] and shared["owner"].tolist() == [0] * 6 + [1] * 2 + [2] * 2
+    assert shared["input_ids"].shape[1] == 4 and plain["input_ids"].shape[1] == 6  # fewer tokens in the second pass
+    results = []
+    for batch in (plain, shared):
+        model.zero_grad()
+        scores = ranking_scores(model, batch)
+        ranking_loss(scores, batch["better"], batch["worse"], batch["weight"], batch["rankings"]).backward()
+        results.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][name], atol=1e-5), name
+
+
+def test_the_reward_stage_with_a_shared_prefix_trains_as_without(run_copy, capsys):
+    weights = []
+    for setting in ("false", "true"):
+        code, _, err = alignkit(
+            capsys,
+            "run",
+            TINY,
+            f"output_dir={run_copy}",
+            "--only",
+            "reward",
+            "--force",
+            "~eval",
+            "stages.reward.trainer.max_steps=4",
+            f"stages.reward.shared_prefix={setting}",
+        )
+        assert code == 0, err
+        weights.append(load_file(run_copy / "reward" / "model.safetensors"))
+    start = load_file(run_copy / "sft" / "model.safetensors")
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.allclose(weights[1][name], start[name])
+    for key, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][key], atol=1e-4), key
+
+
+def test_a_shared_prefix_with_gradient_checkpointing_is_refused_before_anything_loads(tmp_path, capsys):
+    code, _, err = alignkit(
+        capsys,
+        "validate",
+        TINY,
+        f"output_dir={tmp_path}",
+        "stages.reward.shared_prefix=true",
+        "stages.reward.trainer.gradient_checkpointing=true",
+    )
+    assert code == 2 and "stages.reward.shared_prefix" in err and "gradient_checkpointing" in err
+
+
 def test_the_reward_stage_trains_rankings_of_two_and_six_and_normalises_on_the_demonstrations(run_copy, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

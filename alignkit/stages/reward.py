@@ -38,6 +38,14 @@ class RewardSettings(StageSettings):
     normalize_dataset: Dataset | None = field(
         default=None, metadata={"help": "the demonstrations to normalise on (default: the sft stage's dataset)"}
     )
+    shared_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "run the tokens a ranking's answers share (the prompt, and the words the answers start alike "
+            "with) once per ranking, and each answer's own tokens on their keys and values: the same scores and "
+            "gradients for fewer tokens (not with gradient checkpointing)"
+        },
+    )
     all_pairs: bool = field(
         default=False,
         metadata={
@@ -62,6 +70,14 @@ def normalize_data(recipe: Recipe, settings: RewardSettings) -> list:
 def check(recipe: Recipe, settings, args, context, problems) -> None:
     from ..errors import Problem
 
+    if settings.shared_prefix and args.gradient_checkpointing:
+        problems.append(
+            Problem(
+                "stages.reward.shared_prefix",
+                "the shared prefix's keys and values need the model's cache, which gradient checkpointing turns "
+                "off; set stages.reward.trainer.gradient_checkpointing: false, or remove shared_prefix",
+            )
+        )
     if settings.normalize is True and not normalize_data(recipe, settings):
         problems.append(
             Problem(
@@ -103,7 +119,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             train_dataset=train,
             processing_class=tokenizer,
             peft_config=models.lora_config(recipe, "reward", "SEQ_CLS"),
-            data_collator=RankingCollator(tokenizer.pad_token_id),
+            data_collator=RankingCollator(tokenizer.pad_token_id, shared_prefix=spec.shared_prefix),
         )
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
@@ -148,36 +164,97 @@ def _scored_text(row: dict, tokenizer) -> str:
 
 class RankingCollator:
     """A batch of rankings: every answer of every ranking padded into one batch, and the pairs to compare (indices
-    into it, each weighted 1/C(K,2) of its ranking)."""
+    into it, each weighted 1/C(K,2) of its ranking). With `shared_prefix`, the tokens a ranking's answers begin with
+    alike (at least one token of each left over) are a batch of their own (`prefix_ids`, one row per ranking), and
+    `input_ids` holds each answer's remaining tokens (`owner`: its ranking's row)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
+    def __init__(self, pad_token_id: int, shared_prefix: bool = False):
+        self.pad, self.shared_prefix = pad_token_id, shared_prefix
+
+    def _padded(self, rows: list[list[int]]):
+        import torch
+
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, dtype=torch.long), 1
+        return ids, mask
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        answers = [ids for example in examples for ids in example["ranked_ids"]]
-        width = max(map(len, answers))
-        input_ids = torch.full((len(answers), width), self.pad, dtype=torch.long)
-        attention = torch.zeros((len(answers), width), dtype=torch.long)
-        for i, ids in enumerate(answers):
-            input_ids[i, : len(ids)], attention[i, : len(ids)] = torch.tensor(ids), 1
+        rankings = [example["ranked_ids"] for example in examples]
+        batch = {}
+        if self.shared_prefix:
+            shared = [_common_prefix(answers) for answers in rankings]
+            batch["prefix_ids"], batch["prefix_mask"] = self._padded(
+                [r[0][:n] or [self.pad] for r, n in zip(rankings, shared)]
+            )
+            batch["prefix_mask"][[i for i, n in enumerate(shared) if n == 0], 0] = 0
+            batch["prefix_length"] = torch.tensor(shared)
+            batch["owner"] = torch.tensor([i for i, answers in enumerate(rankings) for _ in answers])
+            answers = [ids[n:] for answers, n in zip(rankings, shared) for ids in answers]
+        else:
+            answers = [ids for answers in rankings for ids in answers]
+        batch["input_ids"], batch["attention_mask"] = self._padded(answers)
         better, worse, weight, start = [], [], [], 0
-        for example in examples:
-            k = len(example["ranked_ids"])
+        for answers in rankings:
+            k = len(answers)
             pairs = [(start + a, start + b) for a in range(k) for b in range(a + 1, k)]
             better += [a for a, _ in pairs]
             worse += [b for _, b in pairs]
             weight += [1 / len(pairs)] * len(pairs)
             start += k
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "better": torch.tensor(better),
-            "worse": torch.tensor(worse),
-            "weight": torch.tensor(weight),
-            "rankings": torch.tensor(len(examples)),
-        }
+        batch.update(
+            better=torch.tensor(better),
+            worse=torch.tensor(worse),
+            weight=torch.tensor(weight),
+            rankings=torch.tensor(len(examples)),
+        )
+        return batch
+
+
+def _common_prefix(answers: list[list[int]]) -> int:
+    """How many leading tokens all of a ranking's answers share, leaving each at least one of its own."""
+    limit, n = min(map(len, answers)) - 1, 0
+    while n < limit and all(ids[n] == answers[0][n] for ids in answers):
+        n += 1
+    return n
+
+
+def ranking_scores(model, inputs: dict):
+    """Each answer's score: one forward pass over the batch, or, with a shared prefix, one over the prefixes and one
+    over the answers' own tokens on the prefixes' keys and values (positions continuing each prefix; the prefixes'
+    padding masked), which gives the same scores and gradients."""
+    import torch
+
+    if "prefix_ids" not in inputs:
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits[
+            :, 0
+        ]
+    prefix, prefix_mask, owner = inputs["prefix_ids"], inputs["prefix_mask"], inputs["owner"]
+    width = prefix.shape[1]
+    # a ranking whose answers share no token has one masked padding token here; the first pass attends to it (a
+    # row with every key masked would give NaN values, which a masked key still multiplies by 0), the second not
+    seen = prefix_mask.clone()
+    seen[:, 0] = 1
+    first = model(
+        input_ids=prefix,
+        attention_mask=seen,
+        position_ids=torch.arange(width, device=prefix.device).expand_as(prefix),
+        use_cache=True,
+    )
+    cache = first.past_key_values
+    cache.reorder_cache(owner)  # each answer reads its own ranking's prefix
+    answers, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = inputs["prefix_length"][owner, None] + torch.arange(answers.shape[1], device=answers.device)
+    return model(
+        input_ids=answers,
+        attention_mask=torch.cat([prefix_mask[owner], mask], dim=1),
+        position_ids=positions,
+        cache=cache,
+    ).logits[:, 0]
 
 
 def ranking_loss(rewards, better, worse, weight, rankings, center: float | None = None):
@@ -204,8 +281,7 @@ def ranking_trainer():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            rewards = outputs.logits.squeeze(-1)
+            rewards = ranking_scores(model, inputs)
             loss = ranking_loss(
                 rewards,
                 inputs["better"],
@@ -220,7 +296,7 @@ def ranking_trainer():
                 self._metrics[mode]["accuracy"].append(gather((diff > 0).float().mean()).mean().item())
                 self._metrics[mode]["margin"].append(gather(diff.mean()).mean().item())
                 self._metrics[mode]["mean_reward"].append(gather(rewards.mean()).mean().item())
-            return (loss, outputs) if return_outputs else loss
+            return (loss, {"rewards": rewards}) if return_outputs else loss
 
     return RankingRewardTrainer
 
