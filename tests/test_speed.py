@@ -143,10 +143,12 @@ def test_gpt2_gelu_in_one_kernel_computes_the_same_function_and_saves_with_it(tm
     assert isinstance(again.transformer.h[0].mlp.act, GELUTanh)
 
 
-def test_every_stage_of_a_run_saves_gpt2_with_the_one_kernel_gelu(run_dir):
+def test_every_stage_of_a_run_saves_gpt2_with_the_one_kernel_gelu_and_its_dropout(run_dir):
     for stage in ("pretrain", "sft", "reward", "ppo"):
         config = json.loads((run_dir / stage / "config.json").read_text())
         assert config["activation_function"] == "gelu_pytorch_tanh", stage
+        # ppo (and reward, through TRL) train without dropout; the saved model keeps it for whoever trains it next
+        assert (config["resid_pdrop"], config["attn_pdrop"]) == (0.1, 0.1), stage
 
 
 def test_model_fused_gelu_false_keeps_the_models_own_activation(run_copy, capsys):
@@ -203,7 +205,7 @@ def test_disable_dropout_trains_as_a_model_without_dropout_and_saves_the_config_
     assert not torch.allclose(off["transformer.h.0.mlp.c_fc.weight"], on["transformer.h.0.mlp.c_fc.weight"])
 
 
-def test_sft_with_disable_dropout_trains_without_it_and_keeps_it_in_the_saved_config(run_copy, capsys):
+def test_sft_with_disable_dropout_trains_without_it_and_keeps_it_in_the_saved_config(run_copy, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     args = (
@@ -224,11 +226,8 @@ def test_sft_with_disable_dropout_trains_without_it_and_keeps_it_in_the_saved_co
         seen.append(model)
         return model
 
-    try:
-        AutoModelForCausalLM.from_pretrained = load
-        code, _, err = alignkit(capsys, *args, "stages.sft.disable_dropout=true")
-    finally:
-        AutoModelForCausalLM.from_pretrained = original
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load)
+    code, _, err = alignkit(capsys, *args, "stages.sft.disable_dropout=true")
     assert code == 0, err
     assert "sft: disable_dropout: dropout off while training" in err
     drop = [m.p for m in seen[0].modules() if isinstance(m, torch.nn.Dropout)]

@@ -165,8 +165,8 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     stop = tokenizer.eos_token_id if args.stop_token == "eos" else args.stop_token_id
     trainer = PPOTrainer(args, policy, ref, reward, value, left, train, STAGE, ptx=ptx, stop_token_id=stop)
     _, figures = fit(trainer, STAGE, folder, resume)
-    for key, setting in switched_off.items():  # the saved model keeps the dropout it came with, for later stages
-        setattr(trainer.accelerator.unwrap_model(trainer.model).policy.config, key, setting)
+    # the saved model keeps the dropout it came with, for later stages
+    models.restore_dropout(trainer.accelerator.unwrap_model(trainer.model).policy, switched_off)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     wrapped = trainer.accelerator.unwrap_model(trainer.model)
     return train_metrics(trainer, figures=figures, parts={"policy": wrapped.policy, "value": wrapped.value_model})
