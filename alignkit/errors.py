@@ -42,6 +42,10 @@ class NonFinite(UserError):
     """A NaN or infinite loss, gradient, reward, KL or weight: the stage stops and is not marked complete."""
 
 
+class FirstUpdateMismatch(UserError):
+    """PPO's first update found the policy, its sampler or its reference disagreeing where they must be one model."""
+
+
 class Stopped(Exception):
     """SIGTERM or Ctrl-C stopped the run; `exit_status` is 128 + the signal's number (143, 130)."""
 

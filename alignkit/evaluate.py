@@ -78,6 +78,18 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def fit_prompts(prompts: list[list[int]], room: int) -> tuple[list[list[int]], int]:
+    """Prompts cut from the left to at most `room` tokens (the context less the answer's tokens): the end, where
+    the question and the generation prompt are, is kept. Returns (prompts, how many were cut)."""
+    if room < 1:
+        from .errors import UserError
+
+        raise UserError(
+            f"eval.max_new_tokens leaves no room for a prompt in the model's context ({room} tokens left); lower it"
+        )
+    return [p[-room:] for p in prompts], sum(len(p) > room for p in prompts)
+
+
 def _generate(
     model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False
 ) -> list[list[int]]:
@@ -165,7 +177,7 @@ def _mean(values) -> float | None:
 
 def evaluate(recipe: Recipe) -> dict:
     """The `eval` metrics of every checkpoint, the reward model's held-out accuracy and the win rate against SFT."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from . import models
 
@@ -184,6 +196,14 @@ def evaluate(recipe: Recipe) -> dict:
         tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
         for r in rows
     ]
+    context = models.context_length(AutoConfig.from_pretrained(found[trained[0]]))
+    prompts, cut = fit_prompts(prompts, context - spec.max_new_tokens)
+    if cut:
+        log(
+            "eval",
+            f"warning: {cut} of {len(prompts)} prompts longer than {context - spec.max_new_tokens} tokens (the "
+            f"model's context of {context} less eval.max_new_tokens {spec.max_new_tokens}) cut from the left",
+        )
     references = rows["reference"]
     device = _device()
     reward_path = reward_model_path(recipe)
@@ -267,6 +287,14 @@ def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
         for side in ("chosen", "rejected")
     ]
     encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    from . import models
+
+    context = models.context_length(reward_model.config)
+    encoded, cut = fit_prompts(encoded, context)  # the end, where the score is read, kept
+    if cut:
+        log(
+            "eval", f"warning: {cut} of {len(encoded)} held-out answers longer than {context} tokens cut from the left"
+        )
     scores = _scores(reward_model, tokenizer, encoded, recipe.eval.batch_size)
     return _mean(scores[c] > scores[r] for c, r in zip(*sides))
 

@@ -78,6 +78,17 @@ def prepare_tokenizer(tokenizer, recipe: Recipe):
     return tokenizer
 
 
+def free_accelerator_memory() -> None:
+    """Give the memory of models no longer referenced back (between a stage's training and what follows it)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def context_length(config) -> int:
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
         if getattr(config, name, None):

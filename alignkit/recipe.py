@@ -675,6 +675,14 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
             spec = getattr(recipe.eval, key)
             if spec is not None:
                 _check_local(spec.path, f"eval.{key}.path", base, problems)
+        if context and isinstance(recipe.eval.max_new_tokens, int) and recipe.eval.max_new_tokens >= context[0]:
+            problems.append(
+                Problem(
+                    "eval.max_new_tokens",
+                    f"{recipe.eval.max_new_tokens} tokens leave no room for a prompt in the model's context of "
+                    f"{context[0]} tokens ({context[1]}); set it below {context[0]}, with room for the prompts",
+                )
+            )
     if recipe.hub is not None:
         _check_hub(recipe, known, problems)
     blocks = [("lora", recipe.lora), ("quantization", recipe.quantization)]

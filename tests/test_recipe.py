@@ -111,26 +111,30 @@ def test_reserved_and_inconsistent_trainer_settings(capsys):
     assert code == 2 and "stages.sft.trainer: SFTConfig rejected these settings" in err and "sideways" in err
 
 
-def test_ppo_batch_arithmetic_is_checked_before_anything_trains(tmp_path, capsys):
-    """TRL's PPOTrainer checks its mini-batch split only when it starts, after pretrain, sft and reward have trained;
-    alignkit checks it with the recipe, so a run with a bad split trains nothing."""
+def test_ppo_batch_sizes_mean_what_they_meant_in_trl_and_are_checked_before_anything_trains(tmp_path, capsys):
+    """TRL 1.12's PPOConfig: a rollout batch is num_mini_batches mini-batches of per_device_train_batch_size x
+    gradient_accumulation_steps responses; whitening, which needs 8 of them, is checked with the recipe, so a run
+    with too few trains nothing."""
+    from alignkit.stages.ppo_trainer import PPOConfig
+
+    args = PPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=3
+    )
+    assert args.batch_sizes() == (24, 8, 4)  # TRL: local_batch_size, local_mini_batch_size, micro-batch
+    code, _, err = alignkit(capsys, "validate", TINY, "stages.ppo.trainer.num_mini_batches=3")
+    assert code == 0, err  # any split: mini-batches are whole
     out = tmp_path / "run"
-    code, _, err = alignkit(capsys, "run", TINY, f"output_dir={out}", "stages.ppo.trainer.num_mini_batches=3")
-    assert code == 2 and "stages.ppo.trainer.num_mini_batches: 3 does not divide" in err
-    assert "= 8)" in err and "use one of [1, 2, 4, 8]" in err  # tiny.yaml: 8 prompts per process per batch
-    assert not out.exists()
     code, _, err = alignkit(
         capsys,
-        "validate",
+        "run",
         TINY,
-        "stages.ppo.trainer.num_mini_batches=2",
-        "stages.ppo.trainer.gradient_accumulation_steps=3",
+        f"output_dir={out}",
+        "stages.ppo.trainer.per_device_train_batch_size=2",
+        "stages.ppo.trainer.whiten_rewards=true",
     )
-    assert code == 0, err  # 8 x 3 = 24 splits in two
-    code, _, err = alignkit(
-        capsys, "validate", TINY, "stages.ppo.trainer.num_mini_batches=2", "stages.ppo.trainer.whiten_rewards=true"
-    )
-    assert code == 2 and "stages.ppo.trainer.whiten_rewards: whitening needs mini-batches of at least 8" in err
+    assert code == 2 and "stages.ppo.trainer.whiten_rewards: whitening needs rollout batches of at least 8" in err
+    assert "these have 2" in err
+    assert not out.exists()
 
 
 def test_bad_yaml_names_the_line(tmp_path, capsys):

@@ -47,24 +47,13 @@ class PPOSettings(RewardModelSettings):
 def check(recipe: Recipe, settings, args, context, problems: list[Problem]) -> None:
     """Rules across keys, checked with the recipe so that a bad split fails before earlier stages train."""
     key = "stages.ppo.trainer"
-    rollout = args.per_device_train_batch_size * args.gradient_accumulation_steps  # prompts per process per update
-    if rollout % args.num_mini_batches:
-        fits = [n for n in range(1, rollout + 1) if rollout % n == 0]
-        problems.append(
-            Problem(
-                f"{key}.num_mini_batches",
-                f"{args.num_mini_batches} does not divide a process's "
-                f"rollout batch (per_device_train_batch_size x gradient_accumulation_steps = "
-                f"{rollout}), which PPO splits into num_mini_batches; use one of {fits}",
-            )
-        )
-    if args.whiten_rewards and rollout // max(args.num_mini_batches, 1) < 8:
+    rollout = args.batch_sizes()[0]  # responses per process per update (TRL 1.12's local_batch_size)
+    if args.whiten_rewards and rollout < 8:
         problems.append(
             Problem(
                 f"{key}.whiten_rewards",
-                f"whitening needs mini-batches of at least 8 answers per process; these have "
-                f"{rollout // max(args.num_mini_batches, 1)}: lower num_mini_batches or raise "
-                "per_device_train_batch_size",
+                f"whitening needs rollout batches of at least 8 answers per process; these have {rollout} "
+                "(per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches): raise one of them",
             )
         )
     if context and args.response_length >= context[0]:
@@ -97,13 +86,8 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             "the ppo stage cannot run sharded (ZeRO-3 or FSDP): it samples from the whole policy on every "
             "process. Run ppo with recipes/accelerate/zero2.yaml or ddp.yaml"
         )
-
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and args.num_mini_batches != 1:
-        raise UserError(
-            "under DeepSpeed the ppo stage takes num_mini_batches: 1 (DeepSpeed accumulates "
-            "gradient_accumulation_steps micro-batches per optimizer step, one mini-batch); set "
-            "stages.ppo.trainer.num_mini_batches: 1, or run with recipes/accelerate/ddp.yaml"
-        )
+    # (under DeepSpeed a mini-batch is gradient_accumulation_steps micro-batches, the steps DeepSpeed's engine
+    # accumulates: any num_mini_batches works)
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
     # Dropout off in all four models, set in their configs before they are built (some architectures apply it from
     # the config, where switching modules off does not reach): with it on, the policy's log-probabilities differ

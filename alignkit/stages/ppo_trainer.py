@@ -3,17 +3,26 @@ Ziegler et al. 2019 (the per-token KL penalty and the adaptive KL controller), S
 surrogate), Schulman et al. 2016 (GAE) and Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
 
 One update:
-1. rollout: sample a response to each prompt of a batch from the policy (KV cache, stopped at the stop token), and
-   record per response token the policy's and the reference's log-probabilities (at the sampling temperature) and the
-   value model's estimate; the reward model scores the whole response at its last token (the stop token);
+1. rollout: sample a response to each prompt of a batch from the policy (KV cache, stopped at the stop token; gradient
+   checkpointing is switched off while sampling, since under it transformers drops the cache in train mode), then
+   record per response token, from a full forward of the same kind the update runs, the policy's and the reference's
+   log-probabilities (at the sampling temperature) and the value model's estimate; the reward model scores the whole
+   response at its last token (the stop token). The first update's mini-batch therefore has ratios of exactly 1, and
+   generate()'s own log-probabilities are kept only to check the sampler against the forward;
 2. rewards: -kl_coef * (log p_policy - log p_reference) on every response token, plus the score on the last one
    (minus missing_eos_penalty where the response never stopped); optionally whitened;
 3. advantages by GAE (gamma, lam), whitened over the batch; returns = advantages + values;
-4. num_ppo_epochs passes over the batch in num_mini_batches shuffled mini-batches, one optimizer step each (micro-
-   batches of per_device_train_batch_size accumulate): clipped policy loss + vf_coef x clipped value loss
-   (+ ptx_coef x the language-modelling loss on a batch of pretraining text: PPO-ptx), gradients clipped at
-   max_grad_norm;
+4. num_ppo_epochs passes over the batch in num_mini_batches shuffled mini-batches, one optimizer step each (TRL
+   1.12's sizes: a mini-batch is per_device_train_batch_size x gradient_accumulation_steps responses per process, in
+   micro-batches of per_device_train_batch_size, and a rollout batch is num_mini_batches mini-batches): clipped policy
+   loss + vf_coef x clipped value loss (+ ptx_coef x the language-modelling loss on a batch of pretraining text:
+   PPO-ptx), the policy's and the value model's gradients each clipped to max_grad_norm by its own norm (a large value
+   gradient must not shrink the policy's step);
 5. the learning-rate schedule steps once per update; an adaptive KL controller (kl_target set) moves kl_coef.
+
+At the first update policy and reference are the same model, so the sampled responses' KL to the reference must be ~0,
+generate()'s log-probabilities must equal the forward's, and the first mini-batch's ratios must be 1: `first_update`
+checks all three (tolerances measured for fp32 and bf16) and stops the stage naming what differs and the likely causes.
 
 Its state between updates (weights, optimizer, schedule, KL coefficient, episode count, data position, every RNG)
 is written in each checkpoint, so a run resumes exactly where it stopped. It subclasses transformers' Trainer for the
@@ -26,6 +35,7 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,7 +46,7 @@ from transformers import GenerationConfig, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import rotate_checkpoints
 
-from ..errors import NonFinite
+from ..errors import FirstUpdateMismatch, NonFinite
 
 STATE_FILE = "ppo_state.json"  # what a checkpoint adds to the Trainer's own files
 VALUE_DIR = "value"  # the value model's weights inside a checkpoint
@@ -53,7 +63,11 @@ class PPOConfig(TrainingArguments):
     )
     num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
     num_mini_batches: int = field(
-        default=1, metadata={"help": "optimizer steps per pass: the rollout batch is split into this many"}
+        default=1,
+        metadata={
+            "help": "optimizer steps per pass over a rollout batch (TRL 1.12's meaning: the rollout batch holds "
+            "num_mini_batches x per_device_train_batch_size x gradient_accumulation_steps responses per process)"
+        },
     )
     local_rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "responses generated and scored at once (memory, not the result)"}
@@ -100,6 +114,13 @@ class PPOConfig(TrainingArguments):
             "at most the model's context)"
         },
     )
+    check_first_update: bool = field(
+        default=True,
+        metadata={
+            "help": "stop at the first update unless the sampled responses' KL to the reference is ~0, generate()'s "
+            "log-probabilities equal a full forward's and the first mini-batch's ratios are 1 (alignkit)"
+        },
+    )
     num_sample_generations: int = field(
         default=10, metadata={"help": "times during training to log a few sampled responses (0: never)"}
     )
@@ -114,11 +135,11 @@ class PPOConfig(TrainingArguments):
             self.bf16 = not self.fp16
         super().__post_init__()
 
-    def batch_sizes(self, world_size: int) -> tuple[int, int, int]:
-        """(prompts per process per update, responses per optimizer step per process, per micro-batch)."""
-        rollout = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        mini = rollout // self.num_mini_batches
-        return rollout, mini, min(self.per_device_train_batch_size, mini)
+    def batch_sizes(self) -> tuple[int, int, int]:
+        """(prompts per process per update, responses per optimizer step per process, per micro-batch), as TRL
+        1.12's PPOTrainer computed them (local_batch_size, local_mini_batch_size, per_device_train_batch_size)."""
+        mini = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return mini * self.num_mini_batches, mini, self.per_device_train_batch_size
 
 
 # --- the math, on tensors (tested against hand computations) -------------------------------------------------------
@@ -201,6 +222,54 @@ class AdaptiveKL:
         self.value *= 1 + error * episodes / self.horizon
 
 
+# --- the first update's check -------------------------------------------------------------------------------------
+
+# Per-token tolerances (mean |difference in log-probability|, nats) for the first update, where policy and reference
+# are one model. Measured on a peaked stand-in GPT-2 (tests/test_ppo.py, benchmarks/first_update.py): fp32 agrees to
+# ~1e-6; bf16 autocast to ~1e-2 (the sampler's incremental forward against a full one, different batch shapes); a
+# dropped KV cache is off by nats, dropout 0.1 by ~0.1-1.
+FIRST_UPDATE_TOLERANCE = {"fp32": 1e-3, "low": 5e-2}
+
+FIRST_UPDATE_CHECKS = {
+    "kl": (
+        "the sampled responses' KL to the reference (policy and reference are the same model at the first update)",
+        "dropout left on in the policy or the reference (a model whose config applies dropout, or LoRA's "
+        "lora_dropout); a reference loaded differently from the policy (another folder, precision or quantization);"
+        " a LoRA adapter that does not start at zero",
+    ),
+    "sampler": (
+        "generate()'s log-probabilities of the sampled tokens against a full forward of the same policy",
+        "a KV cache that generate() drops or corrupts (gradient checkpointing in train mode, a model's custom "
+        "cache); dropout while sampling; low precision (fp16) in the incremental forward",
+    ),
+    "ratio": (
+        "the first mini-batch's probability ratios, before any optimizer step (they must be 1)",
+        "dropout in train mode; kernels that differ between the rollout's and the update's batch sizes in low "
+        "precision; a model that is not deterministic in train mode",
+    ),
+}
+
+
+def first_update_problems(gaps: dict[str, tuple[float, float]], low_precision: bool) -> list[str]:
+    """The first update's checks that fail: `gaps` maps a check to (mean, max) of its per-token |difference|."""
+    tolerance = FIRST_UPDATE_TOLERANCE["low" if low_precision else "fp32"]
+    problems = []
+    for name, (mean, largest) in gaps.items():
+        if not mean <= tolerance:  # NaN fails too
+            what, causes = FIRST_UPDATE_CHECKS[name]
+            problems.append(
+                f"{what}: {mean:.3g} nats per token on average (largest {largest:.3g}), tolerance {tolerance:g}; "
+                f"likely causes: {causes}"
+            )
+    return problems
+
+
+def token_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, max) of |a - b| over the masked tokens."""
+    gap = (a.float() - b.float()).abs() * mask
+    return masked_mean(gap, mask), gap.max() if gap.numel() else gap.new_zeros(())
+
+
 # --- models -------------------------------------------------------------------------------------------------------
 
 
@@ -251,6 +320,20 @@ class PolicyAndValue(nn.Module):
         return captured["out"][..., 0]
 
 
+@contextmanager
+def without_checkpointing(model: nn.Module):
+    """Gradient checkpointing off for a while (sampling): transformers' GPT-2 (and other models) drop the KV cache
+    when checkpointing is on in train mode, even without gradients, and each sampled token then sees itself alone."""
+    switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in switched:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.gradient_checkpointing = True
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(token) under logits / temperature, per position."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -283,13 +366,16 @@ class PPOTrainer(Trainer):
         # train mode from the start (from_pretrained leaves models in eval mode): see rollout()
         super().__init__(model=PolicyAndValue(policy, value_model).train(), args=args, processing_class=tokenizer)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        self.rollout_size, self.mini_size, self.micro_size = args.batch_sizes(self.world)
+        self.rollout_size, self.mini_size, self.micro_size = args.batch_sizes()
         self.batch_size = self.rollout_size * self.world
         episodes = args.total_episodes or int(args.num_train_epochs * len(prompts))
         self.num_updates = max(1, math.ceil(episodes / self.batch_size))
         self.kl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
         self.update = 0  # updates done
         self.ptx_position = 0
+        self._ratio_gaps = None  # at the first update, until its first optimizer step: |new - old| log-probabilities
+        self._grad_norms: list[dict] = []  # this update's gradient norms, per optimizer step
+        self._first_update_figures: dict = {}
         for frozen in (ref_model, reward_model):
             if frozen is not None:
                 frozen.eval().requires_grad_(False).to(self.accelerator.device)
@@ -350,18 +436,23 @@ class PPOTrainer(Trainer):
         responses = torch.cat(
             [nn.functional.pad(c[0], (0, length - c[0].shape[1]), value=tok.pad_token_id) for c in chunks]
         )
-        logprobs = torch.cat([nn.functional.pad(c[1], (0, length - c[1].shape[1])) for c in chunks])
+        sampled = torch.cat([nn.functional.pad(c[1], (0, length - c[1].shape[1])) for c in chunks])
         mask = self._response_mask(responses)
         sequences = torch.cat([queries, responses], dim=1)
         attention = torch.cat([query_mask, mask.long()], dim=1)
-        ref_logprobs, values, scores = [], [], []
+        logprobs, ref_logprobs, values, scores = [], [], [], []
         for start in range(0, len(prompts), args.local_rollout_forward_batch_size):
             part = slice(start, start + args.local_rollout_forward_batch_size)
             s, a = sequences[part], attention[part]
             with self.accelerator.autocast():
+                # the update's own forward (PolicyAndValue), so that its first ratios are 1
+                logits, value, _ = model(s, a)
+                logprobs.append(token_logprobs(logits[:, width - 1 : -1], s[:, width:], args.temperature))
+                values.append(value[:, width - 1 : -1].float())
+                del logits  # a full batch of logits at a time, not two
                 ref_logits = self._reference_logits(model.policy, s, a)
                 ref_logprobs.append(token_logprobs(ref_logits[:, width - 1 : -1], s[:, width:], args.temperature))
-                values.append(model.values(s, a)[:, width - 1 : -1].float())
+                del ref_logits
                 scores.append(
                     self.reward_model(input_ids=s, attention_mask=a, position_ids=positions(a)).logits[:, 0].float()
                 )
@@ -374,14 +465,16 @@ class PPOTrainer(Trainer):
             "query_mask": query_mask,
             "responses": responses,
             "mask": mask.float(),
-            "logprobs": logprobs * mask,
+            "logprobs": torch.cat(logprobs) * mask,
+            "sampled_logprobs": sampled * mask,
             "ref_logprobs": torch.cat(ref_logprobs) * mask,
             "values": torch.cat(values) * mask,
             "scores": scores,
         }
 
     def _sample(self, policy, queries, query_mask):
-        """Responses to a chunk of prompts (padded after the stop token) and their log-probabilities."""
+        """Responses to a chunk of prompts (padded after the stop token) and generate()'s log-probabilities of them
+        (kept to check the sampler against the forward, `first_update`)."""
         args, tok = self.args, self.processing_class
         stop = self.stop_token_id
         config = GenerationConfig(
@@ -402,7 +495,7 @@ class PPOTrainer(Trainer):
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         own, base.generation_config = base.generation_config, GenerationConfig()
         try:
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), without_checkpointing(policy):
                 out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
         except RuntimeError as e:
             if "probability tensor contains" not in str(e):
@@ -471,6 +564,7 @@ class PPOTrainer(Trainer):
         sequences = torch.cat([batch["queries"], batch["responses"]], dim=1)
         attention = torch.cat([batch["query_mask"], batch["mask"].long()], dim=1)
         self.model.train()
+        self._grad_norms = []
         micro_per_mini = -(-self.mini_size // self.micro_size)  # the last micro-batch may be smaller
         self.accelerator.gradient_accumulation_steps = micro_per_mini  # backward() divides each loss by it
         generator = torch.Generator().manual_seed(args.seed * 100003 + self.update)
@@ -487,6 +581,10 @@ class PPOTrainer(Trainer):
                             self._step()
                     for key, value in parts.items():
                         stats.setdefault(key, []).append(value.detach().float())
+        for norms in self._grad_norms:
+            for name, norm in norms.items():
+                stats.setdefault(f"{name}_grad_norm", []).append(norm.detach().float())
+        stats["sampler_gap"] = [token_gap(batch["sampled_logprobs"], batch["logprobs"], batch["mask"])[0]]
         return {key: torch.stack(values).mean() for key, values in stats.items()}
 
     def _micro_loss(self, batch, rows, sequences, attention, width):
@@ -497,6 +595,9 @@ class PPOTrainer(Trainer):
         logits, values, ptx_loss = self.model(sequences, attention, ptx_ids, ptx_mask)
         new_logprobs = token_logprobs(logits[:, width - 1 : -1], sequences[:, width:], args.temperature)
         mask = batch["mask"][rows]
+        if self._ratio_gaps is not None:  # no optimizer step yet: the update's log-probabilities are the rollout's
+            gap = (new_logprobs.detach().float() - batch["logprobs"][rows]).abs() * mask
+            self._ratio_gaps.append((gap.sum(), gap.max(), mask.sum()))
         policy_loss, value_loss, parts = clipped_losses(
             new_logprobs * mask,
             batch["logprobs"][rows],
@@ -523,10 +624,45 @@ class PPOTrainer(Trainer):
             )
         return loss, parts
 
+    def _first_update_check(self, batch: dict, ratio_gaps: list | None = None) -> None:
+        """Policy and reference are one model at the first update: stop unless the rollout agrees with itself (KL to
+        the reference and generate()'s log-probabilities against the forward's; with `ratio_gaps`, the first
+        mini-batch's ratios). Every process stops together."""
+        if ratio_gaps is None:
+            mask = batch["mask"]
+            gaps = {
+                "kl": token_gap(batch["logprobs"], batch["ref_logprobs"], mask),
+                "sampler": token_gap(batch["sampled_logprobs"], batch["logprobs"], mask),
+            }
+        else:
+            total = sum(m for _, _, m in ratio_gaps).clamp(min=1)
+            gaps = {
+                "ratio": (sum(t for t, _, _ in ratio_gaps) / total, torch.stack([x for _, x, _ in ratio_gaps]).max())
+            }
+        figures = {name: (self._mean(mean), self._max(largest)) for name, (mean, largest) in gaps.items()}
+        self._first_update_figures.update(figures)
+        args = self.args
+        low = bool(
+            args.bf16 or args.fp16 or getattr(self.accelerator.unwrap_model(self.model).policy, "is_quantized", False)
+        )
+        problems = first_update_problems(figures, low)
+        if problems:
+            raise FirstUpdateMismatch(
+                f"{self.stage.name}: the first update's check failed (policy and reference are one model there, so "
+                "they must agree):\n  " + "\n  ".join(problems) + "\n  The stage is not marked complete. Fix the "
+                f"cause, or set stages.{self.stage.name}.trainer.check_first_update: false to train anyway"
+            )
+
+    def _max(self, value: torch.Tensor) -> float:
+        return self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).max().item()
+
     def _step(self) -> None:
         args = self.args
+        if self._ratio_gaps is not None:  # the first optimizer step: the ratios so far had no update behind them
+            self._first_update_check(None, self._ratio_gaps)
+            self._ratio_gaps = None
         if args.max_grad_norm and args.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self._grad_norms.append(self._clip_gradients(args.max_grad_norm))
         self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -552,6 +688,9 @@ class PPOTrainer(Trainer):
         while self.update < self.num_updates:
             batch = self.advantages(self.rollout(self._prompt_batch(self.update)))
             self._check_finite(batch)
+            self._ratio_gaps = [] if self.update == 0 and args.check_first_update else None
+            if self._ratio_gaps is not None:
+                self._first_update_check(batch)
             stats = self.optimize(batch)
             self.update += 1
             self.state.episode += self.batch_size
@@ -604,6 +743,14 @@ class PPOTrainer(Trainer):
         }
         if "ptx_loss" in stats:
             metrics["loss/ptx_avg"] = self._mean(stats["ptx_loss"])
+        for name, key in (("policy_grad_norm", "policy/grad_norm"), ("value_grad_norm", "val/grad_norm")):
+            if name in stats:
+                metrics[key] = self._mean(stats[name])
+        # generate()'s log-probabilities against the forward's, per token (the first update's check, every update)
+        metrics["check/sampler_gap"] = self._mean(stats["sampler_gap"])
+        # the first update's check, with the first figures logged
+        metrics.update({f"check/first_{k}": mean for k, (mean, _) in self._first_update_figures.items()})
+        self._first_update_figures = {}
         return metrics
 
     def _samples(self, batch, count: int = 4) -> list[dict]:
@@ -651,6 +798,20 @@ class PPOTrainer(Trainer):
             self.state.save_to_json(str(folder / "trainer_state.json"))
             rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
+
+    def _clip_gradients(self, limit: float) -> dict:
+        """The policy's and the value model's gradients, each clipped to `limit` by its own norm (Huang et al.'s N+
+        details: one norm over both lets a large value gradient shrink the policy's step). Returns the norms before
+        clipping. Under DeepSpeed the engine clips (gradient_clipping, over all parameters) and this returns {}."""
+        if self._deepspeed():
+            return {}
+        self.accelerator.unscale_gradients()  # fp16: once per step, before any norm
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        norms = {}
+        for name, part in (("policy", unwrapped.policy), ("value", unwrapped.value_model)):
+            grads = [p for p in part.parameters() if p.grad is not None]
+            norms[name] = torch.nn.utils.clip_grad_norm_(grads, limit) if grads else torch.zeros(())
+        return norms
 
     def _deepspeed(self) -> bool:
         from accelerate.utils import DistributedType

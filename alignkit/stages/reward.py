@@ -124,9 +124,14 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
     metrics = train_metrics(trainer, result, figures)
+    device = trainer.accelerator.device
+    del trainer, model  # the saved model is normalised: the trained one's memory is free for it
+    models.free_accelerator_memory()
     demonstrations = normalize_data(recipe, spec)
     if demonstrations and is_main():
-        metrics["normalize"] = normalize(folder, recipe, tokenizer, *demonstrations[0])
+        metrics["normalize"] = normalize(
+            folder, recipe, tokenizer, *demonstrations[0], device=device, max_length=args.max_length
+        )
     wait_for_everyone()
     return metrics
 
@@ -301,28 +306,39 @@ def ranking_trainer():
     return RankingRewardTrainer
 
 
-def normalize(folder: Path, recipe: Recipe, tokenizer, key: str, spec, kind: str) -> dict:
+def normalize(
+    folder: Path, recipe: Recipe, tokenizer, key: str, spec, kind: str, device="cpu", max_length: int | None = None
+) -> dict:
     """Shift the saved reward model's scores so that the demonstrations score 0 on average (InstructGPT): through
     the score head's bias where it has one, else the bias of the final layer norm that feeds it (GPT-2's ln_f:
-    shifting it by d * w / |w|^2 shifts every score by d exactly). Returns what it did, for metrics.json."""
+    shifting it by d * w / |w|^2 shifts every score by d exactly). Each demonstration is scored once, on `device`, in
+    batches of similar length, cut from the left to `max_length` tokens (the end, where the score is read, kept; the
+    model's context at most); the shift is exact, so the mean after it is known (one batch is scored again to check).
+    Returns what it did, for metrics.json."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     rows = data.load(spec, key, recipe, kind)
-    texts = [_scored_text(row, tokenizer) for row in rows]
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
+    limit = min(max_length or models.context_length(model.config), models.context_length(model.config))
+    ids = [tokenizer(_scored_text(row, tokenizer), add_special_tokens=False).input_ids for row in rows]
+    cut = sum(len(i) > limit for i in ids)
+    ids = sorted((i[-limit:] for i in ids), key=len)  # similar lengths together: little padding
+    batches = [ids[start : start + NORMALIZE_BATCH] for start in range(0, len(ids), NORMALIZE_BATCH)]
+    if cut:
+        log("reward", f"normalising: {cut} of {len(ids)} demonstrations longer than {limit} tokens cut from the left")
 
-    def mean_score() -> float:
-        scores = []
+    def scores(batch: list[list[int]]) -> torch.Tensor:
+        width = max(map(len, batch))
+        tokens = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for row, i in enumerate(batch):
+            tokens[row, : len(i)], mask[row, : len(i)] = torch.tensor(i), 1
         with torch.no_grad():
-            for start in range(0, len(texts), 32):
-                batch = tokenizer(
-                    texts[start : start + 32], add_special_tokens=False, padding=True, return_tensors="pt"
-                )
-                scores += model(**batch).logits[:, 0].float().tolist()
-        return sum(scores) / len(scores)
+            return model(input_ids=tokens.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()
 
-    before = mean_score()
+    first = scores(batches[0])
+    before = (first.sum().item() + sum(scores(b).sum().item() for b in batches[1:])) / len(ids)
     head = getattr(model, "score", None)
     where = None
     if isinstance(getattr(head, "bias", None), torch.nn.Parameter):
@@ -343,23 +359,29 @@ def normalize(folder: Path, recipe: Recipe, tokenizer, key: str, spec, kind: str
             "warning: cannot normalise this architecture's scores (its score head and final norm have no "
             f"bias); the demonstrations score {before:.4g} on average",
         )
-        return {"dataset": spec.path, "rows": len(texts), "mean_before": before, "shift": 0.0, "applied": False}
+        return {"dataset": spec.path, "rows": len(ids), "mean_before": before, "shift": 0.0, "applied": False}
+    moved = (scores(batches[0]) - first).mean().item()  # the shift, measured on one batch
+    if abs(moved + before) > 1e-3 * max(1.0, abs(before)):
+        raise RuntimeError(f"normalising shifted the scores by {moved:.6g}, not {-before:.6g} ({where})")
     model.save_pretrained(folder)
-    after = mean_score()
     log(
         "reward",
-        f"normalised: the demonstrations ({spec.path}, {len(texts)}) scored {before:.4g} on average, now "
-        f"{after:.2g} (shift {-before:+.4g}, in {where})",
+        f"normalised: the demonstrations ({spec.path}, {len(ids)}) scored {before:.4g} on average, now 0 "
+        f"(shift {-before:+.4g}, in {where})",
     )
     return {
         "dataset": spec.path,
-        "rows": len(texts),
+        "rows": len(ids),
+        "cut": cut,
         "mean_before": before,
-        "mean_after": after,
+        "mean_after": before + moved,
         "shift": -before,
         "applied": True,
         "where": where,
     }
+
+
+NORMALIZE_BATCH = 32  # demonstrations scored at once when normalising
 
 
 STAGE = Stage(
