@@ -14,6 +14,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_DISABLED"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+# Libraries that give their loggers a handler on the sys.stderr of the moment they are first imported: imported at
+# collection, so that no handler keeps a test's captured stream, which is closed once that test ends.
+import datasets  # noqa: E402, F401
+import transformers  # noqa: E402, F401
+import trl  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
 # The tiny recipe, a little shorter where the tests only need the mechanics.

@@ -264,9 +264,9 @@ def test_qlora_ppo_on_a_gpu(run_copy, capsys):
     assert (run_copy / "ppo" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_the_rollout_records_what_the_update_recomputes(run_dir, tmp_path):
-    """Before any update the policy's recomputed log-probabilities and values equal what the rollout recorded (the
-    token alignment, masks, dropout and sampling settings are consistent), and the reference equals the policy."""
+def _tiny_trainer(run_dir, tmp_path, checkpointing: bool = False, **settings):
+    """alignkit's PPOTrainer over the tiny run's sft and reward models, as the ppo stage builds it (dropout off),
+    with `settings` on the trainer block; returns (trainer, prompts, tokenizer)."""
     import copy
 
     from datasets import Dataset
@@ -274,11 +274,13 @@ def test_the_rollout_records_what_the_update_recomputes(run_dir, tmp_path):
     from alignkit import models
     from alignkit.recipe import load_recipe
     from alignkit.stages.ppo import STAGE
-    from alignkit.stages.ppo_trainer import PPOTrainer, token_logprobs
+    from alignkit.stages.ppo_trainer import PPOTrainer
 
     recipe = load_recipe(TINY)
     args = copy.deepcopy(recipe.configs["ppo"].args)
     args.output_dir = str(tmp_path)
+    for key, value in settings.items():
+        setattr(args, key, value)
     sft, reward = str(run_dir / "sft"), str(run_dir / "reward")
     tokenizer = models.load_tokenizer(recipe, sft)
     left = copy.deepcopy(tokenizer)
@@ -288,6 +290,9 @@ def test_the_rollout_records_what_the_update_recomputes(run_dir, tmp_path):
     policy.generation_config.min_new_tokens = args.response_length
     policy.generation_config.repetition_penalty = 5.0
     rm, value = (models.load_reward_model(recipe, reward, tokenizer, "ppo", dropout=False) for _ in range(2))
+    if checkpointing:  # as the ppo stage does with gradient_checkpointing on (TRL's default, the real recipes')
+        for model in (policy, value):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     questions = [f"What is the capital of {c}?" for c in ("Zorbia", "Marnia", "Quellia", "Tesk")] * 2
     prompts = [
         left.apply_chat_template(
@@ -306,6 +311,16 @@ def test_the_rollout_records_what_the_update_recomputes(run_dir, tmp_path):
         STAGE,
         stop_token_id=tokenizer.eos_token_id,
     )
+    return trainer, prompts, tokenizer
+
+
+def test_the_rollout_records_what_the_update_recomputes(run_dir, tmp_path):
+    """Before any update the policy's recomputed log-probabilities and values equal what the rollout recorded (the
+    token alignment, masks, dropout and sampling settings are consistent), and the reference equals the policy."""
+    from alignkit.stages.ppo_trainer import token_logprobs
+
+    trainer, prompts, tokenizer = _tiny_trainer(run_dir, tmp_path)
+    args = trainer.args
     batch = trainer.rollout(prompts)
     mask, width = batch["mask"], batch["queries"].shape[1]
     assert (mask.sum(dim=1) < batch["responses"].shape[1]).any()  # some answers stopped at EOS, early
@@ -320,3 +335,138 @@ def test_the_rollout_records_what_the_update_recomputes(run_dir, tmp_path):
     assert torch.allclose(recomputed, batch["logprobs"], atol=1e-4)
     assert torch.allclose(values[:, width - 1 : -1] * mask, batch["values"], atol=1e-5)
     assert torch.allclose(batch["ref_logprobs"], batch["logprobs"], atol=1e-4)  # no update yet: KL 0
+
+
+def test_sampling_keeps_the_kv_cache_under_gradient_checkpointing(run_dir, tmp_path):
+    """With gradient checkpointing on and the policy in train mode (the real recipes' settings), transformers' GPT-2
+    drops its KV cache: each sampled token would see itself alone. generate()'s log-probabilities of what it sampled
+    equal a full forward's (fp32, 1e-4), and the model's checkpointing is back on afterwards."""
+    from alignkit.stages.ppo_trainer import positions, token_logprobs
+
+    trainer, prompts, _ = _tiny_trainer(run_dir, tmp_path, checkpointing=True)
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    assert policy.training and policy.transformer.gradient_checkpointing
+    queries, query_mask = trainer._pad(prompts, left=True)
+    torch.manual_seed(0)
+    responses, sampled = trainer._sample(policy, queries, query_mask)
+    mask = trainer._response_mask(responses).float()
+    sequences = torch.cat([queries, responses], dim=1)
+    attention = torch.cat([query_mask, mask.long()], dim=1)
+    with torch.no_grad():
+        logits = policy(input_ids=sequences, attention_mask=attention, position_ids=positions(attention)).logits
+    width = queries.shape[1]
+    full = token_logprobs(logits[:, width - 1 : -1], responses, trainer.args.temperature)
+    assert mask[:, 1:].sum() > 8  # answers of more than one token: the cache is read
+    assert torch.allclose(sampled * mask, full * mask, atol=1e-4), (sampled - full).abs().max()
+    assert policy.transformer.gradient_checkpointing  # switched back on for the update
+
+
+def test_policy_and_value_gradients_are_clipped_each_by_its_own_norm(run_dir, tmp_path):
+    """A large value gradient leaves the policy's step alone (one norm over both would shrink it 100 times here)."""
+    trainer, _, _ = _tiny_trainer(run_dir, tmp_path, max_grad_norm=1.0)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for part, size in ((model.policy, 0.5), (model.value_model, 100.0)):
+        params = [p for p in part.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        scale = size / torch.sqrt(sum((p.grad**2).sum() for p in params))
+        for p in params:
+            p.grad *= scale
+    norms = trainer._clip_gradients(1.0)
+    assert norms["policy"].item() == pytest.approx(0.5, rel=1e-4)
+    assert norms["value"].item() == pytest.approx(100.0, rel=1e-4)
+
+    def norm(part):
+        return torch.sqrt(sum((p.grad**2).sum() for p in part.parameters() if p.grad is not None)).item()
+
+    assert norm(model.policy) == pytest.approx(0.5, rel=1e-4)  # under the limit: untouched
+    assert norm(model.value_model) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_the_first_update_has_ratios_of_one_under_bf16_and_checkpointing(run_copy, capsys):
+    """The rollout's log-probabilities come from the update's own kind of forward: under bf16 autocast and gradient
+    checkpointing (the real recipes' settings) the first mini-batch's ratios are 1, and the sampled answers' KL to
+    the reference (the same model then) is 0; the checks' figures are logged."""
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "ppo",
+        "--force",
+        "~eval",
+        "stages.ppo.trainer.total_episodes=16",
+        "stages.ppo.trainer.num_ppo_epochs=1",
+        "stages.ppo.trainer.bf16=true",
+        "stages.ppo.trainer.gradient_checkpointing=true",
+    )
+    assert code == 0, err
+    first = json.loads((run_copy / "ppo" / "metrics.json").read_text())["log_history"][0]
+    # one epoch of one mini-batch: every ratio of the first update was taken before any optimizer step
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["policy/approxkl_avg"] < 1e-10 and first["policy/clipfrac_avg"] == 0
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["check/first_kl"] < 1e-6 and first["check/first_ratio"] < 1e-6
+    assert 0 <= first["check/first_sampler"] < 0.05  # bf16's incremental forward against the full one
+    assert {"policy/grad_norm", "val/grad_norm"} <= set(first)
+
+
+def test_the_first_update_check_stops_ppo_when_dropout_is_left_on(run_copy, capsys, monkeypatch):
+    """Dropout left on in the policy (an architecture that applies it from elsewhere, say): policy and reference
+    differ before any update. The stage stops at the first update, naming what differs and the likely causes."""
+    from alignkit import models
+
+    load = models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, dropout=True, **k: load(*a, dropout=True, **k))
+    before = load_file(run_copy / "ppo" / "model.safetensors")
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *PPO, "--force", "~eval")
+    assert code == 2, err
+    assert "ppo: the first update's check failed" in err and "Traceback" not in err
+    assert "KL to the reference" in err and "dropout" in err and "check_first_update: false" in err
+    after = load_file(run_copy / "ppo" / "model.safetensors")  # the finished stage it was to replace is kept
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *PPO,
+        "--force",
+        "~eval",
+        "stages.ppo.trainer.check_first_update=false",
+    )
+    assert code == 0, err  # the user's way past it
+
+
+def test_the_first_update_check_stops_ppo_when_sampling_loses_its_cache(run_copy, capsys, monkeypatch):
+    """Sampling under gradient checkpointing without alignkit's switch (the bug this check was built for): the
+    sampler's log-probabilities disagree with the forward's, and the stage stops naming the cache."""
+    import contextlib
+
+    from alignkit.stages import ppo_trainer
+
+    monkeypatch.setattr(ppo_trainer, "without_checkpointing", lambda model: contextlib.nullcontext())
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *PPO,
+        "--force",
+        "~eval",
+        "stages.ppo.trainer.gradient_checkpointing=true",
+    )
+    assert code == 2, err
+    assert "generate()'s log-probabilities" in err and "KV cache" in err and "Traceback" not in err
+
+
+def test_the_first_update_check_tolerances():
+    """fp32 and low precision have their own tolerance; a NaN fails."""
+    from alignkit.stages.ppo_trainer import FIRST_UPDATE_TOLERANCE, first_update_problems
+
+    assert first_update_problems({"kl": (1e-6, 1e-5), "sampler": (1e-6, 1e-5), "ratio": (0.0, 0.0)}, False) == []
+    assert first_update_problems({"sampler": (0.02, 0.13)}, True) == []  # bf16's measured gap
+    failed = first_update_problems({"sampler": (0.02, 0.13)}, False)
+    assert len(failed) == 1 and f"tolerance {FIRST_UPDATE_TOLERANCE['fp32']:g}" in failed[0]
+    assert len(first_update_problems({"kl": (float("nan"), float("nan"))}, True)) == 1
