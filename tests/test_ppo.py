@@ -462,11 +462,26 @@ def test_the_first_update_check_stops_ppo_when_sampling_loses_its_cache(run_copy
 
 
 def test_the_first_update_check_tolerances():
-    """fp32 and low precision have their own tolerance; a NaN fails."""
+    """fp32 and low precision have their own tolerances; a NaN fails."""
     from alignkit.stages.ppo_trainer import FIRST_UPDATE_TOLERANCE, first_update_problems
 
     assert first_update_problems({"kl": (1e-6, 1e-5), "sampler": (1e-6, 1e-5), "ratio": (0.0, 0.0)}, False) == []
     assert first_update_problems({"sampler": (0.02, 0.13)}, True) == []  # bf16's measured gap
     failed = first_update_problems({"sampler": (0.02, 0.13)}, False)
-    assert len(failed) == 1 and f"tolerance {FIRST_UPDATE_TOLERANCE['fp32']:g}" in failed[0]
+    assert len(failed) == 1 and f"tolerance {FIRST_UPDATE_TOLERANCE['sampler'][0]:g}" in failed[0]
+    assert len(first_update_problems({"sampler": (1.0, 7.0)}, True)) == 1  # a lost cache, in bf16 too
     assert len(first_update_problems({"kl": (float("nan"), float("nan"))}, True)) == 1
+
+
+def test_a_checkpoint_of_other_batch_sizes_is_not_resumed(run_dir, tmp_path):
+    """A checkpoint written with another rollout batch (num_mini_batches meant a split before alignkit took TRL
+    1.12's sizes) would resume at the wrong data position and schedule: refused, naming both sizes and the fix."""
+    from alignkit.errors import UserError
+    from alignkit.stages.ppo_trainer import STATE_FILE
+
+    trainer, _, _ = _tiny_trainer(run_dir, tmp_path)  # 8 responses per update
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / STATE_FILE).write_text(json.dumps({"update": 2, "episode": 32, "kl_coef": 0.3, "ptx_position": 0}))
+    with pytest.raises(UserError, match="rollout batches of 16 responses, these settings make 8.*--force"):
+        trainer._resume(folder)

@@ -118,7 +118,11 @@ def test_ppo_batch_sizes_mean_what_they_meant_in_trl_and_are_checked_before_anyt
     from alignkit.stages.ppo_trainer import PPOConfig
 
     args = PPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=3
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_mini_batches=3,
     )
     assert args.batch_sizes() == (24, 8, 4)  # TRL: local_batch_size, local_mini_batch_size, micro-batch
     code, _, err = alignkit(capsys, "validate", TINY, "stages.ppo.trainer.num_mini_batches=3")

@@ -322,6 +322,10 @@ def normalize(
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
     limit = min(max_length or models.context_length(model.config), models.context_length(model.config))
     ids = [tokenizer(_scored_text(row, tokenizer), add_special_tokens=False).input_ids for row in rows]
+    if not ids:
+        from ..errors import DataError
+
+        raise DataError(f"{key}: {spec.path} has no demonstrations to normalise the reward model's scores on")
     cut = sum(len(i) > limit for i in ids)
     ids = sorted((i[-limit:] for i in ids), key=len)  # similar lengths together: little padding
     batches = [ids[start : start + NORMALIZE_BATCH] for start in range(0, len(ids), NORMALIZE_BATCH)]
