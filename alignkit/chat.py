@@ -19,11 +19,12 @@ PROMPT = "you> "
 
 def resolve(target: str, stage: str | None) -> str:
     """A run folder becomes one of its stage folders; anything else is a model folder or a Hub id."""
-    from .pipeline import complete_stages
+    from .pipeline import complete_stages, finish_moves
     from .stages import POLICIES
 
     path = Path(target)
     if path.is_dir() and not (path / "config.json").exists():
+        finish_moves(path, f"alignkit chat {target}")  # a stage a kill left between its two renames
         done = [s for s in complete_stages(path) if s in POLICIES]
         if stage:
             if stage not in done:

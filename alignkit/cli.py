@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--force", action="store_true", help="retrain the chosen stages even if they are up to date")
     run.add_argument(
+        "--accept-upstream",
+        action="store_true",
+        help="with --only/--from: build on earlier stages' outputs even where they were trained with other settings "
+        "than the recipe gives (refused without it, naming the settings)",
+    )
+    run.add_argument(
         "--num-processes",
         type=int,
         default=1,
@@ -185,7 +191,13 @@ def cmd_run(args) -> int:
         # bad data or a missing upstream stage is one clear error here, not one per process
         pipeline.check_data(recipe, pipeline.select(recipe, args.only, args.start))
         return distributed.launch(_without_num_processes(args.argv), args.num_processes)
-    with guard.signals("alignkit " + shlex.join(args.argv)):  # SIGTERM and Ctrl-C: save, say how to go on
+    from . import lock
+
+    command = "alignkit " + shlex.join(args.argv)
+    args.folder = recipe.output_dir
+    # what goes on after SIGTERM or Ctrl-C: without --force, which would start the interrupted stage afresh
+    resume = "alignkit " + shlex.join([a for a in args.argv if a != "--force"])
+    with lock.exclusive(Path(recipe.output_dir), command), guard.signals(resume):  # SIGTERM, Ctrl-C: save, say how
         return _run(recipe, args, t0)
 
 
@@ -194,7 +206,9 @@ def _run(recipe, args, t0: float) -> int:
 
     from . import distributed, pipeline
 
-    summary = pipeline.run(recipe, only=args.only, start=args.start, force=args.force)
+    summary = pipeline.run(
+        recipe, only=args.only, start=args.start, force=args.force, accept_upstream=args.accept_upstream
+    )
     if not distributed.is_main():
         return 0  # the main process evaluates, reports and pushes
     for stage, info in summary.items():
@@ -239,6 +253,7 @@ def _without_num_processes(argv: list[str]) -> list[str]:
 def cmd_push(args) -> int:
     from . import hub
 
+    args.folder = args.run_dir
     for line in hub.push_run(Path(args.run_dir), args.repo_id, args.stages, args.private, args.adapter):
         print(line)
     return 0
@@ -247,13 +262,15 @@ def cmd_push(args) -> int:
 def cmd_chat(args) -> int:
     from . import chat
 
+    args.folder = args.model
     return chat.main(args)
 
 
 def cmd_eval(args) -> int:
+    import shlex
     import time
 
-    from . import evaluate, pipeline
+    from . import lock, pipeline
     from .recipe import load_recipe
 
     t0 = time.time()
@@ -264,6 +281,22 @@ def cmd_eval(args) -> int:
             "eval: {dataset: {path: data/eval.jsonl}}"
         )
     out = Path(recipe.output_dir)
+    args.folder = out
+    if not out.is_dir():
+        raise UserError(
+            f"{out}: no run here (the output_dir of {args.recipe}); run it first: alignkit run {args.recipe}"
+        )
+    with lock.exclusive(out, "alignkit " + shlex.join(args.argv)):  # the report is written where `run` writes
+        for stage in recipe.stages:
+            pipeline.recover(out / stage)  # a stage a kill left between its two renames
+        return _evaluate(recipe, out, t0)
+
+
+def _evaluate(recipe, out: Path, t0: float) -> int:
+    import time
+
+    from . import evaluate, pipeline
+
     stages = {
         stage: {"status": "reused", "seconds": pipeline.read_manifest(out / stage).get("seconds", 0.0)}
         for stage in pipeline.complete_stages(out)
@@ -326,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:  # SIGTERM or Ctrl-C during `run`: what was saved and the command that goes on
         print(f"alignkit: {e}", file=sys.stderr)
         return e.exit_status
+    except Exception as e:
+        known = _known(e, args)  # refused pickles and a full disk outside a stage (eval, report, chat, push)
+        if known is None or os.environ.get("ALIGNKIT_DEBUG"):
+            raise
+        _report(known)
+        return 2
     except KeyboardInterrupt:
         from .stages import ORDER
 
@@ -337,6 +376,23 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def _known(e: Exception, args) -> UserError | None:
+    import pickle
+
+    from .errors import DiskFull, is_disk_full, unsafe_file
+
+    folder = getattr(args, "folder", None)
+    if isinstance(e, pickle.UnpicklingError):
+        return unsafe_file(f"alignkit {args.command}", [Path(folder)] if folder else [])
+    full = is_disk_full(e)
+    if full is not None:
+        return DiskFull(
+            f"the disk is full ({full.filename or folder or 'while writing'}: {full.strerror or full}); finished "
+            "stages and checkpoints are kept. Free space on that disk and run the same command again"
+        )
+    return None
 
 
 def _report(e: UserError) -> None:

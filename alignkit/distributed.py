@@ -27,6 +27,17 @@ def wait_for_everyone() -> None:
         PartialState().wait_for_everyone()
 
 
+def fresh_accelerator_state() -> None:
+    """Forget what an earlier stage's Accelerator fixed for the whole process (mixed precision, DeepSpeed or FSDP
+    plugins, gradient accumulation), keeping the process group: each stage builds its own, with its own settings.
+    Without it a stage with other `bf16`/`fp16` settings than the one before fails with accelerate's "AcceleratorState
+    has already been initialized"."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
 def launch(argv: list[str], processes: int) -> int:
     """Run `alignkit ARGV` in `processes` processes on this machine through torchrun (gloo on a CPU, NCCL on GPUs).
     For several machines, DeepSpeed or FSDP use `accelerate launch` with a config from recipes/accelerate/.

@@ -52,3 +52,45 @@ class Stopped(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum, self.exit_status = signum, 128 + signum
+
+
+class UnsafeFile(UserError):
+    """A file in a run or model folder that torch refuses to unpickle with weights_only=True: it could run code."""
+
+
+def unsafe_file(where: str, folders) -> UnsafeFile:
+    """The error for a pickle refused while loading `where` (a stage, a model): names the first refused file found in
+    `folders`, which is never loaded."""
+    from .files import unsafe_pickles
+
+    found = next((path for folder in folders if folder for path in unsafe_pickles(folder)), None)
+    what = f"{found} holds" if found else "a file it loads holds"
+    return UnsafeFile(
+        f"{where}: {what} a pickle that torch refuses to load safely (it could run code on this machine), so nothing "
+        "was loaded from it. If you did not write this folder yourself, do not use it; if you did, delete that file "
+        "(or the whole checkpoint) and run again"
+    )
+
+
+class DiskFull(UserError):
+    """No space left (ENOSPC) or over quota (EDQUOT) while writing: what was kept and what to do."""
+
+
+def is_disk_full(error: BaseException) -> OSError | None:
+    """The OSError behind `error` (itself, or what caused it: libraries wrap it) that says the disk or the quota is
+    full, else None. Torch's shared-memory errors (/dev/shm) say ENOSPC too but are about memory, not the disk."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen and not isinstance(error, UserError):
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f"{error.filename or ''} {error}"
+            if "/dev/shm" not in where and "torch_" not in str(error.filename or ""):
+                return error
+        text = str(error)
+        if "No space left on device" in text or "Disk quota exceeded" in text:  # wrapped by safetensors, torch
+            if "/dev/shm" not in text:
+                return error if isinstance(error, OSError) else OSError(errno.ENOSPC, text)
+        error = error.__cause__ or error.__context__
+    return None

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .pipeline import complete_stages, read_manifest, upstream_in
+from .pipeline import complete_stages, finish_moves, read_manifest, upstream_in
 from .recipe import is_hub_id, is_repo_id
 from .report import KL_NOTE, eval_table, fmt, shows_kl, win_rate_lines
 from .stages import NAMES, POLICIES, REGISTRY
@@ -56,6 +56,8 @@ def push_run(
     run_dir: Path, repo_id: str | None, stages: list[str] | None, private: bool | None, adapter: bool
 ) -> list[str]:
     """`alignkit push`: what the command line leaves out comes from the run recipe's hub section."""
+    finish_moves(run_dir, f"alignkit push {run_dir}")  # a stage a kill left between its two renames
+    finish_moves(run_dir, f"alignkit push {run_dir}")  # a stage a kill left between its two renames
     done = complete_stages(run_dir)
     if not done:
         raise UserError(

@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import pickle
 import shlex
 import shutil
 import time
@@ -25,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from . import data, files
-from .distributed import is_main, wait_for_everyone, world_size
-from .errors import UserError
+from .distributed import fresh_accelerator_state, is_main, wait_for_everyone, world_size
+from .errors import DiskFull, UserError, is_disk_full, unsafe_file
 from .log import log
 from .recipe import Recipe, plain
 from .stages import NAMES, REGISTRY
@@ -110,6 +111,32 @@ def recover(folder: Path) -> None:
         shutil.rmtree(folder / "checkpoints")
 
 
+def interrupted(run_dir: Path) -> list[str]:
+    """The stages of a run folder that a kill left between the two renames that put an output in place."""
+    run_dir = Path(run_dir)
+    return [s for s in NAMES if read_complete(run_dir / f"{s}.partial") or (run_dir / f"{s}.old").exists()]
+
+
+def finish_moves(run_dir: Path, command: str) -> None:
+    """What `eval`, `chat` and `push` do before they read a run folder: finish the moves a kill interrupted (under the
+    folder's lock, so never under a running `alignkit run`), or say that `alignkit run` finishes them."""
+    from . import lock
+
+    stages = interrupted(run_dir)
+    if not stages:
+        return
+    try:
+        with lock.exclusive(run_dir, command):
+            for stage in stages:
+                recover(Path(run_dir) / stage)
+    except PermissionError:
+        log(
+            "",
+            f"{run_dir}: {', '.join(stages)} stopped while being put in place and this user cannot finish it; "
+            "`alignkit run` with the same recipe does",
+        )
+
+
 def _swap(partial: Path, folder: Path) -> None:
     """Put a complete {stage}.partial in place of {stage}: the old output is renamed aside first, never deleted
     before the new one is in place."""
@@ -149,6 +176,8 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
     template_file = m.chat_template if m.chat_template and "{" not in m.chat_template else None
     files = [local_files_hash(p, recipe) for p in (m.name_or_path, m.tokenizer, template_file)]
     lora, quantization = recipe.adapters(stage)
+    if REGISTRY[stage].from_scratch and m.config is not None:
+        lora = quantization = None  # a stage that builds the model trains every weight, unquantized
     model_settings = {
         "model": plain(m),
         "files": files,
@@ -248,8 +277,17 @@ def select(recipe: Recipe, only: str | None = None, start: str | None = None) ->
     return selected
 
 
-def run(recipe: Recipe, only: str | None = None, start: str | None = None, force: bool = False) -> dict:
-    """Run the recipe's stages in order; returns {stage: {"status": "trained" | "reused", "seconds": float}}."""
+def run(
+    recipe: Recipe,
+    only: str | None = None,
+    start: str | None = None,
+    force: bool = False,
+    accept_upstream: bool = False,
+) -> dict:
+    """Run the recipe's stages in order; returns {stage: {"status": "trained" | "reused", "seconds": float}}.
+
+    A stage that `--only`/`--from` leave out and a chosen one builds on is checked against the recipe: trained with
+    other settings or data, it is refused (naming them) unless `accept_upstream`."""
     names = list(recipe.stages)
     out = Path(recipe.output_dir)
     if is_main():
@@ -261,25 +299,90 @@ def run(recipe: Recipe, only: str | None = None, start: str | None = None, force
 
     fingerprints: dict[str, str | None] = {}
     summary = {}
+    needed = _built_on(recipe, selected)
     for stage in names:
         folder = out / stage
         manifest = read_manifest(folder)
         complete = read_complete(folder)
         if stage not in selected:
             fingerprints[stage] = complete["fingerprint"] if complete else None
+            if complete and stage in needed:
+                _check_reused(recipe, stage, folder, complete, fingerprints, accept_upstream)
             continue
         roles = upstream(recipe, stage)  # select() made sure that each is chosen or complete
         parts = fingerprint_parts(recipe, stage, {up: fingerprints[up] for up in roles.values() if up})
         fp = _hash(parts)
         fingerprints[stage] = fp
-        if complete and complete["fingerprint"] == fp and not force:
+        resumable = (read_manifest(folder.with_name(folder.name + ".partial")) or {}).get("fingerprint") == fp
+        if complete and complete["fingerprint"] == fp and not force and not resumable:
             log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
             summary[stage] = {"status": "reused", "seconds": complete.get("seconds", 0.0)}
             continue
-        summary[stage] = _train(
-            recipe, stage, folder, roles, fp, parts, _why(complete or manifest, parts, folder), force
-        )
+        why = "an interrupted rerun" if resumable and not force else _why(complete or manifest, parts, folder)
+        summary[stage] = _train(recipe, stage, folder, roles, fp, parts, why, force)
     return summary
+
+
+def _built_on(recipe: Recipe, selected: list[str]) -> set[str]:
+    """The stages that the selected ones build on, directly or through others, and that are not selected."""
+    found, todo = set(), list(selected)
+    while todo:
+        for up in upstream(recipe, todo.pop()).values():
+            if up and up not in found and up not in selected:
+                found.add(up)
+                todo.append(up)
+    return found
+
+
+def _check_reused(recipe: Recipe, stage: str, folder: Path, manifest: dict, fingerprints: dict, accept: bool) -> None:
+    ups = {up: fingerprints.get(up) for up in upstream(recipe, stage).values() if up}
+    if "parts" not in manifest or any(fp is None for fp in ups.values()):
+        return  # an output from before fingerprints had parts, or an upstream of unknown origin: nothing to compare
+    now, before = fingerprint_parts(recipe, stage, ups), manifest["parts"]
+    what = []
+    if before.get("config") != now["config"]:
+        what += changed_settings(folder / "recipe.yaml", recipe, stage) or ["its model or stage settings"]
+    if before.get("data") != now["data"]:
+        what.append(f"its data changed ({recipe.stages[stage].dataset.path})")
+    if not what:
+        return
+    shown = "; ".join(what[:6]) + (f"; and {len(what) - 6} more" if len(what) > 6 else "")
+    message = f"{stage}: {folder} was trained with other settings than this recipe gives: {shown}"
+    if accept:
+        log(stage, f"warning: {message}; used as it is (--accept-upstream)")
+        return
+    command = shlex.join(["alignkit", "run", str(recipe.source), *recipe.overrides, "--from", stage])
+    raise UserError(
+        f"{message}. The stages you chose would build on it as if it matched. Retrain it ({command}), or use it as "
+        "it is: add --accept-upstream"
+    )
+
+
+def changed_settings(saved_recipe: Path, recipe: Recipe, stage: str) -> list[str]:
+    """The keys (dotted, as the recipe spells them) that differ between the recipe a stage was trained with and this
+    one, for what the stage's fingerprint covers: the model, the seed, the adapters and the stage's own section."""
+    try:
+        old = yaml.safe_load(Path(saved_recipe).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    new = recipe.to_dict()
+
+    def relevant(d: dict) -> dict:
+        kept = {k: v for k, v in d.items() if k not in ("stages", "output_dir", "eval", "hub")}
+        kept["stages"] = {stage: (d.get("stages") or {}).get(stage)}
+        return kept
+
+    out = []
+
+    def walk(a, b, key):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+        elif a != b:
+            out.append(f"{key} {'(unset)' if a is None else a} -> {'(unset)' if b is None else b}")
+
+    walk(relevant(old), relevant(new), "")
+    return out
 
 
 def last_checkpoint(folder: Path) -> tuple[str | None, list[Path]]:
@@ -368,10 +471,34 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
     from transformers import set_seed
 
     set_seed(args.seed)
+    fresh_accelerator_state()  # this stage's precision and plugins, not the last one's
     t0 = time.time()
-    metrics = declared.run(recipe, partial, inputs, resume, args)
-    seconds = time.time() - t0
-    wait_for_everyone()  # the model is saved before the stage is declared complete
+    try:
+        metrics = declared.run(recipe, partial, inputs, resume, args)
+        seconds = time.time() - t0
+        wait_for_everyone()  # the model is saved before the stage is declared complete
+        _finish(stage, partial, folder, fp, parts, inputs, metrics, seconds)
+    except pickle.UnpicklingError as e:  # torch refused a file as unsafe: name it, load nothing more
+        raise unsafe_file(stage, [resume, *(p for p in inputs.values() if p)]) from e
+    except Exception as e:
+        if type(e).__name__ != "NoMatchingPeftModuleError":  # peft's, for a model validate could not build
+            full = is_disk_full(e)
+            if full is None:
+                raise
+            raise DiskFull(_disk_full(stage, folder, full)) from e
+        lora, _ = recipe.adapters(stage)
+        raise UserError(
+            f"{stage}: the LoRA target_modules {lora.get('target_modules')} match no module of this model "
+            f"({str(e).splitlines()[0]}); name its layers, e.g. GPT-2's c_attn, c_proj, c_fc"
+        ) from e
+    wait_for_everyone()  # the next stage reads this one's output
+    figures = "".join(f", {k} {v:.4g}" for k, v in metrics.get("figures", {}).items())
+    log(stage, f"done in {seconds:.1f}s{figures} -> {folder}")
+    return {"status": "trained", "seconds": seconds}
+
+
+def _finish(stage, partial: Path, folder: Path, fp: str, parts: dict, inputs: dict, metrics: dict, seconds: float):
+    """Mark the stage complete and put it in place (main process)."""
     if is_main():
         metrics["seconds"] = seconds
         metrics["processes"] = world_size()
@@ -392,7 +519,32 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
             },
         )
         _swap(partial, folder)
-    wait_for_everyone()  # the next stage reads this one's output
-    figures = "".join(f", {k} {v:.4g}" for k, v in metrics.get("figures", {}).items())
-    log(stage, f"done in {seconds:.1f}s{figures} -> {folder}")
-    return {"status": "trained", "seconds": seconds}
+
+
+def _disk_full(stage: str, folder: Path, error: OSError) -> str:
+    """What a full disk stopped, what is kept, and what to do. Checkpoints the full disk cut off are removed (the
+    stage writes them again), which also gives some space back."""
+    out, partial = folder.parent, folder.with_name(folder.name + ".partial")
+    kept, broken = last_checkpoint(partial / "checkpoints")
+    if is_main():
+        for path in broken:
+            shutil.rmtree(path, ignore_errors=True)
+        for tmp in partial.glob(".*.tmp") if partial.exists() else []:
+            tmp.unlink(missing_ok=True)
+    finished = complete_stages(out)
+    try:
+        free = shutil.disk_usage(out).free / 2**30
+    except OSError:
+        free = None
+    return (
+        f"{stage}: the disk is full ({error.filename or out}: {error.strerror or error}). Kept: "
+        + (f"the finished stages ({', '.join(finished)}) and " if finished else "")
+        + (
+            f"{stage}'s last whole checkpoint, {kept}, where it resumes"
+            if kept
+            else f"nothing of {stage} yet (it starts again)"
+        )
+        + ". Free space on that disk"
+        + (f" ({free:.1f} GiB free now)" if free is not None else "")
+        + " and run the same command again"
+    )

@@ -730,6 +730,46 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
                     "adapters to bf16 (as QLoRA does), so training needs bf16 on; remove bf16: false",
                 )
             )
+    if check_trainers:
+        _check_lora_targets(recipe, known, base, problems)
+
+
+def _check_lora_targets(recipe: Recipe, known: list[str], base: Path, problems: list[Problem]) -> None:
+    """Each LoRA block's target_modules against the module names of the model it adapts (built on the meta device
+    from model.config or a local model's config.json; a Hub model is checked when it loads)."""
+    from . import lora_targets
+    from .stages import REGISTRY
+
+    m = recipe.model
+    blocks = []
+    for name in known:
+        stage = recipe.stages[name]
+        if stage is None or (REGISTRY[name].from_scratch and isinstance(m, Model) and m.config is not None):
+            continue
+        lora, _ = recipe.adapters(name)
+        if isinstance(lora, dict):
+            blocks.append((f"stages.{name}.lora" if isinstance(stage.lora, dict) else "lora", lora))
+    if not blocks or not isinstance(m, Model):
+        return
+    try:
+        from transformers import AutoConfig
+
+        if isinstance(m.config, dict) and isinstance(m.config.get("model_type"), str):
+            settings = {k: v for k, v in m.config.items() if k != "model_type"}
+            config = AutoConfig.for_model(m.config["model_type"], **settings)
+        elif isinstance(m.name_or_path, str) and (local := resolve_path(m.name_or_path, base)) and local.is_dir():
+            config = AutoConfig.from_pretrained(local)
+        else:
+            return
+        layers = lora_targets.layer_names(config)
+    except Exception:  # a config the checks above refuse already, or one only the real load can judge
+        return
+    seen = set()
+    for key, lora in blocks:
+        if key in seen:
+            continue
+        seen.add(key)
+        lora_targets.check(lora.get("target_modules"), layers, config.model_type, f"{key}.target_modules", problems)
 
 
 def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> None:

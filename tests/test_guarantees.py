@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, alignkit, summary
+from conftest import FAST, REPO, TINY, alignkit, summary
 from transformers import AutoModelForCausalLM
 
 
@@ -351,3 +351,76 @@ def test_ppo_runs_every_model_without_dropout_whatever_the_architecture(tmp_path
     assert varies(load_causal_lm(recipe, str(tmp_path / "opt"), tokenizer))
     assert not varies(load_causal_lm(recipe, str(tmp_path / "opt"), tokenizer, "ppo", dropout=False))
     assert not varies(load_reward_model(recipe, str(tmp_path / "opt"), tokenizer, "ppo", dropout=False))
+
+
+# --- a full disk ---------------------------------------------------------------------------------------------------
+
+
+def _no_space(path) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_a_full_disk_while_checkpointing_says_what_is_kept_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    recipe, run = micro(tmp_path), tmp_path / "run"
+    checkpoints = run / "pretrain.partial" / "checkpoints"
+
+    def save(original, obj, path, *args, **kwargs):
+        if str(path).endswith(os.path.join("checkpoint-2", "optimizer.pt")):
+            raise _no_space(path)
+        return original(obj, path, *args, **kwargs)
+
+    hook(monkeypatch, torch, "save", save)
+    code, out, err = alignkit(capsys, "run", recipe)
+    monkeypatch.undo()
+    assert code == 2 and "Traceback" not in err
+    assert "pretrain: the disk is full (" in err and "optimizer.pt: No space left on device" in err
+    assert f"pretrain's last whole checkpoint, {checkpoints / 'checkpoint-1'}, where it resumes" in err
+    assert "Free space on that disk" in err and "GiB free now" in err and "run the same command again" in err
+    assert not (checkpoints / "checkpoint-2").exists()  # cut off by the full disk: removed, it is written again
+    assert not (run / "pretrain").exists()  # nothing marked complete
+
+    code, out, err = alignkit(capsys, "run", recipe)
+    assert code == 0, err
+    assert f"pretrain: resuming from {checkpoints / 'checkpoint-1'}" in err
+    loads(run, "pretrain", "sft")
+
+
+def test_a_full_disk_while_marking_a_stage_complete_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    from alignkit import files
+
+    recipe, run = micro(tmp_path), tmp_path / "run"
+    original_fsync = os.fsync
+
+    def write_text(original, path, text):
+        if Path(path).name == "alignkit_stage.json" and '"complete"' in text and "sft" in str(path):
+            monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(_no_space(path)))
+        try:
+            return original(path, text)
+        finally:
+            monkeypatch.setattr(os, "fsync", original_fsync)
+
+    hook(monkeypatch, files, "write_text", write_text)
+    code, out, err = alignkit(capsys, "run", recipe)
+    monkeypatch.undo()
+    assert code == 2 and "Traceback" not in err
+    assert "sft: the disk is full" in err and "Kept: the finished stages (pretrain)" in err
+    assert not list(run.rglob("*.tmp"))
+    assert json.loads((run / "sft.partial" / "alignkit_stage.json").read_text())["status"] == "running"
+    code, out, err = alignkit(capsys, "run", recipe)
+    assert code == 0, err
+    loads(run, "pretrain", "sft")
+
+
+def test_a_full_disk_while_writing_the_report_is_a_message(run_copy, capsys, monkeypatch):
+    from alignkit import evaluate
+
+    def write_report(*args, **kwargs):
+        raise _no_space(run_copy / "report.md")
+
+    monkeypatch.setattr(evaluate, "write_report", write_report)
+    code, out, err = alignkit(capsys, "eval", TINY, f"output_dir={run_copy}", *FAST)
+    assert code == 2 and "Traceback" not in err
+    assert f"the disk is full ({run_copy / 'report.md'}: No space left on device)" in err
+    assert "Free space on that disk and run the same command again" in err

@@ -132,7 +132,7 @@ def test_a_killed_ppo_stage_resumes_and_ends_with_the_weights_of_an_uninterrupte
     proc.wait()
     # the checkpoint holds everything to go on: both models, optimizer, schedule, RNG, PPO's own state
     kept = checkpoint.parent
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "ppo_state.json"} <= {
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.json", "ppo_state.json"} <= {
         p.name for p in kept.iterdir()
     }
     assert (kept / "value" / "model.safetensors").is_file()

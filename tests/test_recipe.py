@@ -231,3 +231,47 @@ def test_hub_ids_and_local_paths_are_told_apart():
     assert not is_hub_id("data/tiny/sft.jsonl")  # exists here
     assert not any(is_hub_id(p) for p in ("runs/chat/sft", "./model", "~/model", "prompts.jsonl", "x/y.parquet"))
     assert is_repo_id("alice/tiny") and not any(is_repo_id(r) for r in ("tiny", "a/b/c", "/tiny", "alice/"))
+
+
+def test_lora_targets_are_checked_against_the_models_modules(capsys):
+    """Llama's names on GPT-2 match nothing: validate says so, with the names GPT-2 has, before any model loads."""
+    code, out, err = alignkit(capsys, "validate", TINY, "lora.r=4", "lora.target_modules=[q_proj,v_proj]")
+    assert code == 2 and "Traceback" not in err
+    assert "lora.target_modules: 'q_proj' matches no module of this gpt2 model" in err
+    assert "'v_proj' matches no module" in err and "c_attn" in err
+    code, out, err = alignkit(capsys, "validate", TINY, "lora.r=4", "lora.target_modules=[c_atn]")
+    assert code == 2 and "did you mean c_attn?" in err
+    code, out, err = alignkit(capsys, "validate", TINY, "stages.sft.lora={r: 4, target_modules: [ln_f]}")
+    assert code == 2 and "stages.sft.lora.target_modules: 'ln_f' names LayerNorm modules, which LoRA cannot" in err
+    code, out, err = alignkit(capsys, "validate", TINY, "lora.r=4", "lora.target_modules=[c_attn,c_proj]")
+    assert code == 0, err
+    code, out, err = alignkit(capsys, "validate", TINY, "lora.r=4", "lora.target_modules=.*attn\\.c_(attn|proj)")
+    assert code == 0, err
+
+
+def test_lora_targets_that_only_loading_finds_wrong_are_a_message(run_copy, capsys, monkeypatch):
+    """Where validate cannot build the model (a Hub model, here simulated), peft's refusal becomes exit 2 naming the
+    key, not its traceback."""
+    from conftest import FAST
+
+    from alignkit import lora_targets
+
+    def unknown(config):
+        raise OSError("not reachable")
+
+    monkeypatch.setattr(lora_targets, "layer_names", unknown)
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *FAST,
+        "--only",
+        "sft",
+        "--force",
+        "~eval",
+        "lora.r=4",
+        "lora.target_modules=[q_proj,v_proj]",
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "sft: the LoRA target_modules ['q_proj', 'v_proj'] match no module of this model" in err

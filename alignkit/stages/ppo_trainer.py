@@ -51,6 +51,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from ..errors import FirstUpdateMismatch, NonFinite
 
 STATE_FILE = "ppo_state.json"  # what a checkpoint adds to the Trainer's own files
+RNG_FILE = "rng_state_{rank}.json"  # every generator, as JSON: a pickle in a run folder could run code on resume
 VALUE_DIR = "value"  # the value model's weights inside a checkpoint
 ACCELERATOR_DIR = "accelerator"  # under DeepSpeed: accelerate's save_state (the sharded optimizer)
 
@@ -793,7 +794,7 @@ class PPOTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial=None, metrics=None):
         """checkpoint-{update}/: the policy's weights (model.safetensors, or adapter_model.safetensors under LoRA),
-        value/ likewise, optimizer.pt, scheduler.pt, rng_state_{rank}.pth, ppo_state.json, and trainer_state.json,
+        value/ likewise, optimizer.pt, scheduler.pt, rng_state_{rank}.json, ppo_state.json, and trainer_state.json,
         written last (a checkpoint without it was cut off)."""
         folder = Path(self.args.output_dir) / f"checkpoint-{self.update}"
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -817,7 +818,7 @@ class PPOTrainer(Trainer):
                 )
             )
         self.accelerator.wait_for_everyone()
-        torch.save(_rng_states(), folder / f"rng_state_{self.rank}.pth")
+        (folder / RNG_FILE.format(rank=self.rank)).write_text(json.dumps(_rng_states()))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.state.save_to_json(str(folder / "trainer_state.json"))
@@ -848,7 +849,16 @@ class PPOTrainer(Trainer):
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def _resume(self, folder: Path) -> None:
-        saved = json.loads((folder / STATE_FILE).read_text())
+        rng = folder / RNG_FILE.format(rank=self.rank)
+        if not rng.is_file() and (folder / f"rng_state_{self.rank}.pth").is_file():
+            from ..errors import UserError
+
+            raise UserError(
+                f"{self.stage.name}: the checkpoint {folder} keeps its random states as a pickle "
+                f"(rng_state_{self.rank}.pth, written before 2026-12-06), which alignkit no longer loads: a pickle "
+                "can run code; rerun the stage from the start with --force"
+            )
+        saved = _read_json(folder / STATE_FILE)
         if saved["episode"] != saved["update"] * self.batch_size:
             from ..errors import UserError
 
@@ -872,7 +882,7 @@ class PPOTrainer(Trainer):
         state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
         self.state.log_history, self.state.global_step = state.log_history, state.global_step
         self.state.episode = saved["episode"]
-        _set_rng_states(torch.load(folder / f"rng_state_{self.rank}.pth", weights_only=False))
+        _set_rng_states(_read_json(rng))
 
 
 def _save_weights(model, folder: Path) -> None:
@@ -900,20 +910,49 @@ def _load_weights(model, folder: Path) -> None:
         load_model(model, str(folder / "model.safetensors"))
 
 
+def _read_json(path: Path):
+    """A checkpoint's JSON file; one that is not JSON (or not there) is bad input naming the file, not a traceback."""
+    from ..errors import UserError
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{path}: cannot read this checkpoint file ({e}); rerun the stage from the start with --force"
+        ) from e
+
+
 def _rng_states() -> dict:
+    """Python's, numpy's and torch's generators as plain JSON values (lists of ints), never a pickle."""
     import numpy
 
-    states = {"python": random.getstate(), "numpy": numpy.random.get_state(), "cpu": torch.get_rng_state()}
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+    states = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "cpu": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return states
 
 
 def _set_rng_states(states: dict) -> None:
     import numpy
 
-    random.setstate(states["python"])
-    numpy.random.set_state(states["numpy"])
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    try:
+        version, words, gauss = states["python"]
+        random.setstate((version, tuple(words), gauss))
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(torch.tensor(states["cpu"], dtype=torch.uint8))
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        from ..errors import UserError
+
+        raise UserError(
+            f"a PPO checkpoint's random states ({RNG_FILE}) are not what alignkit writes ({e}); "
+            "rerun the stage from the start with --force"
+        ) from e
