@@ -338,7 +338,7 @@ def _check_reused(recipe: Recipe, stage: str, folder: Path, manifest: dict, fing
     ups = {up: fingerprints.get(up) for up in upstream(recipe, stage).values() if up}
     if "parts" not in manifest or any(fp is None for fp in ups.values()):
         return  # an output from before fingerprints had parts, or an upstream of unknown origin: nothing to compare
-    now, before = fingerprint_parts(recipe, stage, ups), manifest["parts"]
+    now, before = fingerprint_parts(_spelled_as(recipe, folder / "recipe.yaml", stage), stage, ups), manifest["parts"]
     what = []
     if before.get("config") != now["config"]:
         what += changed_settings(folder / "recipe.yaml", recipe, stage) or ["its model or stage settings"]
@@ -356,6 +356,36 @@ def _check_reused(recipe: Recipe, stage: str, folder: Path, manifest: dict, fing
         f"{message}. The stages you chose would build on it as if it matched. Retrain it ({command}), or use it as "
         "it is: add --accept-upstream"
     )
+
+
+def _spelled_as(recipe: Recipe, saved_recipe: Path, stage: str) -> Recipe:
+    """`recipe` with each local path that names the same file as the recipe a stage was trained with spelled as that
+    one spelled it (data/tiny/tokenizer and /work/data/tiny/tokenizer are one folder; the files' contents are in the
+    fingerprint apart)."""
+    try:
+        old = yaml.safe_load(Path(saved_recipe).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return recipe
+    respelled = copy.copy(recipe)
+    respelled.model = copy.copy(recipe.model)
+    for key in ("name_or_path", "tokenizer", "chat_template"):
+        before, now = (old.get("model") or {}).get(key), getattr(recipe.model, key)
+        if isinstance(before, str) and isinstance(now, str) and before != now and _same_place(recipe, before, now):
+            setattr(respelled.model, key, before)
+    before = (((old.get("stages") or {}).get(stage) or {}).get("dataset") or {}).get("path")
+    spec = recipe.stages[stage]
+    if isinstance(before, str) and before != spec.dataset.path and _same_place(recipe, before, spec.dataset.path):
+        respelled.stages = {**recipe.stages, stage: copy.copy(spec)}
+        respelled.stages[stage].dataset = copy.copy(spec.dataset)
+        respelled.stages[stage].dataset.path = before
+    return respelled
+
+
+def _same_place(recipe: Recipe, a: str, b: str) -> bool:
+    try:
+        return recipe.resolve(a).exists() and recipe.resolve(a).resolve() == recipe.resolve(b).resolve()
+    except (OSError, ValueError):
+        return False
 
 
 def changed_settings(saved_recipe: Path, recipe: Recipe, stage: str) -> list[str]:

@@ -47,10 +47,10 @@ def test_every_stage_output_is_complete(run_dir):
         assert "stages:" in (folder / "recipe.yaml").read_text()
         assert json.loads((folder / "metrics.json").read_text())["log_history"]
         assert not (folder / "checkpoints").exists()
-    # the stages and the eval section's report; no .partial folder or half-written (.tmp) file left
-    assert sorted(
-        p.name for p in run_dir.iterdir() if p.name not in ("report.md", "report.json") and p.suffix != ".png"
-    ) == sorted(STAGES)
+    # the stages, the eval section's report and the run folder's lock; no .partial folder or .tmp file left
+    kept = ("report.md", "report.json", ".alignkit.lock")
+    assert sorted(p.name for p in run_dir.iterdir() if p.name not in kept and p.suffix != ".png") == sorted(STAGES)
+    assert (run_dir / ".alignkit.lock").is_file()
 
 
 def test_every_stage_changes_its_parameters(run_dir):
@@ -180,7 +180,14 @@ def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, tmp
     )
     before = (run_copy / "sft" / "model.safetensors").read_bytes()
     code, out, err = alignkit(
-        capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft", f"model.chat_template={unmarked}"
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "sft",
+        f"model.chat_template={unmarked}",
+        "--accept-upstream",  # pretrain's output was saved with the other template
     )
     assert code == 2
     assert "alignkit: error: sft: TRL refused the stage's settings" in err and "chat template" in err
@@ -196,7 +203,14 @@ def test_what_trl_refuses_when_building_a_trainer_is_a_clear_error(run_copy, tmp
     marked = "{#- a recipe's own template -#}\n" + DEFAULT_CHAT_TEMPLATE
     template.write_text(marked)
     code, out, err = alignkit(
-        capsys, "run", TINY, f"output_dir={run_copy}", "--only", "sft", f"model.chat_template={template}"
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "sft",
+        f"model.chat_template={template}",
+        "--accept-upstream",
     )
     assert code == 0 and summary(out) == {"sft": "trained"}, err
     assert "its chat template replaced by model.chat_template" in err
