@@ -219,6 +219,7 @@ def _run(recipe, args, t0: float) -> int:
         if evaluate.answers_prompts(recipe):
             report = evaluate.evaluate(recipe)
             print(evaluate.write_report(recipe, report, summary, time.time() - t0))
+            _print_verdict(report)
         else:  # e.g. --only on a stage that trains from scratch: nothing that answers prompts yet
             log(
                 "eval",
@@ -304,7 +305,17 @@ def _evaluate(recipe, out: Path, t0: float) -> int:
     }
     report = evaluate.evaluate(recipe)
     print(evaluate.write_report(recipe, report, stages, time.time() - t0))
+    _print_verdict(report)
     return 0
+
+
+def _print_verdict(report: dict) -> None:
+    """The report's verdict, last on the terminal: what each policy trained after the reference bought."""
+    from .report import verdict_lines
+
+    lines = verdict_lines(report)
+    if lines:
+        print("\n" + "\n".join(lines))
 
 
 def cmd_validate(args) -> int:

@@ -5,8 +5,10 @@ its name) answers the recipe's `eval` prompts greedily. For each: the reward mod
 reference policy (the stage declared eval_reference, SFT; nats per response, on the checkpoint's own samples at
 temperature 1), mean response length in tokens, the share of answers that end with EOS, repetition (the share of a
 response's token bigrams that repeat an earlier bigram), and, where rows carry a reference answer, the share that are
-correct. Then the reward model's pairwise accuracy on held-out comparisons and the win rate of each later policy
-against the reference. Writes {output_dir}/report.json, report.md and PNG plots.
+correct. Then the reward model's pairwise accuracy on held-out comparisons, the win rate of each later policy
+against the reference, and a verdict on each: its gold accuracy against the reference's with a paired bootstrap
+interval, its wins, ties and losses, and the reward model's score held out against in training. Writes
+{output_dir}/report.json, report.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ from . import data, files
 from .log import log
 from .pipeline import complete_stages
 from .recipe import Recipe
-from .report import BASE, KL, KL_NOTE, REFERENCE, WIN_RATE, eval_table, fmt, shows_kl, win_rate_lines
+from .report import (
+    BASE,
+    KL,
+    KL_NOTE,
+    LEVEL,
+    REFERENCE,
+    WIN_RATE,
+    eval_table,
+    fmt,
+    shows_kl,
+    verdict_lines,
+    win_rate_lines,
+)
 from .stages import ORDER, REGISTRY
 
 
@@ -212,7 +226,7 @@ def evaluate(recipe: Recipe) -> dict:
         AutoModelForCausalLM.from_pretrained(found[REFERENCE]).to(device).eval() if REFERENCE in found else None
     )
 
-    results, answers, scores_of = {}, {}, {}
+    results, answers, scores_of, correct_of = {}, {}, {}, {}
     for name, path in found.items():
         t0 = time.time()
         model = reference if name == REFERENCE else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
@@ -221,7 +235,10 @@ def evaluate(recipe: Recipe) -> dict:
         responses = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         answers[name] = texts
-        correct = [is_correct(t, ref, spec.match) for t, ref in zip(texts, references) if ref is not None]
+        correct_of[name] = [
+            None if ref is None else is_correct(t, ref, spec.match) for t, ref in zip(texts, references)
+        ]
+        correct = [c for c in correct_of[name] if c is not None]
         kl = None
         if reference is not None:
             if name == REFERENCE:
@@ -253,18 +270,26 @@ def evaluate(recipe: Recipe) -> dict:
             + f" ({time.time() - t0:.0f}s)",
         )
     report = {"eval": results, "reward_accuracy": None, WIN_RATE: None, "win_rates": {}, "eval_prompts": len(rows)}
+    report["verdict"], report["correct"] = {}, correct_of
     if reward_model is not None and spec.comparisons is not None:
         report["reward_accuracy"] = reward_accuracy(recipe, reward_model, tokenizer)
         log("eval", f"reward model: pairwise accuracy {report['reward_accuracy']:.3f} on held-out comparisons")
-    if REFERENCE in answers:  # each policy trained after the reference, against it; the last one's also on its own
-        later = trained[trained.index(REFERENCE) + 1 :]
-        report["win_rates"] = {
-            name: win_rate(
-                answers[name], answers[REFERENCE], references, spec.match, scores_of[name], scores_of[REFERENCE]
-            )
-            for name in later
-        }
+    # each policy trained after the reference (else every one after the earliest checkpoint), against it
+    against = REFERENCE if REFERENCE in answers else next(iter(found))
+    later = trained[trained.index(against) + 1 :] if against in trained else trained
+    outcomes_of = {
+        name: outcomes(answers[name], answers[against], references, spec.match, scores_of[name], scores_of[against])
+        for name in later
+    }
+    if against == REFERENCE:  # the win rates; the last one's also on its own
+        report["win_rates"] = {name: win_rate(judged) for name, judged in outcomes_of.items()}
         report[WIN_RATE] = report["win_rates"][later[-1]] if later else None
+    for name, judged in outcomes_of.items():
+        scored = REGISTRY[name].training_reward
+        during = [h[scored] for h in _history(out, name) if scored in h] if scored else []
+        report["verdict"][name] = verdict(
+            against, correct_of[name], correct_of[against], judged, results[name]["reward_mean"], _mean(during)
+        )
     report["samples"] = [
         {
             "prompt": data.render(rows[i], tokenizer, add_generation_prompt=True),
@@ -299,21 +324,81 @@ def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
     return _mean(scores[c] > scores[r] for c, r in zip(*sides))
 
 
-def win_rate(
+def outcomes(
     policy: list[str], reference: list[str], references: list, match: str, policy_scores, reference_scores
-) -> float:
-    """How often a policy's answer beats the reference policy's, ties counting half: judged by the reference answer
-    where a row has one, else by the reward model."""
-    points = []
+) -> list[int | None]:
+    """Prompt by prompt, whether a policy's answer beats the reference policy's (1), ties with it (0) or loses (-1):
+    judged by the reference answer where a row has one, else by the reward model; None where neither can judge."""
+    judged = []
     for i, (a, b) in enumerate(zip(policy, reference)):
         if references[i] is not None:
             x, y = is_correct(a, references[i], match), is_correct(b, references[i], match)
         elif policy_scores:
             x, y = policy_scores[i], reference_scores[i]
         else:
+            judged.append(None)
             continue
-        points.append(1.0 if x > y else 0.5 if x == y else 0.0)
-    return _mean(points)
+        judged.append(1 if x > y else 0 if x == y else -1)
+    return judged
+
+
+def win_rate(judged: list[int | None]) -> float | None:
+    """How often a policy's answer beats the reference policy's (outcomes()), ties counting half."""
+    return _mean((o + 1) / 2 for o in judged if o is not None)
+
+
+RESAMPLES, SEED = 10_000, 0  # the verdict's bootstrap: resamples, and a fixed seed
+
+
+def paired_bootstrap(a: list[bool], b: list[bool]) -> tuple[float, tuple[float, float]]:
+    """The difference in accuracy a - b on the same prompts and its LEVEL percentile interval, from resampling the
+    prompts (each prompt's pair kept together) RESAMPLES times with a fixed seed: the same data, the same interval."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=int) - np.asarray(b, dtype=int)
+    n = len(d)
+    # A resample's mean is (its +1s - its -1s) / n, and its counts of +1, 0 and -1 are multinomial in the shares of
+    # the data's: drawing the counts is drawing the resamples, in RESAMPLES x 3 numbers instead of RESAMPLES x n.
+    shares = [np.mean(d == 1), np.mean(d == 0), np.mean(d == -1)]
+    counts = np.random.default_rng(SEED).multinomial(n, shares, size=RESAMPLES)
+    lo, hi = np.quantile((counts[:, 0] - counts[:, 2]) / n, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return float(d.mean()), (float(lo), float(hi))
+
+
+def verdict(
+    against: str,
+    correct: list[bool | None],
+    against_correct: list[bool | None],
+    judged: list[int | None],
+    held_out_reward: float | None = None,
+    training_reward: float | None = None,
+) -> dict:
+    """What a policy bought over `against`: its gold accuracy less against's on the prompts with a reference answer
+    (correct / against_correct: per prompt, None without one), with its paired bootstrap interval; its wins, ties
+    and losses (outcomes()); the reward model's mean score of its held-out answers and of its training samples; and
+    the conclusion: "no measurable gain" when the interval holds 0, else "better" or "worse"."""
+    pairs = [(x, y) for x, y in zip(correct, against_correct) if x is not None and y is not None]
+    diff, interval = paired_bootstrap(*zip(*pairs)) if pairs else (None, None)
+    conclusion = (
+        "no gold answers"
+        if interval is None
+        else "no measurable gain"
+        if interval[0] <= 0 <= interval[1]
+        else "better"
+        if interval[0] > 0
+        else "worse"
+    )
+    return {
+        "against": against,
+        "gold_accuracy_diff": diff,
+        "interval": list(interval) if interval else None,
+        "wins": judged.count(1),
+        "ties": judged.count(0),
+        "losses": judged.count(-1),
+        "held_out_reward": held_out_reward,
+        "training_reward": training_reward,
+        "conclusion": conclusion,
+    }
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -332,14 +417,20 @@ def write_report(recipe: Recipe, report: dict, stages: dict, wall_seconds: float
 
 
 def _with_figures(out: Path, stages: dict) -> dict:
-    """Each stage's entry with the key figures its training ended on (from its metrics.json)."""
+    """Each stage's entry with the key figures its training ended on (from its metrics.json) and, for those logged
+    before its last step, the step they were logged at."""
+    from .guard import logged_at
+
     result = {}
     for stage, entry in stages.items():
         try:
-            figures = json.loads((out / stage / "metrics.json").read_text()).get("figures") or {}
+            metrics = json.loads((out / stage / "metrics.json").read_text())
         except (OSError, ValueError):
-            figures = {}
+            metrics = {}
+        figures = metrics.get("figures") or {}
+        at = logged_at(REGISTRY[stage], metrics.get("log_history") or []) if stage in REGISTRY else {}
         result[stage] = {**entry, "figures": figures} if figures else dict(entry)
+        result[stage].update({"logged_at": at} if at else {})
     return result
 
 
@@ -425,11 +516,15 @@ def _eval_plot(out: Path, results: dict) -> str:
 
 def _training(stages: dict) -> list[str]:
     """What each stage's training ended on, and what its figures mean (as the stage declares)."""
+    from .guard import at_step
+
     lines = []
     for name, entry in stages.items():
-        figures = entry.get("figures")
+        figures, at = entry.get("figures"), entry.get("logged_at") or {}
         if figures:
-            lines.append(f"- **{name}**: " + ", ".join(f"{k} {fmt(v)}" for k, v in figures.items()))
+            lines.append(
+                f"- **{name}**: " + ", ".join(f"{k} {fmt(v)}{at_step(at.get(k))}" for k, v in figures.items())
+            )
             notes = REGISTRY[name].notes if name in REGISTRY else ""
             lines += [f"  ({notes})"] if notes else []
     return ["## Training", "", "Each stage's figures at the end of its training:", "", *lines, ""] if lines else []
@@ -452,6 +547,7 @@ def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
         f"- Reward model's pairwise accuracy on held-out comparisons: {fmt(report['reward_accuracy'])}",
         *win_rate_lines(report),
         "",
+        *([*verdict_lines(report), ""] if report.get("verdict") else []),
         "gold_accuracy: share of answers equal to the reference"
         f" ({recipe.eval.match} match, ignoring case and end punctuation). {KL}: nats per response, on the "
         "checkpoint's own samples at temperature 1. length_mean: tokens per answer. repetition: share of an "

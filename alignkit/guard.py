@@ -180,7 +180,8 @@ def check_finite(model, stage, args) -> None:
 
 class _Progress(TrainerCallback):
     """One line per log event, at most every `every` seconds (and at the start and end): step, the figures that
-    matter, speed and time left. Every log dict goes to {stage folder}/log.jsonl."""
+    matter (each one logged at an earlier step labelled with it), speed and time left. Every log dict goes to
+    {stage folder}/log.jsonl."""
 
     def __init__(self, stage, folder: Path, every: float = 10.0):
         self.stage, self.path, self.every = stage.name, folder / LOG_FILE, every
@@ -188,6 +189,7 @@ class _Progress(TrainerCallback):
         self.start = self.last = None
         self.first_step, self.printed = 0, -1
         self.latest: dict = {}
+        self.at: dict = {}  # the step each of latest was logged at
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.first_step, self.last = time.time(), state.global_step, 0.0
@@ -197,7 +199,9 @@ class _Progress(TrainerCallback):
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
-        self.latest.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+        self.latest.update(numbers)
+        self.at.update(dict.fromkeys(numbers, state.global_step))
         now, step = time.time(), state.global_step
         if step != self.printed and (now - self.last >= self.every or step >= state.max_steps):
             self.last, self.printed = now, step
@@ -207,7 +211,9 @@ class _Progress(TrainerCallback):
         done, total = state.global_step, state.max_steps or 0
         rate = (done - self.first_step) / max(now - self.start, 1e-9)
         parts = [f"step {done}/{total}" if total else f"step {done}"]
-        parts += [f"{label} {self.latest[k]:.4g}" for k, label in self.shown if k in self.latest]
+        parts += [
+            f"{label} {self.latest[k]:.4g}{at_step(self.at[k], done)}" for k, label in self.shown if k in self.latest
+        ]
         if rate > 0:
             parts.append(f"{rate:.2f} steps/s" if rate < 10 else f"{rate:.0f} steps/s")
             if total > done:
@@ -217,6 +223,20 @@ class _Progress(TrainerCallback):
     def summary(self) -> dict:
         """The last value of each figure that matters."""
         return {label: self.latest[k] for k, label in self.shown if k in self.latest and k != "grad_norm"}
+
+
+def at_step(logged: int | None, now: int | None = None) -> str:
+    """What follows a figure logged at step `logged`, an earlier step than `now` (the last logged loss of a run whose
+    end is not a logging step, say); nothing for one logged now, or where `logged` is None."""
+    return f" (at step {logged})" if logged is not None and logged != now else ""
+
+
+def logged_at(stage, history: list[dict]) -> dict[str, int]:
+    """The step each of `stage`'s figures (its declaration's, by label) was last logged at in a trainer's log history,
+    where that is before the history's last step."""
+    last = max((h.get("step", 0) for h in history), default=0)
+    steps = {label: [h["step"] for h in history if key in h and "step" in h] for key, label in stage.figures}
+    return {label: s[-1] for label, s in steps.items() if s and s[-1] != last}
 
 
 def _clock(seconds: float) -> str:

@@ -18,7 +18,7 @@ import yaml
 from .errors import UserError
 from .pipeline import complete_stages, finish_moves, read_manifest, upstream_in
 from .recipe import is_hub_id, is_repo_id
-from .report import KL_NOTE, eval_table, fmt, shows_kl, win_rate_lines
+from .report import KL_NOTE, eval_table, fmt, shows_kl, verdict_lines, win_rate_lines
 from .stages import NAMES, POLICIES, REGISTRY
 
 SKIP = {"adapter", "checkpoints", "alignkit_stage.json", "training_args.bin"}  # kept local: paths of this machine
@@ -279,6 +279,7 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
             f"- Reward model pairwise accuracy on held-out comparisons: {fmt(report.get('reward_accuracy'))}",
             *win_rate_lines(report),
             "",
+            *([*verdict_lines(report), ""] if report.get("verdict") else []),
             *([KL_NOTE, ""] if shows_kl(report["eval"]) else []),
         ]
     load = (

@@ -522,7 +522,10 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
             f"({str(e).splitlines()[0]}); name its layers, e.g. GPT-2's c_attn, c_proj, c_fc"
         ) from e
     wait_for_everyone()  # the next stage reads this one's output
-    figures = "".join(f", {k} {v:.4g}" for k, v in metrics.get("figures", {}).items())
+    from .guard import at_step, logged_at
+
+    at = logged_at(declared, metrics.get("log_history", []))  # figures older than the last step say so
+    figures = "".join(f", {k} {v:.4g}{at_step(at.get(k))}" for k, v in metrics.get("figures", {}).items())
     log(stage, f"done in {seconds:.1f}s{figures} -> {folder}")
     return {"status": "trained", "seconds": seconds}
 

@@ -8,6 +8,7 @@ from .stages import ORDER
 BASE = "base"  # the checkpoint name of the model a run starts from, or pretrains from scratch
 REFERENCE = next(s.name for s in ORDER if s.eval_reference)  # what KL and win rates are measured against
 KL, WIN_RATE = f"kl_to_{REFERENCE}", f"win_rate_vs_{REFERENCE}"
+LEVEL = 0.95  # of the verdict's interval on the change in gold accuracy
 KL_NOTE = (
     f"{KL} is a sampled estimate, the mean of log p_checkpoint - log p_{REFERENCE} over the checkpoint's "
     f"sampled answers, so for a model close to {REFERENCE} it can come out slightly below zero: sampling noise, "
@@ -33,8 +34,41 @@ def shows_kl(results: dict) -> bool:
 
 
 def win_rate_lines(report: dict) -> list[str]:
-    """One line per policy trained after the reference: its win rate against it."""
+    """One line per policy trained after the reference: its win rate against it, and of what."""
+    verdicts = report.get("verdict") or {}
     return [
         f"- Win rate of {name} against {REFERENCE} (ties count half): {fmt(rate)}"
+        + (f" (wins/ties/losses {v['wins']}/{v['ties']}/{v['losses']})" if (v := verdicts.get(name)) else "")
         for name, rate in (report.get("win_rates") or {}).items()
     ]
+
+
+def _signed(value: float) -> str:
+    return f"{value + 0.0:+.3f}"  # + 0.0: no "-0.000"
+
+
+def verdict_lines(report: dict) -> list[str]:
+    """The verdict on each policy trained after the reference: a two-line key, then one line each (at most 100
+    columns), e.g. `- ppo: no measurable gain; +0.000 [-0.056, +0.056]; 0/18/0; reward -2.21 (training -0.45)`."""
+    verdicts = report.get("verdict") or {}
+    if not verdicts:
+        return []
+    against = next(iter(verdicts.values()))["against"]
+    lines = [
+        f"Verdict against {against} on {report['eval_prompts']} held-out prompts: gold accuracy change "
+        f"[{LEVEL:.0%} interval];",
+        "wins/ties/losses; the reward model's mean score of the answers (of the training samples):",
+    ]
+    for name, v in verdicts.items():
+        parts = [f"- {name}: {v['conclusion']}"]
+        if v["interval"] is not None:
+            lo, hi = v["interval"]
+            parts.append(f"{_signed(v['gold_accuracy_diff'])} [{_signed(lo)}, {_signed(hi)}]")
+        parts.append(f"{v['wins']}/{v['ties']}/{v['losses']}")
+        if v["held_out_reward"] is not None:
+            training = v["training_reward"]
+            parts.append(
+                f"reward {v['held_out_reward']:.2f}" + (f" (training {training:.2f})" if training is not None else "")
+            )
+        lines.append("; ".join(parts))
+    return lines

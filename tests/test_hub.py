@@ -10,6 +10,8 @@ from conftest import FAST, REPO, TINY, alignkit, summary
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignkit.report import verdict_lines
+
 TOKEN = "hf_alignkitTestSecret0123456789"
 
 
@@ -84,6 +86,7 @@ def test_hub_section_pushes_merged_models_with_tokenizer_and_card(run_copy, hub,
         values = report["eval"][checkpoint]
         assert f"| {checkpoint} | {values['gold_accuracy']:.3f} | {values['reward_mean']:.3f} |" in text
     assert "kl_to_sft is a sampled estimate" in text
+    assert all(line in text for line in verdict_lines(report))  # the report's verdict, on ppo against sft
     sft_card = ModelCard.load(hub["uploads"]["alice/tiny-sft"] / "README.md")
     assert "| ppo |" not in sft_card.text.split("## Evaluation")[0]  # its lineage stops at sft
     _nowhere(TOKEN, run_copy, *hub["uploads"].values())

@@ -201,6 +201,13 @@ def test_eval_reports_dpo_beside_the_other_policies(dpo_run, capsys):
         and "Win rate of ppo against sft" in markdown
     )
     assert (run / "dpo.png").is_file()
+    # the verdict, on each against sft, ends the command's output; dpo has no reward of its own training to show
+    verdict = report["verdict"]
+    assert set(verdict) == {"ppo", "dpo"} and verdict["dpo"]["training_reward"] is None
+    assert all(v["wins"] + v["ties"] + v["losses"] == report["eval_prompts"] for v in verdict.values())
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith(f"- ppo: {verdict['ppo']['conclusion']}; ") and "(training " in lines[-2]
+    assert lines[-1].startswith(f"- dpo: {verdict['dpo']['conclusion']}; ") and "(training " not in lines[-1]
 
 
 def test_chat_and_push_pick_dpo(dpo_run, monkeypatch, capsys):

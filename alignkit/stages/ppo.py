@@ -249,6 +249,7 @@ STAGE = Stage(
         ("loss/value_avg", "value loss"),
         ("loss/ptx_avg", "ptx loss"),
     ),
+    training_reward="objective/scores",
     curves=(
         ("objective/scores", "PPO reward (reward model's score)", "score"),
         ("objective/kl", "PPO KL to the reference", "nats per response"),

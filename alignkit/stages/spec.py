@@ -58,6 +58,9 @@ class Stage:
     figures: tuple[tuple[str, str], ...] = (("loss", "loss"),)  # (key in the trainer's logs, label): progress line
     curves: tuple[tuple[str, str, str], ...] = ()  # (log key, title, y label): the report's {name}.png, by episode
     notes: str = ""  # what its figures mean, for report.md
+    # the log key of the reward model's mean score of its training samples: the report's verdict sets the mean of it
+    # over training beside the reward model's mean score of the stage's held-out answers
+    training_reward: str | None = None
     defaults: tuple[Default, ...] = ()  # its own departures from TRL's defaults (COMMON ones apply to every stage)
     # more_data(recipe, settings) -> [(recipe key, dataset block, kind)]: datasets it reads beside its own (PPO-ptx's
     # pretraining text), checked before anything trains and part of its fingerprint
