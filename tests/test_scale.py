@@ -190,6 +190,7 @@ def test_a_separate_reference_copy_trains_the_same_lora_policy(run_copy, capsys)
             "--only",
             "ppo",
             "--force",
+            "--accept-upstream",  # the shared sft was trained without LoRA; only ppo gets an adapter here
             "lora.r=4",
             "lora.lora_alpha=8",
             f"stages.ppo.separate_reference={separate}",

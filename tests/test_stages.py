@@ -238,7 +238,16 @@ def test_chat_and_push_pick_dpo(dpo_run, monkeypatch, capsys):
 
 def test_dpo_with_lora_trains_only_adapters(run_copy, capsys):
     code, out, err = alignkit(
-        capsys, "run", TINY, f"output_dir={run_copy}", *DPO, "--only", "dpo", "lora.r=4", "lora.lora_alpha=8"
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *DPO,
+        "--only",
+        "dpo",
+        "--accept-upstream",  # the shared sft was trained without LoRA; only dpo gets an adapter here
+        "lora.r=4",
+        "lora.lora_alpha=8",
     )
     assert code == 0, err
     metrics = json.loads((run_copy / "dpo" / "metrics.json").read_text())
