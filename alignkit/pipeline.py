@@ -27,7 +27,7 @@ import yaml
 from . import data, files
 from .distributed import is_main, wait_for_everyone, world_size
 from .errors import UserError
-from .log import log
+from .log import keep, log
 from .recipe import Recipe, plain
 from .stages import NAMES, REGISTRY
 from .stages.spec import stage_datasets
@@ -393,6 +393,6 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
         )
         _swap(partial, folder)
     wait_for_everyone()  # the next stage reads this one's output
-    figures = "".join(f", {k} {v:.4g}" for k, v in metrics.get("figures", {}).items())
+    figures = "".join(f", {keep(f'{k} {v:.4g}')}" for k, v in metrics.get("figures", {}).items())
     log(stage, f"done in {seconds:.1f}s{figures} -> {folder}")
     return {"status": "trained", "seconds": seconds}
