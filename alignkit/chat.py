@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .log import wrap
 
 PROMPT = "you> "
 
@@ -100,9 +101,9 @@ def main(args) -> int:
             f"--max-new-tokens {longest} does not fit the model's context of {limit} tokens beside a "
             "prompt: an answer stops where the context ends"
         )
-    print(f"chatting with {target}; /reset forgets the conversation, /exit or Ctrl-D quits", flush=True)
+    print(wrap(f"chatting with {target}; /reset forgets the conversation, /exit or Ctrl-D quits"), flush=True)
     for note in notes:
-        print(f"note: {note}", flush=True)
+        print(wrap(f"note: {note}"), flush=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     sampling = (
@@ -133,15 +134,19 @@ def main(args) -> int:
             history.pop()
             alone = "that message alone" + (" (with the system prompt)" if system else "")
             print(
-                f"({alone} is longer than the model's context of {limit} tokens allows, with room for an answer "
-                f"of {min(longest, floor)})",
+                wrap(
+                    f"({alone} is longer than the model's context of {limit} tokens allows, with room for an answer "
+                    f"of {min(longest, floor)})"
+                ),
                 flush=True,
             )
             continue
         history = kept
         if dropped:
             oldest = "its oldest exchange" if dropped == 1 else f"its {dropped} oldest exchanges"
-            print(f"(the conversation outgrew the model's context of {limit} tokens: forgot {oldest})", flush=True)
+            print(
+                wrap(f"(the conversation outgrew the model's context of {limit} tokens: forgot {oldest})"), flush=True
+            )
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.no_grad():
             out = model.generate(

@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from . import quiet
 from .errors import Stopped, UserError
-from .log import log
+from .log import log, wrap
 
 RUN_EXAMPLES = """examples:
   alignkit run recipes/tiny.yaml
@@ -50,6 +51,11 @@ CHAT_EXAMPLES = """examples:
 In the conversation: /reset forgets the history, /exit (or Ctrl-D) quits."""
 
 
+VERBOSE = (
+    "show the libraries' own warnings and progress bars, which alignkit hides where its own lines say the same or "
+    "the user cannot act on them (alignkit/quiet.py lists them)"
+)
+
 EVAL_EXAMPLES = """examples:
   alignkit eval recipes/chat.yaml
   alignkit eval recipes/chat.yaml eval.max_new_tokens=64 output_dir=runs/other
@@ -69,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, summary, description, epilog, recipe_help="the recipe YAML file"):
@@ -174,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    for sub in commands.choices.values():  # `alignkit --verbose run ...` and `alignkit run ... --verbose` alike
+        sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE)
     return parser
 
 
@@ -186,7 +195,7 @@ def cmd_run(args) -> int:
 
     t0 = time.time()
     recipe = load_recipe(args.recipe, args.overrides)
-    _quiet_progress_bars()
+    quiet.hide_progress_bars(args.verbose)
     if args.num_processes > 1 and distributed.world_size() == 1:
         # bad data or a missing upstream stage is one clear error here, not one per process
         pipeline.check_data(recipe, pipeline.select(recipe, args.only, args.start))
@@ -235,7 +244,7 @@ def _run(recipe, args, t0: float) -> int:
             recipe.hub.private,
             recipe.hub.weights == "adapter",
         ):
-            print(line)
+            print(wrap(line))
     return 0
 
 
@@ -256,7 +265,7 @@ def cmd_push(args) -> int:
 
     args.folder = args.run_dir
     for line in hub.push_run(Path(args.run_dir), args.repo_id, args.stages, args.private, args.adapter):
-        print(line)
+        print(wrap(line))
     return 0
 
 
@@ -264,6 +273,7 @@ def cmd_chat(args) -> int:
     from . import chat
 
     args.folder = args.model
+    quiet.hide_progress_bars(args.verbose)
     return chat.main(args)
 
 
@@ -290,10 +300,10 @@ def cmd_eval(args) -> int:
     with lock.exclusive(out, "alignkit " + shlex.join(args.argv)):  # the report is written where `run` writes
         for stage in recipe.stages:
             pipeline.recover(out / stage)  # a stage a kill left between its two renames
-        return _evaluate(recipe, out, t0)
+        return _evaluate(recipe, out, t0, args.verbose)
 
 
-def _evaluate(recipe, out: Path, t0: float) -> int:
+def _evaluate(recipe, out: Path, t0: float, verbose: bool) -> int:
     import time
 
     from . import evaluate, pipeline
@@ -303,6 +313,7 @@ def _evaluate(recipe, out: Path, t0: float) -> int:
         for stage in pipeline.complete_stages(out)
         if stage in recipe.stages
     }
+    quiet.hide_progress_bars(verbose)
     report = evaluate.evaluate(recipe)
     print(evaluate.write_report(recipe, report, stages, time.time() - t0))
     _print_verdict(report)
@@ -332,9 +343,9 @@ def cmd_validate(args) -> int:
             _report(e)
             failed += 1
             continue
-        print(f"{path}: ok ({' -> '.join(recipe.stages)}; output in {recipe.output_dir})")
+        print(wrap(f"{path}: ok ({' -> '.join(recipe.stages)}; output in {recipe.output_dir})"))
         if unread:
-            print("  Hub datasets, read when the recipe runs: " + ", ".join(unread))
+            print(wrap("  Hub datasets, read when the recipe runs: " + ", ".join(unread)))
     if failed and len(args.recipes) > 1:
         print(f"alignkit: error: {failed} of {len(args.recipes)} recipes have problems (above)", file=sys.stderr)
     return 2 if failed else 0
@@ -358,10 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    _quiet_libraries()
     try:
         commands = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "push": cmd_push, "chat": cmd_chat}
-        return commands[args.command](args)
+        with quiet.quiet(args.verbose):
+            return commands[args.command](args)
     except UserError as e:
         _report(e)
         if os.environ.get("ALIGNKIT_DEBUG"):
@@ -415,28 +426,3 @@ def _report(e: UserError) -> None:
         for problem in getattr(e, "problems", []):
             if problem.cause is not None:
                 traceback.print_exception(problem.cause, file=sys.stderr)
-
-
-def _quiet_libraries() -> None:
-    """Keep TRL's and transformers' advisory chatter out of the way of alignkit's own log lines."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-    import warnings
-
-    # bitsandbytes' CPU backend falls back to its own 4-bit kernels and says so at import
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*experimental.*", category=UserWarning)
-    warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
-    # GPT-2's Conv1D layers: peft sets fan_in_fan_out itself and says so for every stage
-    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
-    # TRL 1.12's configs set transformers' renamed gradient_checkpointing field themselves
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)
-
-
-def _quiet_progress_bars() -> None:
-    """A run's terminal shows alignkit's progress lines; the libraries' bars for every map, load and save hide them."""
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    datasets.disable_progress_bars()
-    transformers_logging.disable_progress_bar()

@@ -33,6 +33,12 @@ SHAREGPT_ROLES = {
     "model": "assistant",
     "system": "system",
 }
+ONE_KIND = "a column holds the same kind of value in every row (text, or a list of {role, content} messages)"
+MESSAGES_FIX = (
+    '\'messages\' is always a list of {role, content} messages, e.g. [{"role": "user", "content": "Hi"}, '
+    '{"role": "assistant", "content": "Hello!"}]; plain text goes in a \'text\' column, a prompt and its '
+    "answer in 'prompt' and 'completion'"
+)
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 MAX_DEPTH = 16  # levels of lists and objects in a row; a conversational row has 3 (row, messages, message)
 # The kinds of rows a stage (or the evaluation) reads, and what each needs.
@@ -109,6 +115,7 @@ def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None
 def _read(spec: DatasetSpec, recipe: Recipe):
     """Load rows and return (dataset, locate) where locate(i) names the file and line of row i."""
     import datasets
+    import pyarrow
 
     local = recipe.resolve(spec.path)
     if local.is_file():
@@ -127,12 +134,15 @@ def _read(spec: DatasetSpec, recipe: Recipe):
                 # datasets' type inference takes time exponential in the nesting on some rows: 22 levels, seconds
                 if _depth(row) > MAX_DEPTH:
                     raise DataError(_too_deep(spec.path, line)) from None
+            # datasets takes the columns from the first row alone, and drops the others' own keys
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            rows = [{k: row.get(k) for k in columns} for row in rows]
             try:
                 ds = datasets.Dataset.from_list(rows)
-            except Exception as e:  # pyarrow refuses mixed types across rows
+            except pyarrow.ArrowException as e:  # a column of mixed types, which one Arrow column cannot hold
                 raise DataError(
-                    f"{spec.path}: the rows do not share one shape ({e}); a column must hold the same "
-                    "kind of value (text, or a list of messages) in every row"
+                    _mismatch(rows, lines, columns, spec.path)
+                    or f"{spec.path}: the rows do not share one shape ({e}); {ONE_KIND}"
                 ) from None
             return ds, lambda i: spec.path if i is None else f"{spec.path}:{lines[i]}"
         if kind == "csv":
@@ -147,6 +157,55 @@ def _read(spec: DatasetSpec, recipe: Recipe):
             "local file"
         ) from None
     return ds, lambda i: f"{spec.path} [{spec.split}]" + ("" if i is None else f" row {i}")
+
+
+def _mismatch(rows: list[dict], lines: list[int], columns: list[str], shown: str) -> str | None:
+    """Where rows stop sharing one shape: the file, line and column of the first value that one Arrow column cannot
+    hold beside the earlier rows' values of that column (found by bisection: this runs only on a refused file)."""
+    import datasets
+    import pyarrow
+
+    def fails(column: str, n: int) -> bool:
+        try:
+            datasets.Dataset.from_list([{column: row[column]} for row in rows[:n]])
+        except pyarrow.ArrowException:
+            return True
+        return False
+
+    found = []
+    for column in columns:
+        if not fails(column, len(rows)):
+            continue
+        lo, hi = 1, len(rows)  # the shortest run of rows that fails ends at the first offending one
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fails(column, mid) else (mid + 1, hi)
+        found.append((lo - 1, column))
+    if not found:
+        return None
+    i, column = min(found)
+    here = rows[i][column]
+    earlier = next((j for j in range(i) if rows[j][column] is not None), None)
+    if earlier is None:
+        return f"{shown}:{lines[i]}: column '{column}' holds other kinds of value than in the earlier rows; {ONE_KIND}"
+    there = rows[earlier][column]
+    what = (
+        f"is {_kind(here)} here but {_kind(there)} on line {lines[earlier]}"
+        if _kind(here) != _kind(there)
+        else f"holds values of other types inside it than on line {lines[earlier]}"
+    )
+    fix = MESSAGES_FIX if column == "messages" else ONE_KIND
+    return f"{shown}:{lines[i]}: column '{column}' {what}; {fix}"
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def _read_text(path: Path, shown: str) -> str:
@@ -415,9 +474,11 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
             if reference is not None and not isinstance(reference, str):
                 raise DataError(f"'reference' must be text, got {type(reference).__name__}")
             return [{"prompt": prompt, "reference": reference}]
+    empty = sorted(k for k, v in row.items() if v is None)
     raise DataError(
-        f"{who} needs {KINDS[kind]}; this row has {', '.join(sorted(has)) or 'nothing'}. "
-        "Rename columns with dataset.columns, or set dataset.format"
+        f"{who} needs {KINDS[kind]}; this row has {', '.join(sorted(has)) or 'no value in any column'}"
+        + (f" ({', '.join(empty)}: null or missing)" if empty else "")
+        + ". Rename columns with dataset.columns, or set dataset.format"
     )
 
 
@@ -444,6 +505,8 @@ def _ranking(row: dict) -> dict:
 
 
 def _check_content(value, key: str) -> None:
+    if isinstance(value, str) and key == "messages":
+        raise DataError(f"column 'messages' holds text; {MESSAGES_FIX}")
     if isinstance(value, str):
         return
     if not isinstance(value, list) or not value:

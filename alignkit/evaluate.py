@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import data, files
-from .log import log
+from .log import keep, log
 from .pipeline import complete_stages
 from .recipe import Recipe
 from .report import (
@@ -266,7 +266,7 @@ def evaluate(recipe: Recipe) -> dict:
         log(
             "eval",
             f"{name}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items() if v is not None)
+            + ", ".join(keep(f"{k} {v:.3f}") for k, v in results[name].items() if v is not None)
             + f" ({time.time() - t0:.0f}s)",
         )
     report = {"eval": results, "reward_accuracy": None, WIN_RATE: None, "win_rates": {}, "eval_prompts": len(rows)}

@@ -18,7 +18,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from .distributed import is_main, world_size
 from .errors import NonFinite, Stopped
-from .log import log
+from .log import keep, log
 
 LOG_FILE = "log.jsonl"  # every log dict the trainer produced, one JSON object a line, in the stage folder
 
@@ -218,7 +218,7 @@ class _Progress(TrainerCallback):
             parts.append(f"{rate:.2f} steps/s" if rate < 10 else f"{rate:.0f} steps/s")
             if total > done:
                 parts.append(f"{_clock((total - done) / rate)} left")
-        return "  ".join(parts)
+        return "  ".join(map(keep, parts))  # too long for a line: broken between figures
 
     def summary(self) -> dict:
         """The last value of each figure that matters."""

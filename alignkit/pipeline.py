@@ -28,7 +28,7 @@ import yaml
 from . import data, files
 from .distributed import fresh_accelerator_state, is_main, wait_for_everyone, world_size
 from .errors import DiskFull, UserError, is_disk_full, unsafe_file
-from .log import log
+from .log import keep, log
 from .recipe import Recipe, plain
 from .stages import NAMES, REGISTRY
 from .stages.spec import stage_datasets
@@ -525,7 +525,7 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
     from .guard import at_step, logged_at
 
     at = logged_at(declared, metrics.get("log_history", []))  # figures older than the last step say so
-    figures = "".join(f", {k} {v:.4g}{at_step(at.get(k))}" for k, v in metrics.get("figures", {}).items())
+    figures = "".join(f", {keep(f'{k} {v:.4g}{at_step(at.get(k))}')}" for k, v in metrics.get("figures", {}).items())
     log(stage, f"done in {seconds:.1f}s{figures} -> {folder}")
     return {"status": "trained", "seconds": seconds}
 

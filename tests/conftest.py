@@ -32,13 +32,19 @@ def _in_repo(monkeypatch):
 
 
 def alignkit(capsys, *argv):
-    """Run the real CLI in-process; returns (exit status, stdout, stderr)."""
+    """Run the real CLI in-process; returns (exit status, stdout, stderr), lines wrapped at 100 columns joined."""
     from alignkit.cli import main
 
     capsys.readouterr()
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, unwrap(out), unwrap(err)
+
+
+def unwrap(text: str) -> str:
+    """alignkit's output with each message on one line again, as tests match them (alignkit.log.wrap breaks a long
+    one at a space and indents what follows by alignkit.log.INDENT)."""
+    return text.replace("\n    ", " ")
 
 
 def summary(stdout: str) -> dict:

@@ -928,6 +928,54 @@ VALIDATE = [
         "eval.jsonl:1: not UTF-8",
         "save the file as UTF-8",
     ),
+    (
+        "messages-as-text",  # passed validate, then failed after pretraining on assistant_only_loss
+        data("stages.sft.dataset", "sft.jsonl", jsonl({"messages": "User: hi. Assistant: hello"})),
+        data_file("sft.jsonl", "stages.sft.dataset"),
+        "sft.jsonl:1: column 'messages' holds text",
+        "a list of {role, content} messages, e.g. [{",
+        "plain text goes in a 'text' column",
+    ),
+    (
+        "messages-text-after-lists",
+        data(
+            "stages.sft.dataset",
+            "sft.jsonl",
+            jsonl({"messages": [{"role": "user", "content": "hi"}]}, {"messages": "hi"}),
+        ),
+        data_file("sft.jsonl", "stages.sft.dataset"),
+        "sft.jsonl:2: column 'messages' is text here but a list on line 1",
+        "'messages' is always a list of {role, content} messages",
+    ),
+    (
+        "column-of-mixed-types",  # pyarrow refused the file, naming no line
+        data(
+            "stages.ppo.dataset",
+            "ppo.jsonl",
+            jsonl({"prompt": "a"}, {"prompt": "b"}) + "\n" + jsonl({"prompt": 3}, {"prompt": ["x"]}),
+        ),
+        data_file("ppo.jsonl", "stages.ppo.dataset"),
+        "ppo.jsonl:4: column 'prompt' is a number here but text on line 1",
+        "a column holds the same kind of value in every row",
+    ),
+    (
+        "columns-the-first-row-lacks",  # datasets kept the first row's keys only: "this row has nothing"
+        data("stages.sft.dataset", "sft.jsonl", jsonl({"text": "hi"}, {"prompt": "hi", "completion": "there"})),
+        data_file("sft.jsonl", "stages.sft.dataset"),
+        "sft.jsonl:2: this row gives prompt, completion but earlier rows gave text",
+        "use one shape for every row",
+    ),
+    (
+        "completion-null",
+        data(
+            "stages.sft.dataset",
+            "sft.jsonl",
+            jsonl({"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": None}),
+        ),
+        data_file("sft.jsonl", "stages.sft.dataset"),
+        "sft.jsonl:2: the sft stage needs",
+        "this row has prompt (completion: null or missing)",
+    ),
     # --- found by a held-out probe after the corpus above was written
     (
         "output-dir-is-a-file",
@@ -996,6 +1044,8 @@ RUN = [
     "pickle-in-json",
     "jsonl-nested-deep",
     "eval-not-utf8",
+    "messages-as-text",
+    "column-of-mixed-types",
 ]
 CASES = {case[0]: case[1:] for case in VALIDATE}
 assert len(CASES) == len(VALIDATE) and set(RUN) <= set(CASES)
