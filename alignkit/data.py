@@ -2,9 +2,12 @@
 
 Each stage declares the kind of rows it reads, and gets them in one of TRL's formats, plain or conversational:
   text: text;  demonstrations: text | prompt+completion | messages;  comparisons: [prompt+]chosen+rejected;
-  rankings: [prompt+]ranked (answers, best first);  prompts: prompt;  eval: prompt (+ reference).
+  rankings: [prompt+]ranked (answers, best first) [+ranks];  prompts: prompt;  eval: prompt (+ reference).
 A ranking of K answers (prompt + responses, best first) stays one row for rankings (the reward stage trains it as one
-batch element, as InstructGPT does) and gives comparisons all K(K-1)/2 pairs; a pair is a ranking of two.
+batch element, as InstructGPT does) and gives comparisons all K(K-1)/2 pairs; a pair is a ranking of two. With a
+`ranks` list beside `responses` (one per answer, 1 = best, equal ranks for ties) the answers may come in any order:
+they are put best first, ties keep their order, and only strictly ordered pairs are compared; `ranks: null` marks
+answers not ranked yet (as `alignkit sample` writes them), which only the prompts' readers take.
 Converters turn Alpaca (instruction/input/output), ShareGPT (conversations of from/value) and Anthropic HH
 transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") into those. Errors name the file and line.
 """
@@ -41,8 +44,8 @@ KINDS = {
     "demonstrations": "'messages', 'prompt' and 'completion', or 'text' columns, or Alpaca / ShareGPT data",
     "comparisons": "'chosen' and 'rejected' columns (with an optional 'prompt'), a ranking ('prompt' and "
     "'responses', best first), or Anthropic HH transcripts",
-    "rankings": "a ranking ('prompt' and 'responses', best first), 'chosen' and 'rejected' columns (with an "
-    "optional 'prompt'; a ranking of two), or Anthropic HH transcripts",
+    "rankings": "a ranking ('prompt' and 'responses', best first or with 'ranks'), 'chosen' and 'rejected' columns "
+    "(with an optional 'prompt'; a ranking of two), or Anthropic HH transcripts",
     "prompts": "a 'prompt' column, or 'messages', Alpaca, ShareGPT or HH data to take the prompts from",
     "eval": "a 'prompt' column (with an optional 'reference' answer), or 'messages'",
 }
@@ -361,6 +364,11 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
         if key in has:
             _check_content(row[key], key)
     if "responses" in has:
+        if "ranks" in row and row["ranks"] is None and kind in ("demonstrations", "rankings", "comparisons"):
+            raise DataError(
+                "the answers of this row are not ranked yet ('ranks' is null, as alignkit sample writes them): rank "
+                "them first (alignkit rank FILE --by MODULE:FUNCTION), or give 'ranks' (one per answer, 1 = best)"
+            )
         row = {**row, **_ranking(row)}
         has = {k for k, v in row.items() if v is not None}
     if kind == "text" and "text" in has:
@@ -376,7 +384,8 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
             return [{"text": row["text"]}]
     if kind == "rankings":  # a ranking stays one row, best first; a pair is a ranking of two
         if "ranked" in row:
-            return [{"prompt": row["prompt"], "ranked": row["ranked"]}]
+            ties = {"ranks": row["ranks"]} if row.get("ranks") is not None else {}
+            return [{"prompt": row["prompt"], "ranked": row["ranked"], **ties}]
         if {"chosen", "rejected"} <= has:
             _same_kind(row, "chosen", "rejected")
             if "prompt" in has:
@@ -384,11 +393,13 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
                 return [{"prompt": row["prompt"], "ranked": [row["chosen"], row["rejected"]]}]
             return [{"ranked": [row["chosen"], row["rejected"]]}]
     if kind == "comparisons":
-        if "ranked" in row:
+        if "ranked" in row:  # only the strictly ordered pairs: tied answers are no comparison
+            ranked, ranks = row["ranked"], row.get("ranks") or range(len(row["ranked"]))
             return [
-                {"prompt": row["prompt"], "chosen": row["ranked"][i], "rejected": row["ranked"][j]}
-                for i in range(len(row["ranked"]))
-                for j in range(i + 1, len(row["ranked"]))
+                {"prompt": row["prompt"], "chosen": ranked[i], "rejected": ranked[j]}
+                for i in range(len(ranked))
+                for j in range(i + 1, len(ranked))
+                if ranks[i] < ranks[j]
             ]
         if {"chosen", "rejected"} <= has:
             out = {"chosen": row["chosen"], "rejected": row["rejected"]}
@@ -422,12 +433,17 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
 
 
 def _ranking(row: dict) -> dict:
-    """`prompt` + `responses` (best first) -> the best as `chosen` and the whole ranking as `ranked`."""
+    """`prompt` + `responses` (best first, or in any order with `ranks`) -> the best as `chosen` and the whole
+    ranking as `ranked`, best first (with `ranks` in the same order, where the row gives them)."""
     responses = row["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise DataError("'responses' must list at least two answers, best first")
     if "prompt" not in row or row["prompt"] is None:
         raise DataError("a ranking needs a 'prompt' beside its 'responses'")
+    ranks = row.get("ranks")
+    if ranks is not None:
+        check_ranks(ranks, len(responses))
+        check_answers(responses)
     conversational = isinstance(row["prompt"], list)
     ranked = []
     for n, r in enumerate(responses):
@@ -440,7 +456,41 @@ def _ranking(row: dict) -> dict:
         if not isinstance(r, str):
             _check_content(r, f"responses[{n}]")
         ranked.append(r)
-    return {"chosen": ranked[0], "ranked": ranked}
+    if ranks is None:
+        return {"chosen": ranked[0], "ranked": ranked}
+    order = sorted(range(len(ranked)), key=lambda i: ranks[i])  # best first; ties keep the file's order
+    return {"chosen": ranked[order[0]], "ranked": [ranked[i] for i in order], "ranks": [ranks[i] for i in order]}
+
+
+def check_ranks(ranks, count: int, what: str = "'ranks'") -> None:
+    """Ranks of `count` answers: a list of whole numbers from 1 (the best), one per answer, equal ones for ties."""
+    if not isinstance(ranks, list):
+        raise DataError(f"{what} must be a list of whole numbers (1 = best), got {type(ranks).__name__}")
+    if len(ranks) != count:
+        raise DataError(f"{what} gives {len(ranks)} ranks for {count} answers; give one rank per answer")
+    for n, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise DataError(f"{what}[{n}] is {r!r}; a rank is a whole number, 1 for the best, equal ones for ties")
+
+
+def check_answers(responses: list) -> None:
+    """The answers of a ranking with `ranks`: none empty, none twice (a labeller cannot order an answer against
+    itself)."""
+    seen: dict[str, int] = {}
+    for n, r in enumerate(responses):
+        text = answer_text(r)
+        if not text.strip():
+            raise DataError(f"'responses'[{n}] is empty; a ranked answer has text")
+        if text in seen:
+            raise DataError(f"'responses'[{n}] repeats 'responses'[{seen[text]}] ({text!r}); each answer once")
+        seen[text] = n
+
+
+def answer_text(response) -> str:
+    """An answer's text: itself, or the content of its messages (a conversational answer)."""
+    if isinstance(response, list):
+        return "".join(m.get("content") or "" for m in response if isinstance(m, dict))
+    return response if isinstance(response, str) else ""
 
 
 def _check_content(value, key: str) -> None:
