@@ -51,10 +51,17 @@ KINDS = {
 }
 
 
-def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None):
+def load(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: str | None = None):
     """A dataset as a `datasets.Dataset` in TRL's format for the `kind` of rows its reader takes, every row checked.
     `reader` is the stage that reads it (its kind is the stage's declared one) or a recipe key such as
-    "eval.comparisons" (then `kind` says what it holds)."""
+    "eval.comparisons" (then `kind` says what it holds). Without a recipe, a path is relative to the current
+    folder."""
+    return load_located(spec, reader, recipe, kind)[0]
+
+
+def load_located(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: str | None = None):
+    """load(), and a function that names the file and line of a row (by its index in the source; None: the file).
+    Rows of the kinds that keep one row per source row (rankings, prompts, eval) keep their index."""
     from .stages import REGISTRY
 
     stage = REGISTRY.get(reader)
@@ -99,7 +106,7 @@ def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None
                     out.setdefault(k, []).append(v)
         return out
 
-    return ds.map(
+    converted = ds.map(
         convert,
         batched=True,
         with_indices=True,
@@ -107,13 +114,14 @@ def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None
         load_from_cache_file=False,
         desc=f"{reader}: checking {fmt} rows",
     )
+    return converted, locate
 
 
-def _read(spec: DatasetSpec, recipe: Recipe):
+def _read(spec: DatasetSpec, recipe: Recipe | None):
     """Load rows and return (dataset, locate) where locate(i) names the file and line of row i."""
     import datasets
 
-    local = recipe.resolve(spec.path)
+    local = recipe.resolve(spec.path) if recipe is not None else Path(spec.path).expanduser()
     if local.is_file():
         kind = DATA_SUFFIXES.get(local.suffix)
         if _is_pickle(local):
@@ -270,6 +278,17 @@ def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
+def read_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """The rows of a JSON Lines file (or a JSON array), as written, with the line each starts on: for commands that
+    rewrite a file's rows and keep every column (alignkit rank)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if _is_pickle(path) or DATA_SUFFIXES.get(path.suffix) != "json":
+        raise DataError(f"{path}: not a JSON Lines file; give the .jsonl file alignkit sample wrote")
+    return _read_json(path, str(path))
+
+
 def _array_lines(text: str, count: int) -> list[int]:
     """Line on which each top-level object of a JSON array starts (best effort; the row number otherwise)."""
     decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
@@ -394,12 +413,9 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
             return [{"ranked": [row["chosen"], row["rejected"]]}]
     if kind == "comparisons":
         if "ranked" in row:  # only the strictly ordered pairs: tied answers are no comparison
-            ranked, ranks = row["ranked"], row.get("ranks") or range(len(row["ranked"]))
+            ranked, ranks = row["ranked"], row.get("ranks") or list(range(len(row["ranked"])))
             return [
-                {"prompt": row["prompt"], "chosen": ranked[i], "rejected": ranked[j]}
-                for i in range(len(ranked))
-                for j in range(i + 1, len(ranked))
-                if ranks[i] < ranks[j]
+                {"prompt": row["prompt"], "chosen": ranked[i], "rejected": ranked[j]} for i, j in strict_pairs(ranks)
             ]
         if {"chosen", "rejected"} <= has:
             out = {"chosen": row["chosen"], "rejected": row["rejected"]}
@@ -435,7 +451,7 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
 def _ranking(row: dict) -> dict:
     """`prompt` + `responses` (best first, or in any order with `ranks`) -> the best as `chosen` and the whole
     ranking as `ranked`, best first (with `ranks` in the same order, where the row gives them)."""
-    responses = row["responses"]
+    responses = row.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise DataError("'responses' must list at least two answers, best first")
     if "prompt" not in row or row["prompt"] is None:
@@ -460,6 +476,21 @@ def _ranking(row: dict) -> dict:
         return {"chosen": ranked[0], "ranked": ranked}
     order = sorted(range(len(ranked)), key=lambda i: ranks[i])  # best first; ties keep the file's order
     return {"chosen": ranked[order[0]], "ranked": [ranked[i] for i in order], "ranks": [ranks[i] for i in order]}
+
+
+def strict_pairs(ranks: list[int]) -> list[tuple[int, int]]:
+    """The pairs (better, worse) of a ranking's answers, as indices, whose ranks differ: tied answers are no pair.
+    Best first, as a ranking without ties lists them: (0, 1), (0, 2), ..., (1, 2), ..."""
+    return [(a, b) for a in range(len(ranks)) for b in range(len(ranks)) if ranks[a] < ranks[b]]
+
+
+def check_unranked(row: dict) -> None:
+    """A ranking's prompt and answers before they are ranked (as `alignkit rank` reads them): a prompt, at least two
+    answers like it (text, or messages), none empty, none twice. Raises DataError saying what is wrong."""
+    if row.get("prompt") is not None:
+        _check_content(row["prompt"], "prompt")
+    _ranking({**row, "ranks": None})
+    check_answers(row["responses"])
 
 
 def check_ranks(ranks, count: int, what: str = "'ranks'") -> None:

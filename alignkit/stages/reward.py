@@ -170,16 +170,11 @@ def tokenize_rankings(rankings, tokenizer, max_length: int | None, all_pairs: bo
             tied += 1
             continue
         if all_pairs:
-            groups = [([ranked[a], ranked[b]], [1, 2]) for a, b in strict_pairs(ranks)]
+            groups = [([ranked[a], ranked[b]], [1, 2]) for a, b in data.strict_pairs(ranks)]
         else:
             groups = [(ranked, ranks)]
         rows += [{"chosen_ids": g[0], "rejected_ids": g[-1], "ranked_ids": g, "ranks": r} for g, r in groups]
     return datasets.Dataset.from_list(rows), dropped, lost, tied
-
-
-def strict_pairs(ranks: list[int]) -> list[tuple[int, int]]:
-    """The pairs (better, worse) of a ranking's answers, as indices, whose ranks differ: tied answers are no pair."""
-    return [(a, b) for a in range(len(ranks)) for b in range(len(ranks)) if ranks[a] < ranks[b]]
 
 
 def _scored_text(row: dict, tokenizer) -> str:
@@ -229,7 +224,7 @@ class RankingCollator:
         batch["input_ids"], batch["attention_mask"] = self._padded(answers)
         better, worse, weight, start = [], [], [], 0
         for answers, order in zip(rankings, ranks):
-            pairs = [(start + a, start + b) for a, b in strict_pairs(order)]
+            pairs = [(start + a, start + b) for a, b in data.strict_pairs(order)]
             better += [a for a, _ in pairs]
             worse += [b for _, b in pairs]
             weight += [1 / max(len(pairs), 1)] * len(pairs)
