@@ -218,8 +218,8 @@ def _parser() -> argparse.ArgumentParser:
         "--prompts",
         required=True,
         metavar="FILE",
-        help="the prompts: any format the ppo stage reads (prompt, messages, Alpaca, ShareGPT, HH; .jsonl, .json, "
-        ".csv, .parquet)",
+        help="the prompts, in any format RL prompts are read in (prompt, messages, Alpaca, ShareGPT, HH; .jsonl, "
+        ".json, .csv, .parquet)",
     )
     sample.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the rows (replaced whole)")
     sample.add_argument("--k", type=int, default=4, help="answers per prompt, all models together (default 4)")

@@ -496,12 +496,14 @@ def check_unranked(row: dict) -> None:
 def check_ranks(ranks, count: int, what: str = "'ranks'") -> None:
     """Ranks of `count` answers: a list of whole numbers from 1 (the best), one per answer, equal ones for ties."""
     if not isinstance(ranks, list):
-        raise DataError(f"{what} must be a list of whole numbers (1 = best), got {type(ranks).__name__}")
+        raise DataError(f"{what} is {type(ranks).__name__}, not a list of whole numbers (1 = best), one per answer")
     if len(ranks) != count:
         raise DataError(f"{what} gives {len(ranks)} ranks for {count} answers; give one rank per answer")
     for n, r in enumerate(ranks):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise DataError(f"{what}[{n}] is {r!r}; a rank is a whole number, 1 for the best, equal ones for ties")
+            raise DataError(
+                f"{what} has {r!r} for 'responses'[{n}]; a rank is a whole number, 1 for the best, equal ones for ties"
+            )
 
 
 def check_answers(responses: list) -> None:

@@ -77,7 +77,7 @@ def judged(judge: Callable, spec: str, row: dict) -> list[int]:
         ranks = list(ranks)
     if isinstance(ranks, list):  # numpy's and torch's integers are whole numbers too
         ranks = [int(r) if isinstance(r, numbers.Integral) and not isinstance(r, bool) else r for r in ranks]
-    data.check_ranks(ranks, len(answers), what=f"the judge {spec} returned {_short(ranks)}:")
+    data.check_ranks(ranks, len(answers), what=f"the judge {spec} returned {_short(ranks)}, which")
     return ranks
 
 

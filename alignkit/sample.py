@@ -216,7 +216,8 @@ def draw(prompts, models: list[dict], sampling: Sampling) -> tuple[list[list[tup
                 slots[i][j] = (m, answer if plain[i] else answer.strip())
         progress.add(0, name, done=True)
         del model
-        model_utils.free_accelerator_memory()  # one model in memory at a time
+        if m + 1 < len(models):
+            model_utils.free_accelerator_memory()  # one model in memory at a time (a full gc: not after the last)
     rows, equal, empty, dropped = [], 0, 0, 0
     for i, row in enumerate(slots):
         bad = set(_to_draw(row, plain[i]))
