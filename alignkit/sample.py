@@ -245,7 +245,7 @@ def rows_for(prompts, locate, drawn, models: list[dict], sampling: Sampling) -> 
     """The file's rows: each prompt with its answers shuffled (a fixed shuffle, from the seed), `ranks: null`, and
     where the row came from."""
     shuffle = random.Random(sampling.seed)
-    settings = {k: v for k, v in asdict(sampling).items() if k not in ("batch_size", "redraws")}
+    settings = asdict(sampling)  # the batch size too: the batches' make-up decides which random numbers an answer gets
     out = []
     for i, answers in enumerate(drawn):
         if len(answers) < 2:

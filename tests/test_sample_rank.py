@@ -136,6 +136,28 @@ def test_sample_refuses_prompts_held_out_by_the_recipe(run_dir, tmp_path, capsys
     assert code == 0, err and len(_rows(out)) == 2
 
 
+def test_answers_a_model_cannot_vary_are_drawn_again_then_left_out_and_long_prompts_are_cut(run_dir, tmp_path, capsys):
+    """Near-greedy sampling gives one answer per prompt however often it is drawn: the re-draws are counted, the
+    answers that stayed equal (or empty) are left out, and so are prompts left with fewer than two. And with room for
+    120 new tokens in a context of 128, every prompt is cut from the left to 8 tokens."""
+    import re
+
+    prompts = _write(tmp_path / "p.jsonl", _rows(PROMPTS)[:3])
+    out = tmp_path / "o.jsonl"
+    options = ["--k", "3", "--temperature", "1e-4", "--redraws", "2", "--max-new-tokens", "120"]
+    code, _, err = alignkit(capsys, "sample", run_dir, "--stage", "sft", "--prompts", prompts, "--out", out, *options)
+    assert code == 0, err
+    assert (
+        "sample: warning: sft: 3 of 3 prompts longer than 8 tokens (the model's context less --max-new-tokens)" in err
+    )
+    redrawn = re.search(
+        r"(\d+) answers drawn again .*after 2 tries (\d+) stayed equal to another and (\d+) empty", err
+    )
+    assert redrawn and int(redrawn[1]) == 2 * 6 and int(redrawn[2]) + int(redrawn[3]) == 6, err
+    assert "3 of 3 prompts left with fewer than two different answers are not in the file" in err
+    assert out.read_text() == ""
+
+
 def test_bad_sampling_settings_are_refused_naming_the_option(run_dir, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     for options, message in (
@@ -296,9 +318,9 @@ def test_the_chat_judge_ranks_the_world_s_answers_by_its_facts(tmp_path, capsys)
 
 
 def test_the_reward_stage_compares_only_strictly_ordered_pairs_and_counts_rankings_of_ties(run_copy, capsys):
-    """Hand computation: at a learning rate of 1e-30 (no fp32 weight moves) the first step's logged loss is the loss of the saved model's scores.
-    Ranks [1, 1, 2] give 2 pairs (both tied answers above the third), [2, 1, 3] 3 pairs, [1, 1] none: that ranking is
-    left out and counted."""
+    """Hand computation: at a learning rate of 1e-30 (no fp32 weight moves) the first step's logged loss is the
+    loss of the saved model's scores. Ranks [1, 1, 2] give 2 pairs (both tied answers above the third), [2, 1, 3] 3
+    pairs, [1, 1] none: that ranking is left out and counted."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rows = [
