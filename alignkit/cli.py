@@ -50,6 +50,28 @@ CHAT_EXAMPLES = """examples:
 
 In the conversation: /reset forgets the history, /exit (or Ctrl-D) quits."""
 
+SAMPLE_EXAMPLES = """examples:
+  alignkit sample runs/chat --prompts data/chat/ppo.jsonl --out runs/chat/samples.jsonl
+  alignkit sample runs/chat --stage ppo --stage sft --k 4 --prompts data/chat/ppo.jsonl --out samples.jsonl \\
+      --recipe recipes/chat.yaml --round 2          # both models, blind; refuse the recipe's held-out prompts
+  alignkit sample runs/chat/ppo --prompts prompts.jsonl --out samples.jsonl --temperature 0.7 --top-p 0.9
+
+Each row of the output is one prompt: its K answers (shared among the stages named, shuffled together so that
+whoever ranks them compares the models blind), "ranks": null (not ranked yet) and its provenance (each model's
+folder, stage and fingerprint; the sampling settings, seed, round; the prompt's file and line). It is the reward
+stage's ranking format: rank it (alignkit rank, or people), then train on it. Answers that are empty or repeat
+another of their prompt are drawn again up to --redraws times, then left out (counted); a prompt left with fewer
+than two answers is left out. The same command and seed write the same file."""
+
+RANK_EXAMPLES = """examples:
+  alignkit rank samples.jsonl --by data/chat/judge.py:rank            # the chat world's judge, in place
+  alignkit rank samples.jsonl --by mypackage.judges:rank --out ranked.jsonl
+
+The judge is a Python function judge(prompt, answers) -> ranks: the prompt as the file holds it (text, or a list of
+{role, content} messages), the answers' texts, and back one whole number per answer, 1 for the best, equal numbers
+for ties. The reward stage then compares only strictly ordered answers; a ranking that is all ties teaches nothing.
+A judge that raises or returns anything else, or a row with an empty or repeated answer, stops the command (exit
+status 2) naming the file and line; nothing is written then."""
 
 VERBOSE = (
     "show the libraries' own warnings and progress bars, which alignkit hides where its own lines say the same or "
@@ -181,6 +203,77 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
+
+    sample = commands.add_parser(
+        "sample",
+        help="draw K answers per prompt from a run's policy stages, to rank",
+        description="Draw K answers per prompt from a run's stages (or a model folder): unranked rankings to rank.",
+        epilog=SAMPLE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sample.add_argument("model", help="a run's output_dir, a stage folder or a model folder")
+    sample.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        choices=POLICIES,
+        metavar="STAGE",
+        help="a stage of the run to sample (repeatable: the stages share each prompt's answers, shuffled together; "
+        "default: the last policy stage)",
+    )
+    sample.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE",
+        help="the prompts, in any format RL prompts are read in (prompt, messages, Alpaca, ShareGPT, HH; .jsonl, "
+        ".json, .csv, .parquet)",
+    )
+    sample.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write the rows (replaced whole)")
+    sample.add_argument("--k", type=int, default=4, help="answers per prompt, all models together (default 4)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    sample.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    sample.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="longest answer (default 64); prompts longer than the context leaves are cut from the left",
+    )
+    sample.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    sample.add_argument(
+        "--batch-size", type=int, default=32, metavar="N", help="answers generated at once (default 32)"
+    )
+    sample.add_argument(
+        "--redraws",
+        type=int,
+        default=3,
+        metavar="N",
+        help="times an empty answer, or one equal to another of its prompt, is drawn again (default 3)",
+    )
+    sample.add_argument(
+        "--round", type=int, metavar="N", help="the round these samples are for (recorded in each row)"
+    )
+    sample.add_argument(
+        "--recipe",
+        metavar="RECIPE",
+        help="refuse prompts that this recipe's eval data holds (held-out prompts never enter training)",
+    )
+
+    rank = commands.add_parser(
+        "rank",
+        help="rank each prompt's answers with a program (a judge)",
+        description="Rank the answers of every row of a rankings file with a judge function; ties allowed.",
+        epilog=RANK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rank.add_argument("file", help="a rankings file, as alignkit sample writes it (.jsonl)")
+    rank.add_argument(
+        "--by",
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help="the judge: a Python file (path/to/judge.py:function) or module (package.module:function)",
+    )
+    rank.add_argument("--out", metavar="FILE", help="where to write the ranked rows (default: replace FILE)")
     for sub in commands.choices.values():  # `alignkit --verbose run ...` and `alignkit run ... --verbose` alike
         sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE)
     return parser
@@ -277,6 +370,20 @@ def cmd_chat(args) -> int:
     return chat.main(args)
 
 
+def cmd_sample(args) -> int:
+    from . import sample
+
+    quiet.hide_progress_bars(args.verbose)
+    args.folder = args.model
+    return sample.main(args)
+
+
+def cmd_rank(args) -> int:
+    from . import rank
+
+    return rank.main(args)
+
+
 def cmd_eval(args) -> int:
     import shlex
     import time
@@ -370,7 +477,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        commands = {"run": cmd_run, "validate": cmd_validate, "eval": cmd_eval, "push": cmd_push, "chat": cmd_chat}
+        commands = {
+            "run": cmd_run,
+            "validate": cmd_validate,
+            "eval": cmd_eval,
+            "push": cmd_push,
+            "chat": cmd_chat,
+            "sample": cmd_sample,
+            "rank": cmd_rank,
+        }
         with quiet.quiet(args.verbose):
             return commands[args.command](args)
     except UserError as e:

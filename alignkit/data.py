@@ -2,9 +2,12 @@
 
 Each stage declares the kind of rows it reads, and gets them in one of TRL's formats, plain or conversational:
   text: text;  demonstrations: text | prompt+completion | messages;  comparisons: [prompt+]chosen+rejected;
-  rankings: [prompt+]ranked (answers, best first);  prompts: prompt;  eval: prompt (+ reference).
+  rankings: [prompt+]ranked (answers, best first) [+ranks];  prompts: prompt;  eval: prompt (+ reference).
 A ranking of K answers (prompt + responses, best first) stays one row for rankings (the reward stage trains it as one
-batch element, as InstructGPT does) and gives comparisons all K(K-1)/2 pairs; a pair is a ranking of two.
+batch element, as InstructGPT does) and gives comparisons all K(K-1)/2 pairs; a pair is a ranking of two. With a
+`ranks` list beside `responses` (one per answer, 1 = best, equal ranks for ties) the answers may come in any order:
+they are put best first, ties keep their order, and only strictly ordered pairs are compared; `ranks: null` marks
+answers not ranked yet (as `alignkit sample` writes them), which only the prompts' readers take.
 Converters turn Alpaca (instruction/input/output), ShareGPT (conversations of from/value) and Anthropic HH
 transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") into those. Errors name the file and line.
 """
@@ -47,17 +50,24 @@ KINDS = {
     "demonstrations": "'messages', 'prompt' and 'completion', or 'text' columns, or Alpaca / ShareGPT data",
     "comparisons": "'chosen' and 'rejected' columns (with an optional 'prompt'), a ranking ('prompt' and "
     "'responses', best first), or Anthropic HH transcripts",
-    "rankings": "a ranking ('prompt' and 'responses', best first), 'chosen' and 'rejected' columns (with an "
-    "optional 'prompt'; a ranking of two), or Anthropic HH transcripts",
+    "rankings": "a ranking ('prompt' and 'responses', best first or with 'ranks'), 'chosen' and 'rejected' columns "
+    "(with an optional 'prompt'; a ranking of two), or Anthropic HH transcripts",
     "prompts": "a 'prompt' column, or 'messages', Alpaca, ShareGPT or HH data to take the prompts from",
     "eval": "a 'prompt' column (with an optional 'reference' answer), or 'messages'",
 }
 
 
-def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None):
+def load(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: str | None = None):
     """A dataset as a `datasets.Dataset` in TRL's format for the `kind` of rows its reader takes, every row checked.
     `reader` is the stage that reads it (its kind is the stage's declared one) or a recipe key such as
-    "eval.comparisons" (then `kind` says what it holds)."""
+    "eval.comparisons" (then `kind` says what it holds). Without a recipe, a path is relative to the current
+    folder."""
+    return load_located(spec, reader, recipe, kind)[0]
+
+
+def load_located(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: str | None = None):
+    """load(), and a function that names the file and line of a row (by its index in the source; None: the file).
+    Rows of the kinds that keep one row per source row (rankings, prompts, eval) keep their index."""
     from .stages import REGISTRY
 
     stage = REGISTRY.get(reader)
@@ -102,7 +112,7 @@ def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None
                     out.setdefault(k, []).append(v)
         return out
 
-    return ds.map(
+    converted = ds.map(
         convert,
         batched=True,
         with_indices=True,
@@ -110,14 +120,15 @@ def load(spec: DatasetSpec, reader: str, recipe: Recipe, kind: str | None = None
         load_from_cache_file=False,
         desc=f"{reader}: checking {fmt} rows",
     )
+    return converted, locate
 
 
-def _read(spec: DatasetSpec, recipe: Recipe):
+def _read(spec: DatasetSpec, recipe: Recipe | None):
     """Load rows and return (dataset, locate) where locate(i) names the file and line of row i."""
     import datasets
     import pyarrow
 
-    local = recipe.resolve(spec.path)
+    local = recipe.resolve(spec.path) if recipe is not None else Path(spec.path).expanduser()
     if local.is_file():
         kind = DATA_SUFFIXES.get(local.suffix)
         if _is_pickle(local):
@@ -326,6 +337,17 @@ def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
+def read_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """The rows of a JSON Lines file (or a JSON array), as written, with the line each starts on: for commands that
+    rewrite a file's rows and keep every column (alignkit rank)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if _is_pickle(path) or DATA_SUFFIXES.get(path.suffix) != "json":
+        raise DataError(f"{path}: not a JSON Lines file; give the .jsonl file alignkit sample wrote")
+    return _read_json(path, str(path))
+
+
 def _array_lines(text: str, count: int) -> list[int]:
     """Line on which each top-level object of a JSON array starts (best effort; the row number otherwise)."""
     decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
@@ -420,6 +442,11 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
         if key in has:
             _check_content(row[key], key)
     if "responses" in has:
+        if "ranks" in row and row["ranks"] is None and kind in ("demonstrations", "rankings", "comparisons"):
+            raise DataError(
+                "the answers of this row are not ranked yet ('ranks' is null, as alignkit sample writes them): rank "
+                "them first (alignkit rank FILE --by MODULE:FUNCTION), or give 'ranks' (one per answer, 1 = best)"
+            )
         row = {**row, **_ranking(row)}
         has = {k for k, v in row.items() if v is not None}
     if kind == "text" and "text" in has:
@@ -435,7 +462,8 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
             return [{"text": row["text"]}]
     if kind == "rankings":  # a ranking stays one row, best first; a pair is a ranking of two
         if "ranked" in row:
-            return [{"prompt": row["prompt"], "ranked": row["ranked"]}]
+            ties = {"ranks": row["ranks"]} if row.get("ranks") is not None else {}
+            return [{"prompt": row["prompt"], "ranked": row["ranked"], **ties}]
         if {"chosen", "rejected"} <= has:
             _same_kind(row, "chosen", "rejected")
             if "prompt" in has:
@@ -443,11 +471,10 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
                 return [{"prompt": row["prompt"], "ranked": [row["chosen"], row["rejected"]]}]
             return [{"ranked": [row["chosen"], row["rejected"]]}]
     if kind == "comparisons":
-        if "ranked" in row:
+        if "ranked" in row:  # only the strictly ordered pairs: tied answers are no comparison
+            ranked, ranks = row["ranked"], row.get("ranks") or list(range(len(row["ranked"])))
             return [
-                {"prompt": row["prompt"], "chosen": row["ranked"][i], "rejected": row["ranked"][j]}
-                for i in range(len(row["ranked"]))
-                for j in range(i + 1, len(row["ranked"]))
+                {"prompt": row["prompt"], "chosen": ranked[i], "rejected": ranked[j]} for i, j in strict_pairs(ranks)
             ]
         if {"chosen", "rejected"} <= has:
             out = {"chosen": row["chosen"], "rejected": row["rejected"]}
@@ -483,12 +510,17 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
 
 
 def _ranking(row: dict) -> dict:
-    """`prompt` + `responses` (best first) -> the best as `chosen` and the whole ranking as `ranked`."""
-    responses = row["responses"]
+    """`prompt` + `responses` (best first, or in any order with `ranks`) -> the best as `chosen` and the whole
+    ranking as `ranked`, best first (with `ranks` in the same order, where the row gives them)."""
+    responses = row.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise DataError("'responses' must list at least two answers, best first")
     if "prompt" not in row or row["prompt"] is None:
         raise DataError("a ranking needs a 'prompt' beside its 'responses'")
+    ranks = row.get("ranks")
+    if ranks is not None:
+        check_ranks(ranks, len(responses))
+        check_answers(responses)
     conversational = isinstance(row["prompt"], list)
     ranked = []
     for n, r in enumerate(responses):
@@ -501,7 +533,58 @@ def _ranking(row: dict) -> dict:
         if not isinstance(r, str):
             _check_content(r, f"responses[{n}]")
         ranked.append(r)
-    return {"chosen": ranked[0], "ranked": ranked}
+    if ranks is None:
+        return {"chosen": ranked[0], "ranked": ranked}
+    order = sorted(range(len(ranked)), key=lambda i: ranks[i])  # best first; ties keep the file's order
+    return {"chosen": ranked[order[0]], "ranked": [ranked[i] for i in order], "ranks": [ranks[i] for i in order]}
+
+
+def strict_pairs(ranks: list[int]) -> list[tuple[int, int]]:
+    """The pairs (better, worse) of a ranking's answers, as indices, whose ranks differ: tied answers are no pair.
+    Best first, as a ranking without ties lists them: (0, 1), (0, 2), ..., (1, 2), ..."""
+    return [(a, b) for a in range(len(ranks)) for b in range(len(ranks)) if ranks[a] < ranks[b]]
+
+
+def check_unranked(row: dict) -> None:
+    """A ranking's prompt and answers before they are ranked (as `alignkit rank` reads them): a prompt, at least two
+    answers like it (text, or messages), none empty, none twice. Raises DataError saying what is wrong."""
+    if row.get("prompt") is not None:
+        _check_content(row["prompt"], "prompt")
+    _ranking({**row, "ranks": None})
+    check_answers(row["responses"])
+
+
+def check_ranks(ranks, count: int, what: str = "'ranks'") -> None:
+    """Ranks of `count` answers: a list of whole numbers from 1 (the best), one per answer, equal ones for ties."""
+    if not isinstance(ranks, list):
+        raise DataError(f"{what} is {type(ranks).__name__}, not a list of whole numbers (1 = best), one per answer")
+    if len(ranks) != count:
+        raise DataError(f"{what} gives {len(ranks)} ranks for {count} answers; give one rank per answer")
+    for n, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise DataError(
+                f"{what} has {r!r} for 'responses'[{n}]; a rank is a whole number, 1 for the best, equal ones for ties"
+            )
+
+
+def check_answers(responses: list) -> None:
+    """The answers of a ranking with `ranks`: none empty, none twice (a labeller cannot order an answer against
+    itself)."""
+    seen: dict[str, int] = {}
+    for n, r in enumerate(responses):
+        text = answer_text(r)
+        if not text.strip():
+            raise DataError(f"'responses'[{n}] is empty; a ranked answer has text")
+        if text in seen:
+            raise DataError(f"'responses'[{n}] repeats 'responses'[{seen[text]}] ({text!r}); each answer once")
+        seen[text] = n
+
+
+def answer_text(response) -> str:
+    """An answer's text: itself, or the content of its messages (a conversational answer)."""
+    if isinstance(response, list):
+        return "".join(m.get("content") or "" for m in response if isinstance(m, dict))
+    return response if isinstance(response, str) else ""
 
 
 def _check_content(value, key: str) -> None:

@@ -18,6 +18,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import data, files
 from .log import keep, log
@@ -104,17 +105,28 @@ def fit_prompts(prompts: list[list[int]], room: int) -> tuple[list[list[int]], i
     return [p[-room:] for p in prompts], sum(len(p) > room for p in prompts)
 
 
-def _generate(
-    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, sample: bool = False
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
-    """Responses (token ids, cut after the first EOS) to each prompt."""
+    """Responses (token ids, cut after the first EOS) to each prompt: batches of `batch_size` prompts, left-padded,
+    through the model's generate() and its KV cache; greedy, or with `sample` at `temperature` and nucleus `top_p`
+    (no top-k). `on_batch(n)` is told after each batch how many responses it gave."""
     import torch
 
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     responses = []
     for start in range(0, len(prompt_ids), batch_size):
         batch = prompt_ids[start : start + batch_size]
         width = max(map(len, batch))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=model.device)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
         with torch.no_grad():
             out = model.generate(
@@ -122,16 +134,19 @@ def _generate(
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=sample,
-                temperature=1.0 if sample else None,
+                temperature=temperature if sample else None,
                 top_k=0 if sample else None,
-                top_p=1.0 if sample else None,
-                pad_token_id=tokenizer.pad_token_id,
+                top_p=top_p if sample else None,
+                pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
             )
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id) + 1]
-            responses.append([t for t in row if t != tokenizer.pad_token_id])
+            responses.append([t for t in row if t != pad or t == tokenizer.eos_token_id])
+        if on_batch is not None:
+            on_batch(len(batch))
     return responses
 
 
@@ -232,7 +247,7 @@ def evaluate(recipe: Recipe) -> dict:
         model = reference if name == REFERENCE else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         if name == BASE:  # a base model from the Hub lacks the pad token the stages added
             models.fit_to_tokenizer(model, tokenizer, recipe.model.fused_gelu)
-        responses = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
+        responses = generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         answers[name] = texts
         correct_of[name] = [
@@ -245,7 +260,7 @@ def evaluate(recipe: Recipe) -> dict:
                 kl = 0.0
             else:  # the same samples on every evaluation of this checkpoint: a rerun reports the same KL
                 set_seed(recipe.seed)
-                samples = _generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size, sample=True)
+                samples = generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size, sample=True)
                 own = _logprobs(model, tokenizer, prompts, samples, spec.batch_size)
                 ref = _logprobs(reference, tokenizer, prompts, samples, spec.batch_size)
                 kl = _mean(a - b for a, b in zip(own, ref))

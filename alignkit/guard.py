@@ -217,7 +217,7 @@ class _Progress(TrainerCallback):
         if rate > 0:
             parts.append(f"{rate:.2f} steps/s" if rate < 10 else f"{rate:.0f} steps/s")
             if total > done:
-                parts.append(f"{_clock((total - done) / rate)} left")
+                parts.append(f"{clock((total - done) / rate)} left")
         return "  ".join(map(keep, parts))  # too long for a line: broken between figures
 
     def summary(self) -> dict:
@@ -239,7 +239,7 @@ def logged_at(stage, history: list[dict]) -> dict[str, int]:
     return {label: s[-1] for label, s in steps.items() if s and s[-1] != last}
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(seconds)
     return (
         f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

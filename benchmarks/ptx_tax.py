@@ -45,7 +45,7 @@ def counts(folder: Path, rows: list[dict]) -> Counter:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit import data
-    from alignkit.evaluate import _generate, is_correct
+    from alignkit.evaluate import generate, is_correct
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
@@ -54,7 +54,7 @@ def counts(folder: Path, rows: list[dict]) -> Counter:
         tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
         for r in rows
     ]
-    answers = tokenizer.batch_decode(_generate(model, tokenizer, prompts, 20, 64), skip_special_tokens=True)
+    answers = tokenizer.batch_decode(generate(model, tokenizer, prompts, 20, 64), skip_special_tokens=True)
     right = Counter()
     for row, answer in zip(rows, answers):
         kind = kind_of(row["prompt"][-1]["content"])

@@ -78,7 +78,9 @@ def test_comparisons_rank_several_answers():
 def test_chat_data_regenerates_byte_for_byte(tmp_path):
     subprocess.run([sys.executable, str(DATA / "make.py"), str(tmp_path)], check=True, timeout=300)
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert made == sorted(p.relative_to(DATA) for p in DATA.rglob("*") if p.is_file() and p.name != "make.py")
+    programs = {"make.py", "judge.py"}  # what makes and what judges the data, and their bytecode
+    shipped = [p for p in DATA.rglob("*") if p.is_file() and p.name not in programs and "__pycache__" not in p.parts]
+    assert made == sorted(p.relative_to(DATA) for p in shipped)
     for rel in made:
         assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes(), rel
 
@@ -146,7 +148,7 @@ def test_a_run_of_pretraining_alone_skips_the_evaluation(tmp_path, capsys):
 def test_kl_estimate_is_zero_for_the_same_model_and_positive_for_another(run_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.evaluate import _generate, _logprobs
+    from alignkit.evaluate import _logprobs, generate
 
     tok = AutoTokenizer.from_pretrained(run_dir / "sft")
     sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft").eval()
@@ -159,7 +161,7 @@ def test_kl_estimate_is_zero_for_the_same_model_and_positive_for_another(run_dir
             ).input_ids
             for line in f
         ]
-    samples = _generate(base, tok, prompts, 16, 16, sample=True)
+    samples = generate(base, tok, prompts, 16, 16, sample=True)
     own = _logprobs(base, tok, prompts, samples, 16)
     assert _logprobs(base, tok, prompts, samples, 16) == pytest.approx(own, abs=1e-4)
     kl = sum(a - b for a, b in zip(own, _logprobs(sft, tok, prompts, samples, 16))) / len(prompts)

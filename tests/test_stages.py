@@ -307,8 +307,8 @@ def test_all_pairs_trains_each_pair_of_a_ranking_as_its_own_element():
         {"prompt": "Q: 1+1?\nA:", "ranked": [" 2", " 3", " 4", " 5"]},
         {"prompt": "Q: x?\nA:", "ranked": [" y", " z"]},
     ]
-    one, _, _ = tokenize_rankings(rows, tokenizer, 128)
-    pairs, _, _ = tokenize_rankings(rows, tokenizer, 128, all_pairs=True)
+    one, *_ = tokenize_rankings(rows, tokenizer, 128)
+    pairs, *_ = tokenize_rankings(rows, tokenizer, 128, all_pairs=True)
     assert [len(r) for r in one["ranked_ids"]] == [4, 2]
     assert len(pairs) == 6 + 1 and all(len(r) == 2 for r in pairs["ranked_ids"])
     first = one["ranked_ids"][0]

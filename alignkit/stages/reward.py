@@ -4,6 +4,8 @@ at its EOS token, then shifted so that the demonstrations score 0 on average.
 A prompt's K ranked answers (best first; a chosen/rejected pair is K = 2) are one batch element: one forward pass per
 answer, loss -1/C(K,2) * sum over its pairs (better, worse) of log sigmoid(r_better - r_worse) (Ouyang et al. 2022).
 Expanding a ranking into its C(K,2) pairs instead costs 2 C(K,2) forward passes and, the paper reports, overfits.
+A ranking with ties (equal `ranks`) compares only its strictly ordered pairs, each weighted 1 / their number; one that
+is all ties has none, teaches nothing, and is left out (counted in the log).
 """
 
 from __future__ import annotations
@@ -96,7 +98,13 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
     model = models.load_reward_model(recipe, inputs["model"], tokenizer, "reward")
     fit_context(args, model, "reward")
-    train, dropped, lost = tokenize_rankings(rankings, tokenizer, args.max_length, all_pairs=spec.all_pairs)
+    train, dropped, lost, tied = tokenize_rankings(rankings, tokenizer, args.max_length, all_pairs=spec.all_pairs)
+    if tied:
+        log(
+            "reward",
+            f"{tied} of {len(rankings)} rankings are all ties (no answer ranked above another): they teach nothing "
+            "and are left out",
+        )
     if dropped:
         log(
             "reward",
@@ -124,6 +132,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     result, figures = fit(trainer, STAGE, folder, resume)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"], reward=True)
     metrics = train_metrics(trainer, result, figures)
+    metrics["rankings"] = {"trained": len(rankings) - lost - tied, "all_ties": tied, "too_long": lost}
     device = trainer.accelerator.device
     del trainer, model  # the saved model is normalised: the trained one's memory is free for it
     models.free_accelerator_memory()
@@ -138,26 +147,34 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
 
 def tokenize_rankings(rankings, tokenizer, max_length: int | None, all_pairs: bool = False):
     """Each ranking's answers as token ids (prompt and answer together, ending with EOS), best first, as TRL's
-    RewardTrainer takes its pairs (chosen_ids / rejected_ids: the best and the worst) plus `ranked_ids`; answers
-    longer than max_length are left out. With all_pairs, each of a ranking's pairs becomes a ranking of two.
-    Returns (dataset, answers dropped, rankings dropped whole)."""
+    RewardTrainer takes its pairs (chosen_ids / rejected_ids: the best and the worst) plus `ranked_ids` and their
+    `ranks` (1, 2, ..., K without ties); answers longer than max_length are left out. With all_pairs, each of a
+    ranking's strictly ordered pairs becomes a ranking of two. Returns (dataset, answers dropped, rankings dropped
+    whole for length, rankings left out as all ties)."""
     import datasets
 
-    rows, dropped, lost = [], 0, 0
+    rows, dropped, lost, tied = [], 0, 0, 0
     for row in rankings:
-        ranked = []
-        for answer in row["ranked"]:
+        ranked, ranks = [], []
+        for answer, rank in zip(row["ranked"], row.get("ranks") or range(1, len(row["ranked"]) + 1)):
             ids = tokenizer(_scored_text({**row, "chosen": answer}, tokenizer), add_special_tokens=False).input_ids
             if max_length is not None and len(ids) > max_length:
                 dropped += 1
                 continue
             ranked.append(ids)
+            ranks.append(rank)
         if len(ranked) < 2:
             lost += 1
             continue
-        groups = [[a, b] for i, a in enumerate(ranked) for b in ranked[i + 1 :]] if all_pairs else [ranked]
-        rows += [{"chosen_ids": g[0], "rejected_ids": g[-1], "ranked_ids": g} for g in groups]
-    return datasets.Dataset.from_list(rows), dropped, lost
+        if ranks[0] == ranks[-1]:  # best first: the first and the last tie only when all do
+            tied += 1
+            continue
+        if all_pairs:
+            groups = [([ranked[a], ranked[b]], [1, 2]) for a, b in data.strict_pairs(ranks)]
+        else:
+            groups = [(ranked, ranks)]
+        rows += [{"chosen_ids": g[0], "rejected_ids": g[-1], "ranked_ids": g, "ranks": r} for g, r in groups]
+    return datasets.Dataset.from_list(rows), dropped, lost, tied
 
 
 def _scored_text(row: dict, tokenizer) -> str:
@@ -169,9 +186,10 @@ def _scored_text(row: dict, tokenizer) -> str:
 
 class RankingCollator:
     """A batch of rankings: every answer of every ranking padded into one batch, and the pairs to compare (indices
-    into it, each weighted 1/C(K,2) of its ranking). With `shared_prefix`, the tokens a ranking's answers begin with
-    alike (at least one token of each left over) are a batch of their own (`prefix_ids`, one row per ranking), and
-    `input_ids` holds each answer's remaining tokens (`owner`: its ranking's row)."""
+    into it, each weighted 1/C(K,2) of its ranking; with ties, its strictly ordered pairs only, each weighted 1 /
+    their number; an example without `ranks` is best first, no ties). With `shared_prefix`, the tokens a ranking's
+    answers begin with alike (at least one token of each left over) are a batch of their own (`prefix_ids`, one row
+    per ranking), and `input_ids` holds each answer's remaining tokens (`owner`: its ranking's row)."""
 
     def __init__(self, pad_token_id: int, shared_prefix: bool = False):
         self.pad, self.shared_prefix = pad_token_id, shared_prefix
@@ -190,6 +208,7 @@ class RankingCollator:
         import torch
 
         rankings = [example["ranked_ids"] for example in examples]
+        ranks = [example.get("ranks") or list(range(len(example["ranked_ids"]))) for example in examples]
         batch = {}
         if self.shared_prefix:
             shared = [_common_prefix(answers) for answers in rankings]
@@ -204,13 +223,12 @@ class RankingCollator:
             answers = [ids for answers in rankings for ids in answers]
         batch["input_ids"], batch["attention_mask"] = self._padded(answers)
         better, worse, weight, start = [], [], [], 0
-        for answers in rankings:
-            k = len(answers)
-            pairs = [(start + a, start + b) for a in range(k) for b in range(a + 1, k)]
+        for answers, order in zip(rankings, ranks):
+            pairs = [(start + a, start + b) for a, b in data.strict_pairs(order)]
             better += [a for a, _ in pairs]
             worse += [b for _, b in pairs]
-            weight += [1 / len(pairs)] * len(pairs)
-            start += k
+            weight += [1 / max(len(pairs), 1)] * len(pairs)
+            start += len(answers)
         batch.update(
             better=torch.tensor(better),
             worse=torch.tensor(worse),
