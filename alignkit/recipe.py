@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import json
 import math
 import os
 import types
@@ -175,6 +176,45 @@ class Eval:
 
 
 @dataclass
+class Rounds:
+    """rounds: after the stages (round 1), each later round samples answers from the newest policy, has them ranked,
+    retrains the reward model on the stages' comparisons plus every round's rankings, and continues PPO from the last
+    round's policy, its KL still measured against the sft model."""
+
+    count: int = field(metadata={"help": "rounds in all, round 1 (the stages) included: 2 or more"})
+    prompts: Dataset = field(
+        metadata={"help": "the prompts each round samples answers to (any prompt format; never the eval prompts)"}
+    )
+    rank_by: str = field(
+        metadata={
+            "help": "who ranks: a judge function (path/to/judge.py:function or package.module:function), or "
+            "'people' (the run stops until the round's rankings are filled in)"
+        }
+    )
+    k: int = field(default=4, metadata={"help": "answers sampled per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (1: off)"})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "longest answer sampled (default: stages.ppo.trainer.response_length)"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "answers generated at once"})
+    redraws: int = field(default=3, metadata={"help": "times an empty or repeated answer is drawn again"})
+    min_ranked: int | None = field(
+        default=None, metadata={"help": "with rank_by: people, the rankings a round needs (default: every prompt)"}
+    )
+    stages: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "trainer settings that differ in rounds 2 and later: {reward: {num_train_epochs: 4}, ppo: "
+            "{total_episodes: 1024}}"
+        },
+    )
+
+
+ROUND_STAGES = ("reward", "ppo")  # what a later round retrains
+
+
+@dataclass
 class Hub:
     repo_id: str = field(
         metadata={"help": "owner/name: the last stage pushed goes here, earlier ones to owner/name-STAGE"}
@@ -207,6 +247,10 @@ class Recipe:
         metadata={"help": "evaluate the run's policy checkpoints on held-out prompts after a run: report.md/json"},
     )
     hub: Hub | None = field(default=None, metadata={"help": "push models to the Hugging Face Hub at the end of a run"})
+    rounds: Rounds | None = field(
+        default=None,
+        metadata={"help": "more rounds after the stages: sample from the policy, rank, retrain reward and ppo"},
+    )
     source: Path = field(default=Path("<recipe>"), metadata={"yaml": False})
     # each stage's trainer config (stages.spec.Built), built when the recipe loads with its trainers checked
     configs: dict[str, Any] = field(default_factory=dict, metadata={"yaml": False})
@@ -685,6 +729,8 @@ def _check(recipe: Recipe, problems: list[Problem], check_trainers: bool) -> Non
             )
     if recipe.hub is not None:
         _check_hub(recipe, known, problems)
+    if isinstance(recipe.rounds, Rounds):
+        _check_rounds(recipe, recipe.rounds, base, problems, check_trainers)
     blocks = [("lora", recipe.lora), ("quantization", recipe.quantization)]
     blocks += [
         (f"stages.{n}.{k}", getattr(recipe.stages[n], k))
@@ -770,6 +816,100 @@ def _check_lora_targets(recipe: Recipe, known: list[str], base: Path, problems: 
             continue
         seen.add(key)
         lora_targets.check(lora.get("target_modules"), layers, config.model_type, f"{key}.target_modules", problems)
+
+
+def round_overrides(rounds: Rounds) -> list[str]:
+    """rounds.stages as the overrides that make a later round's recipe (values as JSON, which YAML reads)."""
+    return [
+        f"stages.{stage}.trainer.{key}={json.dumps(value)}"
+        for stage, settings in sorted(rounds.stages.items())
+        if isinstance(settings, dict)
+        for key, value in settings.items()
+    ]
+
+
+def round_recipe(recipe: Recipe) -> Recipe:
+    """The recipe rounds 2 and later train with: the stages' settings with rounds.stages applied (and no rounds)."""
+    return load_recipe(recipe.source, [*recipe.overrides, *round_overrides(recipe.rounds), "~rounds"])
+
+
+def _check_rounds(recipe: Recipe, rounds: Rounds, base: Path, problems: list[Problem], check_trainers: bool) -> None:
+    """A rounds section: what it needs of the stages, its judge, its sampling settings and its trainer settings."""
+    missing = [name for name in ROUND_STAGES if name not in (recipe.stages or {})]
+    if missing:
+        problems.append(
+            Problem(
+                "rounds",
+                f"later rounds retrain {' and '.join(ROUND_STAGES)}, and the recipe has no {', '.join(missing)} "
+                "stage; add it, or remove rounds",
+            )
+        )
+    for name in ROUND_STAGES:
+        if name in (recipe.stages or {}) and isinstance(recipe.stages[name], StageSettings):
+            lora, quantization = recipe.adapters(name)
+            if lora or quantization:
+                problems.append(
+                    Problem(
+                        "rounds",
+                        f"rounds with LoRA or quantization in the {name} stage are not supported yet (a later "
+                        "round would continue an adapter); train the stages in full, or remove rounds",
+                    )
+                )
+    for key, value, rule, ok in (
+        ("count", rounds.count, "2 or more (round 1 is the stages)", lambda v: v >= 2),
+        ("k", rounds.k, "2 or more: a ranking needs two answers", lambda v: v >= 2),
+        ("temperature", rounds.temperature, "> 0", lambda v: v > 0),
+        ("top_p", rounds.top_p, "in (0, 1]", lambda v: 0 < v <= 1),
+        ("max_new_tokens", rounds.max_new_tokens, ">= 1", lambda v: v >= 1),
+        ("batch_size", rounds.batch_size, ">= 1", lambda v: v >= 1),
+        ("redraws", rounds.redraws, ">= 0", lambda v: v >= 0),
+        ("min_ranked", rounds.min_ranked, ">= 1", lambda v: v >= 1),
+    ):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            problems.append(Problem(f"rounds.{key}", f"{value} is out of range: give {rule}"))
+    if isinstance(rounds.prompts, Dataset):
+        _check_local(rounds.prompts.path, "rounds.prompts.path", base, problems)
+    if isinstance(rounds.rank_by, str) and rounds.rank_by != "people":
+        module, _, function = rounds.rank_by.rpartition(":")
+        if not module or not function.isidentifier():
+            problems.append(
+                Problem(
+                    "rounds.rank_by",
+                    f"{rounds.rank_by!r}: give 'people', or a judge as MODULE:FUNCTION, a Python file or module and "
+                    "the function in it that ranks, e.g. data/chat/judge.py:rank",
+                )
+            )
+        elif module.endswith(".py") and resolve_path(module, base) is None:
+            problems.append(Problem("rounds.rank_by", f"no such file {module} (relative to here or to the recipe)"))
+    if rounds.min_ranked is not None and rounds.rank_by != "people":
+        problems.append(Problem("rounds.min_ranked", "only with rank_by: people (a judge ranks every prompt)"))
+    if isinstance(rounds.stages, dict):
+        for name, settings in rounds.stages.items():
+            if name not in ROUND_STAGES:
+                problems.append(
+                    Problem(
+                        f"rounds.stages.{name}",
+                        f"later rounds retrain {' and '.join(ROUND_STAGES)} only; give trainer settings of those",
+                    )
+                )
+            elif not isinstance(settings, dict):
+                problems.append(
+                    Problem(
+                        f"rounds.stages.{name}", f"expected trainer settings, e.g. {{{name}: {{learning_rate: 1e-5}}}}"
+                    )
+                )
+    if check_trainers and not problems and recipe.source.is_file():
+        try:
+            round_recipe(recipe)  # the trainer blocks of a later round, checked as the stages' are
+        except RecipeError as e:
+            for p in e.problems:
+                key = p.key
+                for name in ROUND_STAGES:
+                    if key.startswith(f"stages.{name}.trainer.") and key.split(".")[3] in (
+                        rounds.stages.get(name) or {}
+                    ):
+                        key = f"rounds.stages.{name}." + key.removeprefix(f"stages.{name}.trainer.")
+                problems.append(Problem(key, p.message, cause=p.cause))
 
 
 def _check_hub(recipe: Recipe, known: list[str], problems: list[Problem]) -> None:
