@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import quiet
-from .errors import Stopped, UserError
+from .errors import Stopped, UserError, WaitingForRankings
 from .log import log, wrap
 
 RUN_EXAMPLES = """examples:
@@ -299,6 +299,10 @@ def cmd_run(args) -> int:
     args.folder = recipe.output_dir
     # what goes on after SIGTERM or Ctrl-C: without --force, which would start the interrupted stage afresh
     resume = "alignkit " + shlex.join([a for a in args.argv if a != "--force"])
+    if recipe.rounds is not None and not (args.only or args.start):
+        from . import rounds
+
+        rounds.prepare(recipe)  # the rounds' prompts and judge, before anything trains
     with lock.exclusive(Path(recipe.output_dir), command), guard.signals(resume):  # SIGTERM, Ctrl-C: save, say how
         return _run(recipe, args, t0)
 
@@ -311,10 +315,20 @@ def _run(recipe, args, t0: float) -> int:
     summary = pipeline.run(
         recipe, only=args.only, start=args.start, force=args.force, accept_upstream=args.accept_upstream
     )
+    if recipe.rounds is not None:
+        from . import rounds
+
+        if args.only or args.start:
+            log("rounds", "not run: --only and --from choose among the stages (round 1); run without them for rounds")
+        else:
+            summary.update(rounds.run(recipe, force=args.force))
     if not distributed.is_main():
         return 0  # the main process evaluates, reports and pushes
+    width = max([9, *map(len, summary)])
     for stage, info in summary.items():
-        print(f"{stage:9s} {info['status']:8s} {info['seconds']:8.1f}s  {os.path.join(recipe.output_dir, stage)}")
+        print(
+            f"{stage:{width}s} {info['status']:8s} {info['seconds']:8.1f}s  {os.path.join(recipe.output_dir, stage)}"
+        )
     if recipe.eval is not None:
         from . import evaluate
 
@@ -493,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise
         return 2
-    except Stopped as e:  # SIGTERM or Ctrl-C during `run`: what was saved and the command that goes on
+    except (Stopped, WaitingForRankings) as e:  # SIGTERM, Ctrl-C, or a round waiting for people: what goes on
         print(f"alignkit: {e}", file=sys.stderr)
         return e.exit_status
     except Exception as e:

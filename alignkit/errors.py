@@ -54,6 +54,13 @@ class Stopped(Exception):
         self.signum, self.exit_status = signum, 128 + signum
 
 
+class WaitingForRankings(Exception):
+    """A round ranked by people has too few rankings yet: the run stops (exit status 3, WAITING), saying how many are
+    ranked, how many it needs and how to rank them; the same command goes on once they are there."""
+
+    exit_status = 3
+
+
 class UnsafeFile(UserError):
     """A file in a run or model folder that torch refuses to unpickle with weights_only=True: it could run code."""
 

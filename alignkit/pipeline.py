@@ -201,8 +201,8 @@ def _why(old: dict | None, new: dict, folder: Path) -> str:
     gone = missing_files(folder, old)
     if gone:
         return f"its output is damaged: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} missing or cut"
-    names = {"config": "its config", "data": "its data", "upstream": "an upstream stage"}
-    changed = [names[k] for k in names if old.get("parts", {}).get(k) != new[k]]
+    names = {"config": "its config", "data": "its data", "upstream": "an upstream stage", "rankings": "its rankings"}
+    changed = [names[k] for k in names if old.get("parts", {}).get(k) != new.get(k)]
     return (" and ".join(changed) + " changed") if changed else "forced"
 
 
@@ -302,7 +302,6 @@ def run(
     needed = _built_on(recipe, selected)
     for stage in names:
         folder = out / stage
-        manifest = read_manifest(folder)
         complete = read_complete(folder)
         if stage not in selected:
             fingerprints[stage] = complete["fingerprint"] if complete else None
@@ -311,16 +310,24 @@ def run(
             continue
         roles = upstream(recipe, stage)  # select() made sure that each is chosen or complete
         parts = fingerprint_parts(recipe, stage, {up: fingerprints[up] for up in roles.values() if up})
-        fp = _hash(parts)
-        fingerprints[stage] = fp
-        resumable = (read_manifest(folder.with_name(folder.name + ".partial")) or {}).get("fingerprint") == fp
-        if complete and complete["fingerprint"] == fp and not force and not resumable:
-            log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
-            summary[stage] = {"status": "reused", "seconds": complete.get("seconds", 0.0)}
-            continue
-        why = "an interrupted rerun" if resumable and not force else _why(complete or manifest, parts, folder)
-        summary[stage] = _train(recipe, stage, folder, roles, fp, parts, why, force)
+        fingerprints[stage], summary[stage] = build(recipe, stage, folder, roles, parts, force)
     return summary
+
+
+def build(
+    recipe: Recipe, stage: str, folder: Path, roles: dict, parts: dict, force: bool, run_dir: Path | None = None
+) -> tuple[str, dict]:
+    """Reuse `folder` if it holds `stage` trained with these `parts`, else train it (resuming an interrupted run of the
+    same parts). `roles` name the inputs as folders relative to `run_dir` (default: the folder's parent). Returns the
+    fingerprint and the summary entry."""
+    fp = _hash(parts)
+    complete, manifest = read_complete(folder), read_manifest(folder)
+    resumable = (read_manifest(folder.with_name(folder.name + ".partial")) or {}).get("fingerprint") == fp
+    if complete and complete["fingerprint"] == fp and not force and not resumable:
+        log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
+        return fp, {"status": "reused", "seconds": complete.get("seconds", 0.0)}
+    why = "an interrupted rerun" if resumable and not force else _why(complete or manifest, parts, folder)
+    return fp, _train(recipe, stage, folder, roles, fp, parts, why, force, run_dir or folder.parent)
 
 
 def _built_on(recipe: Recipe, selected: list[str]) -> set[str]:
@@ -460,7 +467,9 @@ def _has_weights(checkpoint: Path) -> bool:
     return weights and any((checkpoint / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
 
 
-def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts: dict, why: str, force: bool) -> dict:
+def _train(
+    recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts: dict, why: str, force: bool, run_dir: Path
+) -> dict:
     partial = folder.with_name(folder.name + ".partial")
     started = read_manifest(partial)
     resume = None
@@ -480,8 +489,8 @@ def _train(recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts
         files.write_text(partial / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     wait_for_everyone()
 
-    out, declared = folder.parent, REGISTRY[stage]
-    inputs = {role: str(out / up) if up else None for role, up in roles.items()}
+    declared = REGISTRY[stage]
+    inputs = {role: str(run_dir / up) if up else None for role, up in roles.items()}
     given = getattr(recipe.stages[stage], "reward_model", None)
     if declared.reward_model and given:
         inputs["reward_model"] = given

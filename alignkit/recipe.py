@@ -205,13 +205,23 @@ class Rounds:
     stages: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={
-            "help": "trainer settings that differ in rounds 2 and later: {reward: {num_train_epochs: 4}, ppo: "
-            "{total_episodes: 1024}}"
+            "help": "trainer settings that differ in rounds 2 and later, by stage (of the two a round retrains): "
+            "{STAGE: {num_train_epochs: 4}}"
         },
     )
 
 
-ROUND_STAGES = ("reward", "ppo")  # what a later round retrains
+def round_stages(recipe: Recipe) -> tuple[str | None, str | None]:
+    """(the stage a later round continues, the reward stage it reads), as the stages declare them; None where the
+    recipe lacks one."""
+    from .stages import ORDER
+
+    names = list(recipe.stages or {})
+    policy = next((s.name for s in ORDER if s.rounds and s.name in names), None)
+    if policy is None:
+        return None, None
+    makers = [s.name for s in ORDER if s.writes == "reward_model" and s.name in names[: names.index(policy)]]
+    return policy, (makers[-1] if makers else None)
 
 
 @dataclass
@@ -249,7 +259,10 @@ class Recipe:
     hub: Hub | None = field(default=None, metadata={"help": "push models to the Hugging Face Hub at the end of a run"})
     rounds: Rounds | None = field(
         default=None,
-        metadata={"help": "more rounds after the stages: sample from the policy, rank, retrain reward and ppo"},
+        metadata={
+            "help": "more rounds after the stages: sample from the policy, rank, retrain the reward model and "
+            "the policy"
+        },
     )
     source: Path = field(default=Path("<recipe>"), metadata={"yaml": False})
     # each stage's trainer config (stages.spec.Built), built when the recipe loads with its trainers checked
@@ -835,17 +848,21 @@ def round_recipe(recipe: Recipe) -> Recipe:
 
 def _check_rounds(recipe: Recipe, rounds: Rounds, base: Path, problems: list[Problem], check_trainers: bool) -> None:
     """A rounds section: what it needs of the stages, its judge, its sampling settings and its trainer settings."""
-    missing = [name for name in ROUND_STAGES if name not in (recipe.stages or {})]
-    if missing:
+    from .stages import ORDER
+
+    policy, reward = round_stages(recipe)
+    if policy is None or reward is None:
+        wanted = [s.name for s in ORDER if s.rounds] + [s.name for s in ORDER if s.writes == "reward_model"]
         problems.append(
             Problem(
                 "rounds",
-                f"later rounds retrain {' and '.join(ROUND_STAGES)}, and the recipe has no {', '.join(missing)} "
-                "stage; add it, or remove rounds",
+                f"later rounds retrain a reward model and the policy trained against it ({' and '.join(wanted)}); "
+                "the recipe lacks one of them: add it, or remove rounds",
             )
         )
-    for name in ROUND_STAGES:
-        if name in (recipe.stages or {}) and isinstance(recipe.stages[name], StageSettings):
+    retrained = [name for name in (reward, policy) if name]
+    for name in retrained:
+        if isinstance(recipe.stages[name], StageSettings):
             lora, quantization = recipe.adapters(name)
             if lora or quantization:
                 problems.append(
@@ -855,6 +872,14 @@ def _check_rounds(recipe: Recipe, rounds: Rounds, base: Path, problems: list[Pro
                         "round would continue an adapter); train the stages in full, or remove rounds",
                     )
                 )
+    if policy and getattr(recipe.stages[policy], "reward_model", None):
+        problems.append(
+            Problem(
+                f"stages.{policy}.reward_model",
+                f"with rounds, {policy} reads each round's own reward model, retrained on its rankings; remove "
+                f"stages.{policy}.reward_model, or remove rounds",
+            )
+        )
     for key, value, rule, ok in (
         ("count", rounds.count, "2 or more (round 1 is the stages)", lambda v: v >= 2),
         ("k", rounds.k, "2 or more: a ranking needs two answers", lambda v: v >= 2),
@@ -885,11 +910,12 @@ def _check_rounds(recipe: Recipe, rounds: Rounds, base: Path, problems: list[Pro
         problems.append(Problem("rounds.min_ranked", "only with rank_by: people (a judge ranks every prompt)"))
     if isinstance(rounds.stages, dict):
         for name, settings in rounds.stages.items():
-            if name not in ROUND_STAGES:
+            if name not in retrained:
                 problems.append(
                     Problem(
                         f"rounds.stages.{name}",
-                        f"later rounds retrain {' and '.join(ROUND_STAGES)} only; give trainer settings of those",
+                        f"later rounds retrain {' and '.join(retrained) or 'no stage of this recipe'} only; give "
+                        "trainer settings of those",
                     )
                 )
             elif not isinstance(settings, dict):
@@ -904,7 +930,7 @@ def _check_rounds(recipe: Recipe, rounds: Rounds, base: Path, problems: list[Pro
         except RecipeError as e:
             for p in e.problems:
                 key = p.key
-                for name in ROUND_STAGES:
+                for name in retrained:
                     if key.startswith(f"stages.{name}.trainer.") and key.split(".")[3] in (
                         rounds.stages.get(name) or {}
                     ):

@@ -89,12 +89,14 @@ def prompt_key(prompt) -> str:
     return json.dumps([[m["role"], " ".join(m["content"].split())] for m in messages])
 
 
-def refuse_held_out(prompts, locate, recipe_path: str) -> None:
+def refuse_held_out(prompts, locate, recipe) -> None:
     """Raise DataError naming every prompt (file and line) that the recipe's eval data also holds: held-out prompts
-    must never reach training through sampled answers."""
+    must never reach training through sampled answers. `recipe`: a loaded recipe or a recipe's path."""
     from .recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, check_trainers=False)
+    recipe_path = recipe if isinstance(recipe, str) else str(recipe.source)
+    if isinstance(recipe, str):
+        recipe = load_recipe(recipe, check_trainers=False)
     if recipe.eval is None:
         log("sample", f"{recipe_path} has no eval section: no prompt is held out")
         return

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import data, models
+from ..distributed import is_main
 from ..errors import Problem, UserError
 from ..log import log
 from ..recipe import Dataset, Recipe, RewardModelSettings
 from .spec import Default, Stage, train_metrics
+
+VALUE = "value"  # {stage folder}/value: the value model, kept where the recipe has rounds
 
 
 def config_class():
@@ -101,9 +104,16 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
             f"{', '.join(f'{k} {v:g}' for k, v in switched_off.items())} -> 0)",
         )
     lora = _without_dropout(models.lora_config(recipe, "ppo", "CAUSAL_LM"))
-    # With LoRA the reference is the policy with its adapter disabled, not a second copy (unless asked for one).
+    # The KL reference: the model ppo starts from, or (a later round, which continues the last round's policy) the
+    # one `inputs["reference"]` names, the sft model. With LoRA the reference is the policy with its adapter
+    # disabled, not a second copy (unless asked for one).
+    reference = (inputs["reference"] or recipe.model.name_or_path) if "reference" in inputs else inputs["model"]
     shared = lora is not None and not spec.separate_reference
-    ref = None if shared else models.load_causal_lm(recipe, inputs["model"], tokenizer, "ppo", dropout=False)
+    if shared and reference != inputs["model"]:
+        raise UserError("ppo: a later round's reference is another model than its policy; LoRA cannot share it")
+    ref = None if shared else models.load_causal_lm(recipe, reference, tokenizer, "ppo", dropout=False)
+    if reference != inputs["model"]:
+        log("ppo", f"policy from {inputs['model']}, KL reference {reference}")
     if lora is not None:
         log("ppo", "reference: " + ("the policy with its adapter disabled" if shared else "a second frozen copy"))
     elif spec.separate_reference:
@@ -111,7 +121,10 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     if lora:
         policy = _with_adapter(policy, lora, args)
     reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo", dropout=False)
-    value = _value_model(recipe, inputs["reward_model"], tokenizer, lora is not None, args)
+    # the value model starts from the reward model, or in a later round goes on from the last round's
+    value = _value_model(
+        recipe, inputs.get("value_model") or inputs["reward_model"], tokenizer, lora is not None, args
+    )
     if args.gradient_checkpointing:
         for model in (policy, value):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -147,12 +160,27 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     )
     ptx = _ptx_blocks(recipe, spec, tokenizer, _ptx_length(recipe, args, context)) if args.ptx_coef > 0 else None
     stop = tokenizer.eos_token_id if args.stop_token == "eos" else args.stop_token_id
-    trainer = PPOTrainer(args, policy, ref, reward, value, left, train, STAGE, ptx=ptx, stop_token_id=stop)
+    trainer = PPOTrainer(
+        args,
+        policy,
+        ref,
+        reward,
+        value,
+        left,
+        train,
+        STAGE,
+        ptx=ptx,
+        stop_token_id=stop,
+        reference_is_policy=reference == inputs["model"],
+    )
     _, figures = fit(trainer, STAGE, folder, resume)
     # the saved model keeps the dropout it came with, for later stages
     models.restore_dropout(trainer.accelerator.unwrap_model(trainer.model).policy, switched_off)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     wrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if recipe.rounds is not None and is_main():  # the next round's value model goes on from this one
+        models.restore_dropout(wrapped.value_model, switched_off)
+        wrapped.value_model.save_pretrained(folder / VALUE)
     return train_metrics(trainer, figures=figures, parts={"policy": wrapped.policy, "value": wrapped.value_model})
 
 
@@ -238,6 +266,7 @@ STAGE = Stage(
     model_from=("pretrain", "sft"),
     reward_model=True,
     policy=True,
+    rounds=True,
     hub_tags=("rlhf", "ppo"),
     check=check,
     more_data=ptx_data,

@@ -370,8 +370,12 @@ class PPOTrainer(Trainer):
         stage,
         ptx=None,
         stop_token_id: int | None = None,
+        reference_is_policy: bool = True,
     ):
         self.stage = stage  # its declaration: messages name it
+        # False in a later round, whose policy goes on from the last round while the reference stays the sft model:
+        # the first update's KL check then has nothing to check (the sampler's and the ratios' still hold)
+        self.reference_is_policy = reference_is_policy
         self.policy, self.ref_model, self.reward_model = policy, ref_model, reward_model
         self.stop_token_id, self.prompts, self.ptx = stop_token_id, prompts, ptx
         # train mode from the start (from_pretrained leaves models in eval mode): see rollout()
@@ -653,6 +657,8 @@ class PPOTrainer(Trainer):
                 "kl": token_gap(batch["logprobs"], batch["ref_logprobs"], mask),
                 "sampler": token_gap(batch["sampled_logprobs"], batch["logprobs"], mask),
             }
+            if not self.reference_is_policy:
+                del gaps["kl"]
         else:
             total = sum(m for _, _, m in ratio_gaps).clamp(min=1)
             gaps = {
@@ -667,8 +673,15 @@ class PPOTrainer(Trainer):
         problems = first_update_problems(figures, low)
         if problems:
             raise FirstUpdateMismatch(
-                f"{self.stage.name}: the first update's check failed (policy and reference are one model there, so "
-                "they must agree):\n  " + "\n  ".join(problems) + "\n  The stage is not marked complete. Fix the "
+                f"{self.stage.name}: the first update's check failed ("
+                + (
+                    "policy and reference are one model there, so they must agree"
+                    if self.reference_is_policy
+                    else "the rollout and the update use one policy there, so they must agree"
+                )
+                + "):\n  "
+                + "\n  ".join(problems)
+                + "\n  The stage is not marked complete. Fix the "
                 f"cause, or set stages.{self.stage.name}.trainer.check_first_update: false to train anyway"
             )
 

@@ -95,6 +95,16 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
 
     spec = recipe.stages["reward"]
     rankings = data.load(spec.dataset, "reward", recipe)
+    rounds = sorted(
+        ((role, path) for role, path in inputs.items() if role.startswith(ROUND_RANKINGS)),
+        key=lambda item: int(item[0].removeprefix(ROUND_RANKINGS)),
+    )
+    if rounds:  # a later round: the recipe's comparisons and every round's rankings so far
+        rankings = list(rankings)
+        for role, path in rounds:
+            ranked = list(data.load(Dataset(path=path), "reward", None))
+            log("reward", f"+ {len(ranked)} {role} ({path})")
+            rankings += ranked
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
     model = models.load_reward_model(recipe, inputs["model"], tokenizer, "reward")
     fit_context(args, model, "reward")
@@ -398,6 +408,7 @@ def normalize(
     }
 
 
+ROUND_RANKINGS = "rankings of round "  # an input of a later round's reward stage: "rankings of round 2", ...
 NORMALIZE_BATCH = 32  # demonstrations scored at once when normalising
 
 

@@ -52,6 +52,9 @@ class Stage:
     reward_model: bool = False  # reads a reward model: an earlier stage's that writes one, or settings.reward_model
     policy: bool = False  # writes a model that answers prompts: chat, push and eval use it
     eval_reference: bool = False  # the policy others are measured against in the report (KL, win rate)
+    # a later round (recipe `rounds`) continues it: its policy and value model go on from the last round's, its KL
+    # reference stays the model it first started from, and the reward stage it reads retrains on every round's rankings
+    rounds: bool = False
     resumable: bool = True  # an interrupted run goes on from its last checkpoint
     clips_gradients: bool = True  # honours max_grad_norm
     hub_tags: tuple[str, ...] = ()

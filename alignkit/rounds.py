@@ -1,0 +1,249 @@
+"""Rounds: the loop RLHF is named for. Round 1 is the recipe's stages; each later round N samples K answers per prompt
+from the newest policy, has them ranked (a judge program, or people), retrains the reward model on the recipe's
+comparisons plus every round's rankings so far, and continues PPO from the last round's policy (and value model)
+with the KL reference still the model ppo first started from (the sft model), as Llama 2's and Anthropic's iterated
+rounds do.
+
+Round N writes {output_dir}/round-N/: samples.jsonl (unranked, as `alignkit sample` writes them), rankings.jsonl
+(ranked: by the judge, or filled in by people), reward/ and ppo/ (stage folders, reused and resumed like any stage),
+and round.json, which records what the samples and rankings were made from: they are made again only when that
+changed. The samples' fingerprint covers the policy's, the sampling settings and the prompts; the rankings' the
+samples' and the judge's file (or, ranked by people, the rankings themselves); the reward stage's its rankings too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import data, files, pipeline
+from .distributed import is_main, wait_for_everyone
+from .errors import DataError, WaitingForRankings
+from .log import log
+from .recipe import Recipe, round_recipe, round_stages
+from .sample import Sampling, draw, refuse_held_out, rows_for
+from .stages.ppo import VALUE
+from .stages.reward import ROUND_RANKINGS
+
+PEOPLE = "people"
+STAMP = "round.json"
+
+
+def folder(out: Path, n: int) -> Path:
+    """Round n's folder (n >= 2; round 1 is the stages' own folders)."""
+    return Path(out) / f"round-{n}"
+
+
+def policy_folder(recipe: Recipe, n: int) -> str:
+    """Round n's policy, relative to the run's folder."""
+    policy, _ = round_stages(recipe)
+    return policy if n == 1 else f"round-{n}/{policy}"
+
+
+def prepare(recipe: Recipe) -> None:
+    """What can be checked before anything trains: the rounds' prompts load and none is held out, the judge imports."""
+    rounds = recipe.rounds
+    if rounds is None:
+        return
+    prompts, locate = data.load_located(rounds.prompts, "rounds.prompts", recipe, "prompts")
+    refuse_held_out(prompts, locate, recipe)
+    if rounds.rank_by != PEOPLE:
+        from .rank import load_judge
+
+        load_judge(_judge_spec(recipe))
+
+
+def run(recipe: Recipe, force: bool = False) -> dict:
+    """Rounds 2 to rounds.count, after the stages (round 1) are complete; returns their summary entries by folder
+    ('round-2/reward', 'round-2/ppo', ...). Raises WaitingForRankings where people have not ranked enough yet."""
+    rounds = recipe.rounds
+    if rounds is None:
+        return {}
+    out = Path(recipe.output_dir)
+    later = round_recipe(recipe)
+    later.rounds = rounds  # the policy stage keeps its value model for the next round
+    policy, reward = round_stages(recipe)
+    reference = pipeline.upstream(recipe, policy)["model"]  # the KL reference in every round
+    prompts, locate = data.load_located(rounds.prompts, "rounds.prompts", recipe, "prompts")
+    sampling = Sampling(
+        k=rounds.k,
+        temperature=rounds.temperature,
+        top_p=rounds.top_p,
+        max_new_tokens=rounds.max_new_tokens or later.configs[policy].args.response_length,
+        seed=recipe.seed,
+        batch_size=rounds.batch_size,
+        redraws=rounds.redraws,
+    )
+    summary: dict[str, dict] = {}
+    rankings: dict[str, str] = {}  # the reward stage's inputs: "rankings of round N" -> file, relative to out
+    ranking_fps: list[str] = []
+    previous = policy_folder(recipe, 1)
+    previous_fp = _fp(out, previous)
+    for n in range(2, rounds.count + 1):
+        here = folder(out, n)
+        log(f"round {n}", f"of {rounds.count}: sampling from {out / previous}, ranked by {rounds.rank_by}")
+        if is_main():
+            here.mkdir(parents=True, exist_ok=True)
+            for stage in (reward, policy):
+                pipeline.recover(here / stage)
+        wait_for_everyone()
+        drawn = _samples(recipe, here, n, out / previous, previous_fp, prompts, locate, sampling, force)
+        ranked_file, ranked_fp = _rankings(recipe, here, n, drawn)
+        rankings[f"{ROUND_RANKINGS}{n}"] = str(ranked_file.relative_to(out))
+        ranking_fps.append(ranked_fp)
+
+        # the reward model: from what the recipe's starts from, on its comparisons and every round's rankings
+        ups = pipeline.upstream(later, reward)
+        parts = pipeline.fingerprint_parts(later, reward, {up: _fp(out, up) for up in ups.values() if up})
+        reward_fp, summary[f"round-{n}/{reward}"] = pipeline.build(
+            later, reward, here / reward, {**ups, **rankings}, {**parts, "rankings": list(ranking_fps)}, force, out
+        )
+
+        # the policy: on from the last round's, against this round's reward model, its KL to the first reference
+        roles = {"model": previous, "reference": reference, "reward_model": f"round-{n}/{reward}"}
+        if (out / previous / VALUE).is_dir():
+            roles["value_model"] = f"{previous}/{VALUE}"
+        else:
+            log(f"round {n}", f"{out / previous} kept no value model: the value model starts from the reward model")
+        ups = {previous: previous_fp, f"round-{n}/{reward}": reward_fp}
+        if reference:
+            ups[reference] = _fp(out, reference)
+        previous_fp, summary[f"round-{n}/{policy}"] = pipeline.build(
+            later, policy, here / policy, roles, pipeline.fingerprint_parts(later, policy, ups), force, out
+        )
+        previous = policy_folder(recipe, n)
+    return summary
+
+
+def _fp(out: Path, stage: str) -> str | None:
+    return (pipeline.read_complete(out / stage) or {}).get("fingerprint")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stamp(here: Path) -> dict:
+    try:
+        return json.loads((here / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _samples(recipe, here: Path, n: int, policy: Path, policy_fp, prompts, locate, sampling: Sampling, force: bool):
+    """round-N/samples.jsonl: K answers per prompt from the last round's policy; drawn again only when the policy,
+    the prompts or the sampling settings changed. Returns the samples' fingerprint."""
+    sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + n, "round": n})  # each round its own draws
+    fp = _hash(
+        {"policy": policy_fp, "sampling": asdict(sampling), "prompts": data.fingerprint(recipe.rounds.prompts, recipe)}
+    )
+    path = here / "samples.jsonl"
+    if not force and path.is_file() and _stamp(here).get("samples") == fp:
+        log(f"round {n}", f"samples up to date, reusing {path}")
+        return fp
+    if is_main():
+        t0 = time.time()
+        models = [{"stage": round_stages(recipe)[0], "model": str(policy), "fingerprint": policy_fp}]
+        answers, counts = draw(prompts, models, sampling)
+        rows = rows_for(prompts, locate, answers, models, sampling)
+        files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        files.write_json(here / STAMP, {**_stamp(here), "samples": fp})
+        left = counts["equal"] + counts["empty"]
+        log(
+            f"round {n}",
+            f"sampled {sum(len(r['responses']) for r in rows)} answers to {len(rows)} prompts in "
+            f"{time.time() - t0:.0f}s -> {path}"
+            + (f" ({left} empty or repeated answers left out)" if left else "")
+            + (
+                f"; {counts['prompts_dropped']} prompts with fewer than two answers left out"
+                if counts["prompts_dropped"]
+                else ""
+            ),
+        )
+    wait_for_everyone()
+    return fp
+
+
+def _judge_spec(recipe: Recipe) -> str:
+    """rounds.rank_by with a judge file's path resolved as the recipe's paths are."""
+    module, _, function = recipe.rounds.rank_by.rpartition(":")
+    return f"{recipe.resolve(module)}:{function}" if module.endswith(".py") else recipe.rounds.rank_by
+
+
+def _judge_hash(spec: str) -> str:
+    """The judge's source file, so that a changed judge ranks again."""
+    module = spec.rpartition(":")[0]
+    path = Path(module) if module.endswith(".py") else None
+    if path is None:
+        found = importlib.util.find_spec(module)
+        path = Path(found.origin) if found is not None and found.origin else None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path is not None and path.is_file() else spec
+
+
+def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, str]:
+    """The round's ranked answers: (the file the reward stage reads, its fingerprint)."""
+    if recipe.rounds.rank_by == PEOPLE:
+        return _people(recipe, here, n, samples_fp)
+    from .rank import rank_rows
+
+    spec = _judge_spec(recipe)
+    path = here / "rankings.jsonl"
+    fp = _hash({"samples": samples_fp, "judge": recipe.rounds.rank_by, "source": _judge_hash(spec)})
+    if path.is_file() and _stamp(here).get("rankings") == fp:
+        log(f"round {n}", f"rankings up to date, reusing {path}")
+        return path, fp
+    if is_main():
+        rows = rank_rows(here / "samples.jsonl", spec)
+        files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        files.write_json(here / STAMP, {**_stamp(here), "rankings": fp})
+        pairs = sum(len(data.strict_pairs(row["ranks"])) for row in rows)
+        log(f"round {n}", f"{recipe.rounds.rank_by} ranked {len(rows)} prompts: {pairs} ordered pairs -> {path}")
+    wait_for_everyone()
+    return path, fp
+
+
+def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, str]:
+    """Rankings by people: round-N/rankings.jsonl starts as the samples (ranks: null) and people fill in `ranks`.
+    With too few ranked the run stops (WaitingForRankings); with enough, the ranked rows go to ranked.jsonl, which the
+    reward stage reads, and their contents are the fingerprint."""
+    path, ranked = here / "rankings.jsonl", here / "ranked.jsonl"
+    stamp = _stamp(here)
+    if is_main() and path.is_file() and stamp.get("offered") != samples_fp:
+        aside = path.with_name(f"rankings-{(stamp.get('offered') or 'older')[:8]}.jsonl")
+        path.rename(aside)  # rankings of other samples: kept, not used
+        log(f"round {n}", f"the samples changed since {path} was made from them: kept as {aside}")
+    if is_main() and not path.is_file():
+        files.write_text(path, (here / "samples.jsonl").read_text())
+        files.write_json(here / STAMP, {**_stamp(here), "offered": samples_fp})
+    wait_for_everyone()
+    rows, lines = data.read_rows(path)
+    problems, done = [], []
+    for row, line in zip(rows, lines):
+        if row.get("ranks") is None:
+            continue
+        try:
+            data.check_ranks(row["ranks"], len(row.get("responses") or []))
+            data.check_answers(row["responses"])
+        except DataError as e:
+            problems.append(f"{path}:{line}: {e}")
+            continue
+        done.append(row)
+    if problems:
+        raise DataError(f"{path}: {len(problems)} rankings cannot be used:\n  " + "\n  ".join(problems[:20]))
+    needed = recipe.rounds.min_ranked or len(rows)
+    if len(done) < min(needed, len(rows)):
+        raise WaitingForRankings(
+            f"round {n} waits for people to rank its answers: {len(done)} of {len(rows)} prompts in {path} are "
+            f"ranked, it needs {min(needed, len(rows))} (rounds.min_ranked). Give each row's 'ranks' (one per "
+            "answer, 1 = best, equal numbers for ties), or let a program rank them (alignkit rank "
+            f"{path} --by MODULE:FUNCTION), then run the same command again: everything done so far is kept"
+        )
+    if is_main():
+        files.write_text(ranked, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in done))
+    wait_for_everyone()
+    log(f"round {n}", f"{len(done)} of {len(rows)} prompts ranked by people in {path}")
+    return ranked, _hash([row["responses"] + [row["ranks"]] for row in done])

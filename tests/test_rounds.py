@@ -1,0 +1,145 @@
+"""Rounds (recipe `rounds`): round 2 samples from round 1's policy, a judge or people rank the answers, the reward
+model retrains on the recipe's comparisons plus the round's rankings, and ppo goes on from round 1's policy with the
+sft model as its KL reference. Through the real entry point, on the tiny recipe's finished run."""
+
+import json
+from pathlib import Path
+
+from conftest import FAST, TINY, alignkit, summary
+from safetensors.torch import load_file
+
+JUDGE = '''
+def rank(prompt, answers):
+    """Whole sentences about a capital first, then the rest; equal answers of a kind tie."""
+    return [1 if a.strip().endswith(".") and "capital" in a else 2 for a in answers]
+'''
+
+
+def rounds(tmp_path: Path, *more: str) -> list[str]:
+    judge = tmp_path / "judge.py"
+    judge.write_text(JUDGE)
+    return [
+        "rounds.count=2",
+        "rounds.prompts.path=data/tiny/ppo.jsonl",
+        f"rounds.rank_by={judge}:rank",
+        "rounds.k=3",
+        "rounds.stages.reward.num_train_epochs=2",
+        "rounds.stages.ppo.total_episodes=16",
+        *more,
+    ]
+
+
+def weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def distance(a: dict, b: dict) -> float:
+    return sum((a[k].float() - b[k].float()).abs().sum().item() for k in a)
+
+
+def test_a_second_round_samples_ranks_and_goes_on_from_the_first(run_copy, tmp_path, capsys):
+    # a learning rate so small that round 2's policy stays where it started: which weights it loaded shows
+    settings = rounds(tmp_path, "rounds.stages.ppo.learning_rate=1e-12")
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    done = summary(out)
+    assert done["round-2/reward"] == "trained" and done["round-2/ppo"] == "trained"
+    assert all(done[stage] == "reused" for stage in ("pretrain", "sft", "reward", "ppo"))
+    here = run_copy / "round-2"
+
+    samples = [json.loads(line) for line in (here / "samples.jsonl").read_text().splitlines()]
+    assert 30 <= len(samples) <= 42  # a prompt whose answers cannot differ is left out
+    assert all(len(row["responses"]) == 3 and row["ranks"] is None for row in samples)
+    provenance = samples[0]["provenance"]
+    assert provenance["round"] == 2 and provenance["models"][0]["model"] == str(run_copy / "ppo")
+    ranked = [json.loads(line) for line in (here / "rankings.jsonl").read_text().splitlines()]
+    assert [r["responses"] for r in ranked] == [r["responses"] for r in samples]
+    assert all(set(r["ranks"]) <= {1, 2} for r in ranked)
+
+    # the reward model of round 2: the recipe's 42 comparisons and the round's rankings (all ties teach nothing)
+    ties = sum(len(set(r["ranks"])) == 1 for r in ranked)
+    metrics = json.loads((here / "reward" / "metrics.json").read_text())
+    assert metrics["rankings"]["trained"] + metrics["rankings"]["all_ties"] == 42 + len(ranked)
+    assert metrics["rankings"]["all_ties"] == ties
+    assert f"+ {len(ranked)} rankings of round 2 ({here / 'rankings.jsonl'})" in err
+
+    # ppo of round 2: policy from round 1's, reference the sft model, this round's reward model
+    manifest = json.loads((here / "ppo" / "alignkit_stage.json").read_text())
+    assert manifest["inputs"]["model"] == str(run_copy / "ppo")
+    assert manifest["inputs"]["reference"] == str(run_copy / "sft")
+    assert manifest["inputs"]["reward_model"] == str(here / "reward")
+    assert f"policy from {run_copy / 'ppo'}, KL reference {run_copy / 'sft'}" in err
+    new, first, sft = weights(here / "ppo"), weights(run_copy / "ppo"), weights(run_copy / "sft")
+    assert distance(new, first) < 1e-3 * distance(new, sft)
+    assert (here / "ppo" / "value" / "config.json").is_file()  # the next round's value model goes on from it
+    assert "kept no value model" in err  # round 1 ran before the recipe had rounds
+
+    # the same command again: every round's work is reused
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert set(summary(out).values()) == {"reused"}
+    assert "samples up to date" in err and "rankings up to date" in err
+
+
+def test_a_round_ranked_by_people_waits_for_them_and_goes_on(run_copy, tmp_path, capsys):
+    settings = [*rounds(tmp_path)[:2], "rounds.rank_by=people", "rounds.min_ranked=4", *rounds(tmp_path)[3:]]
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 3, err  # waiting: neither success nor an error
+    here = run_copy / "round-2"
+    assert "round 2 waits for people to rank its answers: 0 of" in err
+    assert "it needs 4 (rounds.min_ranked)" in err and "Traceback" not in err
+    assert not (here / "reward").exists()
+
+    # people rank four prompts (one of them all ties), and the same command goes on
+    path = here / "rankings.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row, ranks in zip(rows, ([1, 2, 3], [3, 1, 2], [1, 1, 2], [2, 2, 2])):
+        row["ranks"] = ranks
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert f"4 of {len(rows)} prompts ranked by people" in err
+    metrics = json.loads((here / "reward" / "metrics.json").read_text())
+    assert metrics["rankings"] == {"trained": 42 + 3, "all_ties": 1, "too_long": 0}
+    assert summary(out)["round-2/ppo"] == "trained"
+
+    # a wrong ranking is named by file and line, and nothing more trains
+    rows[5]["ranks"] = [1, 2]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 2
+    assert f"{path}:6: 'ranks' gives 2 ranks for 3 answers" in err
+
+
+def test_rounds_are_checked_before_anything_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = [
+        "rounds.count=1",
+        "rounds.prompts.path=data/tiny/ppo.jsonl",
+        "rounds.rank_by=judge",
+        "rounds.k=1",
+        "rounds.stages.dpo.beta=0.1",
+        "rounds.stages.ppo.learing_rate=1e-5",
+    ]
+    code, _, err = alignkit(capsys, "validate", TINY, f"output_dir={out}", *bad)
+    assert code == 2
+    for expected in (
+        "rounds.count: 1 is out of range: give 2 or more",
+        "rounds.k: 1 is out of range",
+        "rounds.rank_by: 'judge': give 'people', or a judge as MODULE:FUNCTION",
+        "rounds.stages.dpo: later rounds retrain reward and ppo only",
+    ):
+        assert expected in err, err
+    # a later round's trainer block is checked as the stage's own, named by its rounds key
+    code, _, err = alignkit(
+        capsys, "validate", TINY, f"output_dir={out}", *rounds(tmp_path, "rounds.stages.ppo.learing_rate=1e-5")
+    )
+    assert code == 2 and "rounds.stages.ppo.learing_rate" in err and "learning_rate" in err
+
+    # held-out prompts never enter a round: refused before any stage trains
+    code, _, err = alignkit(
+        capsys, "run", TINY, f"output_dir={out}", *rounds(tmp_path), "rounds.prompts.path=data/tiny/eval.jsonl"
+    )
+    assert code == 2
+    assert "18 of 18 prompts are held out" in err and "data/tiny/eval.jsonl:1: also" in err
+    assert not out.exists()
