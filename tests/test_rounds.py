@@ -5,6 +5,7 @@ sft model as its KL reference. Through the real entry point, on the tiny recipe'
 import json
 from pathlib import Path
 
+import pytest
 from conftest import FAST, TINY, alignkit, summary
 from safetensors.torch import load_file
 
@@ -143,3 +144,36 @@ def test_rounds_are_checked_before_anything_trains(tmp_path, capsys):
     assert code == 2
     assert "18 of 18 prompts are held out" in err and "data/tiny/eval.jsonl:1: also" in err
     assert not out.exists()
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL (tests/test_guarantees.py simulates kills the same way)."""
+
+
+def test_a_round_killed_during_its_ppo_resumes_from_its_checkpoint(run_copy, tmp_path, capsys, monkeypatch):
+    from alignkit.stages.ppo_trainer import PPOTrainer
+
+    settings = rounds(tmp_path, "rounds.stages.ppo.save_steps=1")
+    original = PPOTrainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):  # round 1's ppo is reused: only round 2's saves
+        original(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(PPOTrainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    monkeypatch.undo()
+    here = run_copy / "round-2"
+    checkpoint = here / "ppo.partial" / "checkpoints" / "checkpoint-1"
+    assert (checkpoint / "model.safetensors").is_file() and not (here / "ppo").exists()
+    assert (here / "reward" / "alignkit_stage.json").is_file()
+
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert summary(out)["round-2/reward"] == "reused"
+    assert f"ppo: resuming from {checkpoint} (an interrupted rerun)" in err
+    assert "samples up to date" in err and "rankings up to date" in err
+    history = json.loads((here / "ppo" / "metrics.json").read_text())["log_history"]
+    assert history[-1]["step"] == 2  # 16 episodes in rollouts of 8
+    assert not (here / "ppo.partial").exists()
