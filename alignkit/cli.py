@@ -464,7 +464,8 @@ def cmd_validate(args) -> int:
             _report(e)
             failed += 1
             continue
-        print(wrap(f"{path}: ok ({' -> '.join(recipe.stages)}; output in {recipe.output_dir})"))
+        more = f", then rounds 2-{recipe.rounds.count}" if recipe.rounds is not None else ""
+        print(wrap(f"{path}: ok ({' -> '.join(recipe.stages)}{more}; output in {recipe.output_dir})"))
         if unread:
             print(wrap("  Hub datasets, read when the recipe runs: " + ", ".join(unread)))
     if failed and len(args.recipes) > 1:

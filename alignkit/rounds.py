@@ -1,8 +1,8 @@
 """Rounds: the loop RLHF is named for. Round 1 is the recipe's stages; each later round N samples K answers per prompt
 from the newest policy, has them ranked (a judge program, or people), retrains the reward model on the recipe's
-comparisons plus every round's rankings so far, and continues PPO from the last round's policy (and value model)
-with the KL reference still the model ppo first started from (the sft model), as Llama 2's and Anthropic's iterated
-rounds do.
+comparisons plus every round's rankings so far, and continues PPO from the last round's policy (its value model from
+the new reward model, as in round 1) with the KL reference still the model ppo first started from (the sft model),
+as Llama 2's and Anthropic's iterated rounds do.
 
 Round N writes {output_dir}/round-N/: samples.jsonl (unranked, as `alignkit sample` writes them), rankings.jsonl
 (ranked: by the judge, or filled in by people), reward/ and ppo/ (stage folders, reused and resumed like any stage),
@@ -26,7 +26,6 @@ from .errors import DataError, WaitingForRankings
 from .log import log
 from .recipe import Recipe, round_recipe, round_stages
 from .sample import Sampling, draw, refuse_held_out, rows_for
-from .stages.ppo import VALUE
 from .stages.reward import ROUND_RANKINGS
 
 PEOPLE = "people"
@@ -65,7 +64,6 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         return {}
     out = Path(recipe.output_dir)
     later = round_recipe(recipe)
-    later.rounds = rounds  # the policy stage keeps its value model for the next round
     policy, reward = round_stages(recipe)
     reference = pipeline.upstream(recipe, policy)["model"]  # the KL reference in every round
     prompts, locate = data.load_located(rounds.prompts, "rounds.prompts", recipe, "prompts")
@@ -104,11 +102,9 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         )
 
         # the policy: on from the last round's, against this round's reward model, its KL to the first reference
+        # (its value model starts from this round's reward model, as round 1's does: one trained on the last round's
+        # rewards would start off by what the reward model has learnt since)
         roles = {"model": previous, "reference": reference, "reward_model": f"round-{n}/{reward}"}
-        if (out / previous / VALUE).is_dir():
-            roles["value_model"] = f"{previous}/{VALUE}"
-        else:
-            log(f"round {n}", f"{out / previous} kept no value model: the value model starts from the reward model")
         ups = {previous: previous_fp, f"round-{n}/{reward}": reward_fp}
         if reference:
             ups[reference] = _fp(out, reference)

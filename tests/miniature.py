@@ -127,6 +127,12 @@ def miniature(recipe: Path, folder: Path) -> Path:
                 * trainer.get("num_mini_batches", 1)
             )
             trainer["total_episodes"] = 2 * rollout
+    later = ((settings.get("rounds") or {}).get("stages")) or {}  # trainer settings of later rounds, scaled alike
+    for stage, trainer in later.items():
+        if "num_train_epochs" in (trainer or {}):
+            trainer["num_train_epochs"] = 1
+        if "total_episodes" in (trainer or {}):
+            trainer["total_episodes"] = settings["stages"][stage]["trainer"]["total_episodes"]
     settings["output_dir"] = str(folder / "run")
     out = folder / recipe.name
     out.write_text(yaml.safe_dump(settings, sort_keys=False))

@@ -25,6 +25,8 @@ SCALED = {
     "stages.*.trainer.num_train_epochs",
     "stages.*.trainer.max_steps",
     "stages.*.trainer.total_episodes",
+    "rounds.stages.*.num_train_epochs",
+    "rounds.stages.*.total_episodes",
 }
 
 
@@ -110,6 +112,9 @@ def _check_outputs(shipped: dict, run) -> None:
         assert first["check/first_kl"] < 1e-4  # policy and reference: one model, one kind of forward
         assert first["check/first_ratio"] < 1e-4  # the first mini-batch's ratios: 1
         assert first["check/first_sampler"] < FIRST_UPDATE_TOLERANCE["sampler"][1]
+    for n in range(2, (shipped.get("rounds") or {}).get("count", 1) + 1):  # each later round: its two stages
+        for stage in ("reward", "ppo"):
+            assert json.loads((run / f"round-{n}" / stage / "alignkit_stage.json").read_text())["status"] == "complete"
     if shipped.get("eval"):
         report = json.loads((run / "report.json").read_text())
         policies = [s for s in shipped["stages"] if REGISTRY[s].policy and s != "pretrain"]  # pretrain: "base"

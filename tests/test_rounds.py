@@ -72,8 +72,6 @@ def test_a_second_round_samples_ranks_and_goes_on_from_the_first(run_copy, tmp_p
     assert f"policy from {run_copy / 'ppo'}, KL reference {run_copy / 'sft'}" in err
     new, first, sft = weights(here / "ppo"), weights(run_copy / "ppo"), weights(run_copy / "sft")
     assert distance(new, first) < 1e-3 * distance(new, sft)
-    assert (here / "ppo" / "value" / "config.json").is_file()  # the next round's value model goes on from it
-    assert "kept no value model" in err  # round 1 ran before the recipe had rounds
 
     # the same command again: every round's work is reused
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)

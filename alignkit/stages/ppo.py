@@ -12,13 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import data, models
-from ..distributed import is_main
 from ..errors import Problem, UserError
 from ..log import log
 from ..recipe import Dataset, Recipe, RewardModelSettings
 from .spec import Default, Stage, train_metrics
-
-VALUE = "value"  # {stage folder}/value: the value model, kept where the recipe has rounds
 
 
 def config_class():
@@ -121,10 +118,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     if lora:
         policy = _with_adapter(policy, lora, args)
     reward = models.load_reward_model(recipe, inputs["reward_model"], tokenizer, "ppo", dropout=False)
-    # the value model starts from the reward model, or in a later round goes on from the last round's
-    value = _value_model(
-        recipe, inputs.get("value_model") or inputs["reward_model"], tokenizer, lora is not None, args
-    )
+    value = _value_model(recipe, inputs["reward_model"], tokenizer, lora is not None, args)
     if args.gradient_checkpointing:
         for model in (policy, value):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -178,9 +172,6 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     models.restore_dropout(trainer.accelerator.unwrap_model(trainer.model).policy, switched_off)
     models.save(trainer, tokenizer, folder, recipe, base=inputs["model"])
     wrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if recipe.rounds is not None and is_main():  # the next round's value model goes on from this one
-        models.restore_dropout(wrapped.value_model, switched_off)
-        wrapped.value_model.save_pretrained(folder / VALUE)
     return train_metrics(trainer, figures=figures, parts={"policy": wrapped.policy, "value": wrapped.value_model})
 
 
