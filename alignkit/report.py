@@ -16,6 +16,20 @@ KL_NOTE = (
 )
 
 
+def round_checkpoint(stage: str, n: int) -> str:
+    """A checkpoint's name: a stage's own in round 1 (the stages), "ppo round 2" for a later round's output."""
+    return stage if n == 1 else f"{stage} round {n}"
+
+
+def checkpoint_round(name: str) -> tuple[str, int]:
+    """The stage and round of a checkpoint name, round_checkpoint() undone (base: round 1)."""
+    stage, _, n = name.partition(" round ")
+    return (stage, int(n)) if n.isdigit() else (name, 1)
+
+
+ROUND_COLUMNS = ("gold_accuracy", "reward_mean", KL, WIN_RATE, "win_rate_vs_previous", "reward_accuracy")
+
+
 def fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -25,6 +39,33 @@ def eval_table(results: dict) -> list[str]:
     columns = ["gold_accuracy", "reward_mean", KL, "length_mean", "eos_rate", "repetition"]
     return ["| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"] + [
         f"| {name} | " + " | ".join(fmt(values.get(c)) for c in columns) + " |" for name, values in results.items()
+    ]
+
+
+def rounds_table(rounds: list[dict]) -> list[str]:
+    """The rounds block of report.json as a Markdown table: a row per round, its policy then its reward model."""
+    return ["| round | policy | " + " | ".join(ROUND_COLUMNS) + " |", "|---" * (len(ROUND_COLUMNS) + 2) + "|"] + [
+        f"| {r['round']} | {r['checkpoint']} | " + " | ".join(fmt(r.get(c)) for c in ROUND_COLUMNS) + " |"
+        for r in rounds
+    ]
+
+
+def rounds_lines(report: dict) -> list[str]:
+    """The report's Rounds section (report.md and the Hub's card): what the columns mean, then the table; none for a
+    run without rounds."""
+    rounds = report.get("rounds")
+    if not rounds:
+        return []
+    return [
+        "## Rounds",
+        "",
+        "Each round's policy on the held-out prompts and its reward model on the held-out comparisons "
+        f"(reward_accuracy). reward_mean: every round scored by one reward model, {report.get('reward_model')}, "
+        f"so the rounds compare. {WIN_RATE} and win_rate_vs_previous (against the previous round's policy): ties "
+        "count half.",
+        "",
+        *rounds_table(rounds),
+        "",
     ]
 
 
