@@ -3,6 +3,7 @@ which read the same figures."""
 
 from __future__ import annotations
 
+from .log import INDENT, WIDTH
 from .stages import ORDER
 
 BASE = "base"  # the checkpoint name of the model a run starts from, or pretrains from scratch
@@ -89,8 +90,9 @@ def _signed(value: float) -> str:
 
 
 def verdict_lines(report: dict) -> list[str]:
-    """The verdict on each policy trained after the reference: a two-line key, then one line each (at most 100
-    columns), e.g. `- ppo: no measurable gain; +0.000 [-0.056, +0.056]; 0/18/0; reward -2.21 (training -0.45)`."""
+    """The verdict on each policy trained after the reference: a two-line key, then one line each, e.g.
+    `- ppo: no measurable gain; +0.000 [-0.056, +0.056]; 0/18/0; reward -2.21 (training -0.45)`; a line wider than
+    100 columns (a later round's longer name, "ppo round 2") goes on over an indented one."""
     verdicts = report.get("verdict") or {}
     if not verdicts:
         return []
@@ -111,5 +113,10 @@ def verdict_lines(report: dict) -> list[str]:
             parts.append(
                 f"reward {v['held_out_reward']:.2f}" + (f" (training {training:.2f})" if training is not None else "")
             )
-        lines.append("; ".join(parts))
+        line = "; ".join(parts)
+        if len(line) > WIDTH:
+            cut = line.rindex("; ", 0, WIDTH)
+            lines += [line[: cut + 1], INDENT + line[cut + 2 :]]
+        else:
+            lines.append(line)
     return lines

@@ -17,6 +17,7 @@ from test_hub import TOKEN, hub  # noqa: F401 (a fixture: HfApi's two network ca
 
 from alignkit import chat, evaluate
 from alignkit.recipe import load_recipe
+from alignkit.report import verdict_lines
 
 # the tiny recipe with a rounds section of two rounds (round 1 is the stages)
 ROUNDS = ["rounds.count=2", "rounds.prompts.path=data/tiny/ppo.jsonl", "rounds.rank_by=people"]
@@ -80,6 +81,21 @@ def test_the_report_shows_every_round_side_by_side(run_copy, capsys):
     plain = load_recipe(TINY, [f"output_dir={run_copy}"])
     assert list(evaluate.checkpoints(plain)) == ["base", "sft", "ppo"]
     assert evaluate.reward_model_path(plain) == str(run_copy / "reward")
+
+
+def test_a_later_rounds_verdict_fits_in_100_columns():
+    """A round's longer name ("ppo round 12") with wide figures: the line goes on over an indented one."""
+    same = [True] * 50 + [False] * 950
+    wide = evaluate.verdict("sft", same, same, [1] * 120 + [0] * 700 + [-1] * 180)
+    wide.update(held_out_reward=-12.345, training_reward=-10.5)
+    lines = verdict_lines({"verdict": {"ppo": wide, "ppo round 12": wide}, "eval_prompts": 1000})
+    assert all(len(line) <= 100 for line in lines), lines
+    one = "no measurable gain; +0.000 [+0.000, +0.000]; 120/700/180; reward -12.35 (training -10.50)"
+    assert lines[2:] == [
+        f"- ppo: {one}",
+        f"- ppo round 12: {one.split(' reward')[0]}",
+        "    reward -12.35 (training -10.50)",
+    ]
 
 
 def test_chat_takes_a_round_the_last_by_default(run_copy, capsys, monkeypatch):
