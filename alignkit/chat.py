@@ -1,7 +1,8 @@
 """`alignkit chat`: talk to a model in the terminal, multi-turn, through its chat template, tokens streamed as they
 come.
 
-Works on a run folder (its last policy stage, or --stage), a stage folder, any local model folder or a Hub id. A
+Works on a run folder (its last policy stage, or --stage; of its last round, or --round, when it has rounds), a stage
+folder, any local model folder or a Hub id. A
 tokenizer without a chat template gets alignkit's default one, as the stages use. An answer may use what the model's
 context leaves after the conversation, up to 256 tokens or --max-new-tokens; the oldest exchanges are dropped when
 that would be less than min(64, context / 4).
@@ -18,14 +19,21 @@ from .log import wrap
 PROMPT = "you> "
 
 
-def resolve(target: str, stage: str | None) -> str:
-    """A run folder becomes one of its stage folders; anything else is a model folder or a Hub id."""
-    from .pipeline import complete_stages, finish_moves
+def resolve(target: str, stage: str | None, round: int | None = None) -> str:
+    """A run folder becomes one of its stage folders, of the round pipeline.pick_round() picks (in a later round,
+    its policy unless --stage names another); anything else is a model folder or a Hub id."""
+    from .pipeline import ROUND_POLICY, complete_stages, finish_moves, pick_round, read_complete, stage_folder
     from .stages import POLICIES
 
     path = Path(target)
     if path.is_dir() and not (path / "config.json").exists():
         finish_moves(path, f"alignkit chat {target}")  # a stage a kill left between its two renames
+        n = pick_round(path, round, [stage] if stage else [])
+        if n > 1:
+            folder = stage_folder(path, stage or ROUND_POLICY, n)
+            if not read_complete(folder):
+                raise UserError(f"{target}: round {n} has no finished {folder.name} stage ({folder} is not complete)")
+            return str(folder)
         done = [s for s in complete_stages(path) if s in POLICIES]
         if stage:
             if stage not in done:
@@ -37,8 +45,8 @@ def resolve(target: str, stage: str | None) -> str:
                 f"stage ({', '.join(POLICIES)})"
             )
         return str(path / done[-1])
-    if stage:
-        raise UserError(f"--stage needs a run folder; {target} is a model")
+    if stage or round is not None:
+        raise UserError(f"--{'stage' if stage else 'round'} needs a run folder; {target} is a model")
     if not path.exists() and (target.startswith((".", "/", "~")) or target.count("/") > 1):
         raise UserError(
             f"cannot load {target!r}: no such folder; give a run folder, a model folder or a Hub id (owner/name)"
@@ -91,7 +99,7 @@ def main(args) -> int:
         )
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: give a share of the probability mass, above 0 and at most 1")
-    target = resolve(args.model, args.stage)
+    target = resolve(args.model, args.stage, args.round)
     model, tokenizer, notes = load(target)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
     floor = min_answer_tokens(limit)

@@ -38,14 +38,18 @@ PUSH_EXAMPLES = """examples:
   alignkit push runs/chat --repo-id you/chat-ppo                 # the last policy stage (ppo) to you/chat-ppo
   alignkit push runs/chat --repo-id you/chat --stage sft --stage ppo --private
   alignkit push runs/chat --repo-id you/chat-lora --adapter      # the LoRA adapter instead of merged weights
+  alignkit push runs/chat --repo-id you/chat-r2 --round 2        # round 2's ppo (default: the last round)
 
 The last stage pushed goes to REPO_ID, every earlier one to REPO_ID-STAGE. Each repo gets the model, its tokenizer
 with the chat template, and a model card with the run's lineage and evaluation. The token comes from HF_TOKEN or
-`hf auth login` and is never written anywhere. A recipe's `hub` section pushes at the end of `alignkit run`."""
+`hf auth login` and is never written anywhere. A recipe's `hub` section pushes at the end of `alignkit run`.
+In a run with rounds, a stage comes from the last round unless --round picks another (round 1 is the stages); a later
+round holds its own reward and ppo and the stages they build on (pretrain, sft)."""
 
 CHAT_EXAMPLES = """examples:
   alignkit chat runs/chat                      # the run's last policy stage (ppo, else sft, else pretrain)
   alignkit chat runs/chat --stage sft --greedy
+  alignkit chat runs/chat --round 2            # round 2's policy, in a run with rounds (default: the last round)
   alignkit chat openai-community/gpt2 --system "You are terse." --temperature 0.7 --top-p 0.9
 
 In the conversation: /reset forgets the history, /exit (or Ctrl-D) quits."""
@@ -180,6 +184,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STAGE",
         help="a stage to push (repeatable; default: the recipe's hub.stages, else the last policy stage)",
     )
+    push.add_argument(
+        "--round",
+        type=int,
+        metavar="N",
+        help="in a run with rounds, which round's outputs (default: the last complete round; 1: the stages)",
+    )
     push.add_argument("--private", action="store_true", default=None, help="create the repo private")
     push.add_argument("--adapter", action="store_true", help="push the LoRA adapter instead of merged weights")
 
@@ -192,6 +202,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("model", help="a run's output_dir, a stage folder, a model folder or a Hub id")
     chat.add_argument("--stage", choices=POLICIES, help="which stage of a run (default: the last policy stage)")
+    chat.add_argument(
+        "--round",
+        type=int,
+        metavar="N",
+        help="in a run with rounds, which round's policy (default: the last complete round; 1: the stages)",
+    )
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument(
         "--max-new-tokens",
@@ -371,7 +387,7 @@ def cmd_push(args) -> int:
     from . import hub
 
     args.folder = args.run_dir
-    for line in hub.push_run(Path(args.run_dir), args.repo_id, args.stages, args.private, args.adapter):
+    for line in hub.push_run(Path(args.run_dir), args.repo_id, args.stages, args.private, args.adapter, args.round):
         print(wrap(line))
     return 0
 
@@ -404,6 +420,7 @@ def cmd_eval(args) -> int:
 
     from . import lock, pipeline
     from .recipe import load_recipe
+    from .stages import ROUND_STAGES
 
     t0 = time.time()
     recipe = load_recipe(args.recipe, args.overrides)
@@ -421,6 +438,9 @@ def cmd_eval(args) -> int:
     with lock.exclusive(out, "alignkit " + shlex.join(args.argv)):  # the report is written where `run` writes
         for stage in recipe.stages:
             pipeline.recover(out / stage)  # a stage a kill left between its two renames
+        for n in range(2, recipe.rounds.count + 1) if recipe.rounds else []:
+            for stage in ROUND_STAGES:
+                pipeline.recover(pipeline.stage_folder(out, stage, n))  # and a later round's
         return _evaluate(recipe, out, t0, args.verbose)
 
 

@@ -9,6 +9,11 @@ correct. Then the reward model's pairwise accuracy on held-out comparisons, the 
 against the reference, and a verdict on each: its gold accuracy against the reference's with a paired bootstrap
 interval, its wins, ties and losses, and the reward model's score held out against in training. Writes
 {output_dir}/report.json, report.md and PNG plots.
+
+A recipe with rounds adds each later round's policy (round-N/ppo) as the checkpoint "ppo round N", after the stages,
+and a rounds block: each round's policy figures, its win rate against the previous round's policy, and the held-out
+accuracy of the round's own reward model. Every checkpoint's reward_mean is scored by one reward model, the last
+round's, so that the rounds compare on one scale.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Callable
 
 from . import data, files
 from .log import keep, log
-from .pipeline import complete_stages
+from .pipeline import ROUND_POLICY, complete_stages, later_rounds, read_complete, stage_folder
 from .recipe import Recipe
 from .report import (
     BASE,
@@ -31,13 +36,16 @@ from .report import (
     LEVEL,
     REFERENCE,
     WIN_RATE,
+    checkpoint_round,
     eval_table,
     fmt,
+    round_checkpoint,
+    rounds_lines,
     shows_kl,
     verdict_lines,
     win_rate_lines,
 )
-from .stages import ORDER, REGISTRY
+from .stages import ORDER, REGISTRY, ROUND_STAGES
 
 
 def _normalize(text: str) -> str:
@@ -51,7 +59,8 @@ def is_correct(answer: str, reference: str, match: str) -> bool:
 
 def checkpoints(recipe: Recipe) -> dict[str, str]:
     """The complete policy outputs to evaluate, by checkpoint name, in pipeline order: base (a stage that trains from
-    scratch, else the recipe's pretrained model), then every other policy stage under its own name."""
+    scratch, else the recipe's pretrained model), then every other policy stage under its own name, then each later
+    round's policy ("ppo round 2", ...)."""
     out = Path(recipe.output_dir)
     done = complete_stages(out)
     found = {}
@@ -63,7 +72,22 @@ def checkpoints(recipe: Recipe) -> dict[str, str]:
     for stage in ORDER:
         if stage.policy and not stage.from_scratch and stage.name in done:
             found[stage.name] = str(out / stage.name)
+    for n in rounds_done(recipe):
+        found[round_checkpoint(ROUND_POLICY, n)] = str(stage_folder(out, ROUND_POLICY, n))
     return found
+
+
+def rounds_done(recipe: Recipe) -> list[int]:
+    """The later rounds (N >= 2) to report: those the recipe's rounds section counts whose policy is complete."""
+    if recipe.rounds is None:
+        return []
+    return [n for n in later_rounds(Path(recipe.output_dir)) if n <= recipe.rounds.count]
+
+
+def checkpoint_folder(out: Path, name: str) -> Path:
+    """The folder of a checkpoint named by checkpoints(), a stage's or a later round's."""
+    stage, n = checkpoint_round(name)
+    return stage_folder(out, stage, n)
 
 
 def answering_stages(recipe: Recipe) -> list[str]:
@@ -77,14 +101,33 @@ def answers_prompts(recipe: Recipe) -> bool:
 
 
 def reward_model_path(recipe: Recipe) -> str | None:
-    """The reward model the run uses: one a stage is given (stages.<stage>.reward_model), else the newest complete
-    output of a stage that writes one."""
-    for settings in recipe.stages.values():
-        if getattr(settings, "reward_model", None):
-            return settings.reward_model
-    out = Path(recipe.output_dir)
+    """The reward model that scores every checkpoint: the last round's (see reward_models())."""
+    found = reward_models(recipe)
+    return found[max(found)] if found else None
+
+
+def reward_models(recipe: Recipe) -> dict[int, str]:
+    """Each round's reward model, by round: round 1's is the one the stages use (one a stage is given,
+    stages.<stage>.reward_model, else the newest complete output of a stage that writes one); a later round's is its
+    own (round-N/reward), for the rounds rounds_done() reports."""
+    out, found = Path(recipe.output_dir), {}
+    given = [s.reward_model for s in recipe.stages.values() if getattr(s, "reward_model", None)]
     done = [s for s in complete_stages(out) if REGISTRY[s].writes == "reward_model"]
-    return str(out / done[-1]) if done else None
+    if given or done:
+        found[1] = given[0] if given else str(out / done[-1])
+    retrained = [s for s in ROUND_STAGES if REGISTRY[s].writes == "reward_model"]
+    for n in rounds_done(recipe):
+        folders = [stage_folder(out, s, n) for s in retrained]
+        found.update({n: str(f) for f in folders if read_complete(f)})
+    return found
+
+
+def shown(path: str, out: Path) -> str:
+    """A model's path as the report names it: relative to the run folder where it lies in it (round-2/reward)."""
+    try:
+        return str(Path(path).resolve().relative_to(out.resolve()))
+    except ValueError:
+        return path
 
 
 def _device():
@@ -237,6 +280,10 @@ def evaluate(recipe: Recipe) -> dict:
     device = _device()
     reward_path = reward_model_path(recipe)
     reward_model = models.load_reward_model(recipe, reward_path, tokenizer).to(device).eval() if reward_path else None
+    if reward_path and rounds_done(recipe):
+        log(
+            "eval", f"reward_mean: every checkpoint scored by the last round's reward model, {shown(reward_path, out)}"
+        )
     reference = (
         AutoModelForCausalLM.from_pretrained(found[REFERENCE]).to(device).eval() if REFERENCE in found else None
     )
@@ -285,6 +332,7 @@ def evaluate(recipe: Recipe) -> dict:
             + f" ({time.time() - t0:.0f}s)",
         )
     report = {"eval": results, "reward_accuracy": None, WIN_RATE: None, "win_rates": {}, "eval_prompts": len(rows)}
+    report["reward_model"] = shown(reward_path, out) if reward_path else None
     report["verdict"], report["correct"] = {}, correct_of
     if reward_model is not None and spec.comparisons is not None:
         report["reward_accuracy"] = reward_accuracy(recipe, reward_model, tokenizer)
@@ -300,8 +348,8 @@ def evaluate(recipe: Recipe) -> dict:
         report["win_rates"] = {name: win_rate(judged) for name, judged in outcomes_of.items()}
         report[WIN_RATE] = report["win_rates"][later[-1]] if later else None
     for name, judged in outcomes_of.items():
-        scored = REGISTRY[name].training_reward
-        during = [h[scored] for h in _history(out, name) if scored in h] if scored else []
+        scored = REGISTRY[checkpoint_round(name)[0]].training_reward
+        during = [h[scored] for h in _history(checkpoint_folder(out, name)) if scored in h] if scored else []
         report["verdict"][name] = verdict(
             against, correct_of[name], correct_of[against], judged, results[name]["reward_mean"], _mean(during)
         )
@@ -313,7 +361,62 @@ def evaluate(recipe: Recipe) -> dict:
         }
         for i in range(min(8, len(rows)))
     ]
+    report["rounds"] = None
+    if recipe.rounds is not None:
+        judge = {"answers": answers, "scores": scores_of, "references": references}
+        report["rounds"] = rounds_block(recipe, report, judge, tokenizer)
     return report
+
+
+def rounds_block(recipe: Recipe, report: dict, judge: dict, tokenizer) -> list[dict]:
+    """A row per round whose policy was evaluated (round 1: the ppo stage): the policy's figures, its win rate against
+    the previous round's policy (judged as outcomes() judges), and the held-out pairwise accuracy of the round's own
+    reward model (the scoring one's is report["reward_accuracy"] already)."""
+    from . import models
+
+    out, results = Path(recipe.output_dir), report["eval"]
+    names = [(n, round_checkpoint(ROUND_POLICY, n)) for n in [1, *rounds_done(recipe)]]
+    own = reward_models(recipe)
+    rows, previous = [], None
+    for n, name in names:
+        if name not in results:
+            continue
+        row = {"round": n, "checkpoint": name, "previous": previous}
+        row.update({k: results[name][k] for k in ("gold_accuracy", "reward_mean", KL)})
+        row[WIN_RATE] = report["win_rates"].get(name)
+        row["win_rate_vs_previous"] = (
+            None
+            if previous is None
+            else win_rate(
+                outcomes(
+                    judge["answers"][name],
+                    judge["answers"][previous],
+                    judge["references"],
+                    recipe.eval.match,
+                    judge["scores"][name],
+                    judge["scores"][previous],
+                )
+            )
+        )
+        path = own.get(n)
+        row["reward_model"] = shown(path, out) if path else None
+        row["reward_accuracy"] = None
+        if path and recipe.eval.comparisons is not None:
+            if path == reward_model_path(recipe):
+                row["reward_accuracy"] = report["reward_accuracy"]
+            else:
+                model = models.load_reward_model(recipe, path, tokenizer).to(_device()).eval()
+                row["reward_accuracy"] = reward_accuracy(recipe, model, tokenizer)
+                del model
+        figures = ("gold_accuracy", WIN_RATE, "win_rate_vs_previous", "reward_accuracy")
+        log(
+            "eval",
+            f"round {n} ({name}): "
+            + (", ".join(keep(f"{k} {row[k]:.3f}") for k in figures if row[k] is not None) or "no figures"),
+        )
+        rows.append(row)
+        previous = name
+    return rows
 
 
 def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
@@ -424,6 +527,8 @@ def write_report(recipe: Recipe, report: dict, stages: dict, wall_seconds: float
     out = Path(recipe.output_dir)
     report = {"wall_seconds": wall_seconds, "stages": _with_figures(out, stages), **report}
     plots = _plots(out, report["eval"])
+    if report.get("rounds"):
+        plots.append(_rounds_plot(out, report["rounds"]))
     # each file replaced whole: a kill mid-write leaves the previous report, never a cut-off one
     files.write_json(out / "report.json", report)
     files.write_text(out / "report.md", _markdown(recipe, report, plots))
@@ -449,9 +554,10 @@ def _with_figures(out: Path, stages: dict) -> dict:
     return result
 
 
-def _history(out: Path, stage: str) -> list[dict]:
+def _history(folder: Path) -> list[dict]:
+    """A stage output's training log (its metrics.json), or none."""
     try:
-        return json.loads((out / stage / "metrics.json").read_text())["log_history"]
+        return json.loads((folder / "metrics.json").read_text())["log_history"]
     except (OSError, ValueError, KeyError):
         return []
 
@@ -475,11 +581,11 @@ def _plots(out: Path, results: dict) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    stages = [s.name for s in ORDER if any("loss" in h for h in _history(out, s.name))]
+    stages = [s.name for s in ORDER if any("loss" in h for h in _history(out / s.name))]
     if stages:
         fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
         for ax, stage in zip(axes[0], stages):
-            points = [(h["step"], h["loss"]) for h in _history(out, stage) if "loss" in h]
+            points = [(h["step"], h["loss"]) for h in _history(out / stage) if "loss" in h]
             ax.plot(*zip(*points), marker=".")
             ax.set(title=f"{stage} training loss", xlabel="step", ylabel="loss")
         fig.tight_layout()
@@ -487,7 +593,7 @@ def _plots(out: Path, results: dict) -> list[str]:
         plt.close(fig)
         made.append("loss.png")
     for stage in ORDER:
-        history = [h for h in _history(out, stage.name) if any(key in h for key, _, _ in stage.curves)]
+        history = [h for h in _history(out / stage.name) if any(key in h for key, _, _ in stage.curves)]
         curves = [c for c in stage.curves if any(c[0] in h for h in history)]  # e.g. ptx loss only with PPO-ptx
         if not curves:
             continue
@@ -527,6 +633,31 @@ def _eval_plot(out: Path, results: dict) -> str:
     _save(fig, out / "eval.png")
     plt.close(fig)
     return "eval.png"
+
+
+def _rounds_plot(out: Path, rounds: list[dict]) -> str:
+    """rounds.png: by round, the policy's gold accuracy on the held-out prompts and the round's reward model's
+    accuracy on the held-out comparisons."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for key, label, colour in (
+        ("gold_accuracy", "policy: gold accuracy", "tab:blue"),
+        ("reward_accuracy", "reward model: pairwise accuracy", "tab:green"),
+    ):
+        points = [(r["round"], r[key]) for r in rounds if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=colour, label=label)
+    ax.set_xticks([r["round"] for r in rounds])
+    ax.set(title="held-out figures by round", xlabel="round", ylim=(-0.05, 1.05))
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, out / "rounds.png")
+    plt.close(fig)
+    return "rounds.png"
 
 
 def _training(stages: dict) -> list[str]:
@@ -569,7 +700,10 @@ def _markdown(recipe: Recipe, report: dict, plots: list[str]) -> str:
         "answer's token bigrams that repeat an earlier one." + (" " + KL_NOTE if shows_kl(report["eval"]) else ""),
         "",
     ]
-    lines += [f"![{p}]({p})" for p in plots] + ["", *_training(report["stages"]), "## Sample answers", ""]
+    lines += [f"![{p}]({p})" for p in plots if p != "rounds.png"] + [""]
+    if "rounds.png" in plots:
+        lines += [*rounds_lines(report), "![rounds.png](rounds.png)", ""]
+    lines += [*_training(report["stages"]), "## Sample answers", ""]
     for sample in report["samples"]:
         lines.append(f"**Prompt** `{sample['prompt']!r}` (reference: {sample['reference']!r})")
         lines += [f"- {name}: {sample[name]!r}" for name in report["eval"] if name in sample] + [""]

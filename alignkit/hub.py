@@ -1,5 +1,7 @@
 """Push a run's stages to the Hugging Face Hub: weights, tokenizer with its chat template, and a model card that
-records the whole lineage (base model, datasets, every stage's key settings) and the run's evaluation.
+records the whole lineage (base model, datasets, every stage's key settings, the round) and the run's evaluation.
+In a run with rounds a push reads one round (pipeline.pick_round(): the last unless asked): its own reward and ppo,
+and the stages before them that every round builds on.
 
 The token comes from HF_TOKEN or the user's `hf auth login`, through huggingface_hub; alignkit never prints it or
 writes it anywhere. Only two calls touch the network: HfApi.create_repo and HfApi.upload_folder.
@@ -16,10 +18,19 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .pipeline import complete_stages, finish_moves, read_manifest, upstream_in
+from .pipeline import (
+    complete_stages,
+    finish_moves,
+    pick_round,
+    read_complete,
+    read_manifest,
+    round_stages,
+    stage_folder,
+    upstream_in,
+)
 from .recipe import is_hub_id, is_repo_id
-from .report import KL_NOTE, eval_table, fmt, shows_kl, verdict_lines, win_rate_lines
-from .stages import NAMES, POLICIES, REGISTRY
+from .report import KL_NOTE, eval_table, fmt, rounds_lines, shows_kl, verdict_lines, win_rate_lines
+from .stages import NAMES, POLICIES, REGISTRY, ROUND_STAGES
 
 SKIP = {"adapter", "checkpoints", "alignkit_stage.json", "training_args.bin"}  # kept local: paths of this machine
 KEY_SETTINGS = (
@@ -53,10 +64,14 @@ SHORTENED = (
 
 
 def push_run(
-    run_dir: Path, repo_id: str | None, stages: list[str] | None, private: bool | None, adapter: bool
+    run_dir: Path,
+    repo_id: str | None,
+    stages: list[str] | None,
+    private: bool | None,
+    adapter: bool,
+    round: int | None = None,
 ) -> list[str]:
     """`alignkit push`: what the command line leaves out comes from the run recipe's hub section."""
-    finish_moves(run_dir, f"alignkit push {run_dir}")  # a stage a kill left between its two renames
     finish_moves(run_dir, f"alignkit push {run_dir}")  # a stage a kill left between its two renames
     done = complete_stages(run_dir)
     if not done:
@@ -74,24 +89,34 @@ def push_run(
         stages or hub.get("stages"),
         private if private is not None else hub.get("private"),
         adapter or hub.get("weights") == "adapter",
+        round,
     )
 
 
-def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | None, adapter: bool) -> list[str]:
+def push(
+    run_dir: Path,
+    repo_id: str,
+    stages: list[str] | None,
+    private: bool | None,
+    adapter: bool,
+    round: int | None = None,
+) -> list[str]:
     from huggingface_hub import HfApi, get_token
 
     if not is_repo_id(repo_id):
         raise UserError(f"repo id {repo_id!r}: expected owner/name (your user or organisation, then the repo)")
-    done = complete_stages(run_dir)
+    n = pick_round(run_dir, round, stages or [])
+    done = [s for s in round_stages(n) if read_complete(stage_folder(run_dir, s, n))]
+    of_round = f" of round {n}" if n > 1 else ""
     if not stages:
         policies = [s for s in done if s in POLICIES]
         if not policies:
-            raise UserError(f"{run_dir}: no finished policy stage ({', '.join(POLICIES)}) to push")
+            raise UserError(f"{run_dir}: no finished policy stage ({', '.join(POLICIES)}){of_round} to push")
         stages = policies[-1:]
     missing = [s for s in stages if s not in done]
     if missing:
         raise UserError(
-            f"{run_dir}: stage(s) {', '.join(missing)} did not finish here (finished: "
+            f"{run_dir}: stage(s) {', '.join(missing)}{of_round} did not finish here (finished: "
             f"{', '.join(done) or 'none'}); run them first"
         )
     stages = sorted(set(stages), key=NAMES.index)
@@ -105,29 +130,33 @@ def push(run_dir: Path, repo_id: str, stages: list[str] | None, private: bool | 
     for stage in stages:
         with tempfile.TemporaryDirectory(prefix="alignkit-push-") as tmp:
             staged = Path(tmp)
-            base = stage_files(run_dir, stage, staged, adapter, targets)
-            model_card(run_dir, stage, targets[stage], base, adapter, report).save(staged / "README.md")
+            base = stage_files(run_dir, stage, staged, adapter, targets, n)
+            model_card(run_dir, stage, targets[stage], base, adapter, report, n).save(staged / "README.md")
             try:
                 api.create_repo(targets[stage], private=private, exist_ok=True)
                 api.upload_folder(
                     repo_id=targets[stage],
                     folder_path=str(staged),
-                    commit_message=f"alignkit: the {stage} stage of {run_dir.resolve().name}",
+                    commit_message=f"alignkit: the {stage} stage{of_round} of {run_dir.resolve().name}",
                 )
             except Exception as e:  # network, permissions, a name taken: the run itself is untouched
                 raise UserError(
                     f"pushing {stage} to {targets[stage]} failed: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}\n  the run is unchanged; push again with "
-                    f"alignkit push {run_dir} --repo-id {repo_id}"
+                    f"alignkit push {run_dir} --repo-id {repo_id}" + (f" --round {n}" if round is not None else "")
                 ) from None
-        lines.append(f"{stage:9s} pushed    https://huggingface.co/{targets[stage]}")
+        lines.append(
+            f"{stage:9s} pushed    https://huggingface.co/{targets[stage]}"
+            + (f"  (round {n}: {stage_folder(run_dir, stage, n)})" if n > 1 else "")
+        )
     return lines
 
 
-def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets: dict) -> str | None:
-    """Copy what the Hub repo holds into `staged`; return the Hub id of the stage's base model (None if local)."""
-    folder = run_dir / stage
-    base = hub_base(run_dir, stage, targets)
+def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets: dict, n: int = 1) -> str | None:
+    """Copy what the Hub repo holds of a stage of round n into `staged`; return the Hub id of the stage's base model
+    (None if local)."""
+    folder = stage_folder(run_dir, stage, n)
+    base = hub_base(run_dir, stage, targets, n)
     if adapter:
         if not (folder / "adapter").is_dir():
             raise UserError(
@@ -135,7 +164,7 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
                 "(drop --adapter / hub.weights: adapter)"
             )
         if base is None:
-            up = _model_stage(run_dir, stage)
+            up = _model_stage(run_dir, stage, n)
             raise UserError(
                 f"{stage}'s adapter sits on a model trained in this run ({up}), which the Hub cannot "
                 f"resolve: push {up} too (--stage {up} --stage {stage}), or push merged weights"
@@ -149,7 +178,7 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
     else:
         shutil.copytree(folder, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SKIP))
     # the run's own recipe.yaml keeps its paths; the Hub gets none of this machine's (an unreadable one is not sent)
-    recipe = _recipe(run_dir, stage)
+    recipe = _recipe(run_dir, stage, n)
     (staged / "recipe.yaml").unlink(missing_ok=True)
     if recipe:
         shared = portable(recipe, run_dir)
@@ -185,10 +214,10 @@ def portable(obj, run_dir: Path):
     return shorten(obj, run_dir)
 
 
-def lineage(run_dir: Path, stage: str) -> list[str]:
-    """`stage` and every stage of the run whose output went into it (its model, its reward model, theirs ...), in
-    pipeline order, as the stage's own recipe.yaml chains them."""
-    stages = _recipe(run_dir, stage).get("stages") or {}
+def lineage(run_dir: Path, stage: str, n: int = 1) -> list[str]:
+    """`stage` (of round n) and every stage of the run whose output went into it (its model, its reward model,
+    theirs ...), in pipeline order, as the stage's own recipe.yaml chains them."""
+    stages = _recipe(run_dir, stage, n).get("stages") or {}
     found, todo = set(), [stage]
     while todo:
         current = todo.pop()
@@ -200,26 +229,28 @@ def lineage(run_dir: Path, stage: str) -> list[str]:
     return [s for s in NAMES if s in found]
 
 
-def _model_stage(run_dir: Path, stage: str) -> str | None:
+def _model_stage(run_dir: Path, stage: str, n: int = 1) -> str | None:
     """The stage of the run whose model `stage` started from (None: the recipe's base model)."""
-    stages = _recipe(run_dir, stage).get("stages") or {}
+    stages = _recipe(run_dir, stage, n).get("stages") or {}
     return upstream_in(list(stages), stage, True)["model"] if stage in stages else None
 
 
-def hub_base(run_dir: Path, stage: str, targets: dict) -> str | None:
+def hub_base(run_dir: Path, stage: str, targets: dict, n: int = 1) -> str | None:
     """The Hub id a stage started from: the recipe's Hub model, or an upstream stage pushed in the same go."""
-    up = _model_stage(run_dir, stage)
+    up = _model_stage(run_dir, stage, n)
     if up is not None:
         return targets.get(up)
-    model = (_recipe(run_dir, stage).get("model") or {}).get("name_or_path")
+    model = (_recipe(run_dir, stage, n).get("model") or {}).get("name_or_path")
     return model if model and is_hub_id(model) else None
 
 
-def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapter: bool, report: dict | None):
+def model_card(
+    run_dir: Path, stage: str, repo_id: str, base: str | None, adapter: bool, report: dict | None, n: int = 1
+):
     from huggingface_hub import ModelCard, ModelCardData
 
-    recipe = _recipe(run_dir, stage)
-    stages = [s for s in lineage(run_dir, stage) if s in (recipe.get("stages") or {})]
+    recipe = _recipe(run_dir, stage, n)
+    stages = [s for s in lineage(run_dir, stage, n) if s in (recipe.get("stages") or {})]
     hub_datasets = sorted(
         {
             spec["dataset"]["path"]
@@ -244,16 +275,18 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
     rows = []
     for s in stages:
         spec = recipe["stages"][s]
-        manifest = read_manifest(run_dir / s) or {}
+        manifest = read_manifest(stage_folder(run_dir, s, n)) or {}
         settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
+        retrained = f" (round {n})" if n > 1 and s in ROUND_STAGES else ""
         rows.append(
-            f"| {s} | `{shorten(spec['dataset']['path'], run_dir)}` | {_inline(settings)} | "
+            f"| {s}{retrained} | `{shorten(spec['dataset']['path'], run_dir)}` | {_inline(settings)} | "
             f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |"
         )
     lines = [
         f"# {repo_id}",
         "",
-        f"The **{stage}** stage of an alignkit run ({' -> '.join(stages)}), trained with Hugging Face TRL.",
+        f"The **{stage}** stage{f' of round {n}' if n > 1 else ''} of an alignkit run ({' -> '.join(stages)}), "
+        "trained with Hugging Face TRL.",
         "This repo holds "
         + ("a LoRA adapter over " + f"`{base}`" if adapter else "full weights")
         + ", the tokenizer and its chat template.",
@@ -262,6 +295,14 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
         "",
         f"- Base model: {start}",
         f"- Seed: {recipe.get('seed')}",
+        *(
+            [
+                f"- Round: {n} of the run (round 1 is the stages; each later round ranks answers of the newest "
+                f"policy, retrains {' and '.join(ROUND_STAGES)} on them, and continues from that policy)"
+            ]
+            if n > 1
+            else []
+        ),
         f"- LoRA: {_inline(recipe.get('lora')) if recipe.get('lora') else 'none (full fine-tuning)'}",
         f"- Quantization: {_inline(recipe.get('quantization')) if recipe.get('quantization') else 'none'}",
         "",
@@ -281,6 +322,7 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
             "",
             *([*verdict_lines(report), ""] if report.get("verdict") else []),
             *([KL_NOTE, ""] if shows_kl(report["eval"]) else []),
+            *rounds_lines(report),
         ]
     load = (
         f"from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained('{repo_id}')"
@@ -307,9 +349,10 @@ def model_card(run_dir: Path, stage: str, repo_id: str, base: str | None, adapte
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def _recipe(run_dir: Path, stage: str) -> dict:
+def _recipe(run_dir: Path, stage: str, n: int = 1) -> dict:
+    """The recipe.yaml of a stage's output (of round n), as data; {} where there is none to read."""
     try:
-        return yaml.safe_load((run_dir / stage / "recipe.yaml").read_text()) or {}
+        return yaml.safe_load((stage_folder(run_dir, stage, n) / "recipe.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
 

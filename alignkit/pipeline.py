@@ -9,6 +9,9 @@ files are there. In a run of many processes every process trains and only the ma
 Finishing a stage is ordered so that a kill at any instant leaves either the old complete output or a new one that
 `recover()` completes: the manifest is marked complete in {stage}.partial, the old output is renamed aside to
 {stage}.old, the new one renamed into place, then {stage}.old and the checkpoints are deleted.
+
+A recipe with rounds writes round N >= 2 in {output_dir}/round-N/, whose reward/ and ppo/ are stage folders of the
+same layout; round 1 is the stages themselves.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .distributed import fresh_accelerator_state, is_main, wait_for_everyone, wo
 from .errors import DiskFull, UserError, is_disk_full, unsafe_file
 from .log import keep, log
 from .recipe import Recipe, plain
-from .stages import NAMES, REGISTRY
+from .stages import NAMES, REGISTRY, ROUND_STAGES
 from .stages.spec import stage_datasets
 
 MANIFEST = "alignkit_stage.json"
@@ -93,6 +96,63 @@ def read_complete(folder: Path) -> dict | None:
 def complete_stages(run_dir: Path) -> list[str]:
     """The stages of a run folder whose output is complete, in pipeline order."""
     return [s for s in NAMES if read_complete(Path(run_dir) / s)]
+
+
+ROUND_POLICY = next(s for s in ROUND_STAGES if REGISTRY[s].policy)  # a later round's policy, what it is judged by
+
+
+def round_folder(run_dir: Path, n: int) -> Path:
+    """Where round n of a run writes: round 1 is the stages, in the run folder itself; round N >= 2 in round-N/."""
+    return Path(run_dir) if n == 1 else Path(run_dir) / f"round-{n}"
+
+
+def stage_folder(run_dir: Path, stage: str, n: int = 1) -> Path:
+    """Where round n finds a stage's output: its own folder for a stage the round retrains (ROUND_STAGES), the run
+    folder for the others (pretrain and sft: every round builds on them)."""
+    return (round_folder(run_dir, n) if stage in ROUND_STAGES else Path(run_dir)) / stage
+
+
+def later_rounds(run_dir: Path) -> list[int]:
+    """The rounds N >= 2 of a run folder whose policy is complete (round-N/ppo), in order."""
+    found = []
+    for folder in Path(run_dir).glob("round-*"):
+        n = folder.name.removeprefix("round-")
+        if n.isdigit() and int(n) >= 2 and read_complete(folder / ROUND_POLICY):
+            found.append(int(n))
+    return sorted(found)
+
+
+def round_stages(n: int) -> tuple[str, ...]:
+    """The stages round n holds: every one in round 1; in a later round those it retrains (ROUND_STAGES) and the
+    earlier ones it builds on (pretrain, sft), not a stage after them (dpo)."""
+    return NAMES if n == 1 else NAMES[: max(map(NAMES.index, ROUND_STAGES)) + 1]
+
+
+def pick_round(run_dir: Path, asked: int | None, stages: list[str]) -> int:
+    """The round of a run folder that `chat` and `push` read: `asked` (--round), else the last complete round that
+    holds every stage in `stages` (1 when the run has no later round). A round that is not there or not complete, or
+    that does not hold a stage asked, is refused, naming the rounds there are."""
+    later = later_rounds(run_dir)
+    if asked is None:
+        fits = [n for n in later if all(s in round_stages(n) for s in stages)]
+        return fits[-1] if fits else 1
+    if asked != 1 and asked not in later:
+        why = (
+            f"did not finish (no complete {ROUND_POLICY} in {round_folder(run_dir, asked)})"
+            if asked > 1 and round_folder(run_dir, asked).is_dir()
+            else "is not in this run"
+        )
+        raise UserError(
+            f"{run_dir}: round {asked} {why}; rounds here: {', '.join(map(str, [1, *later]))} (round 1 is the "
+            "stages; --round picks one, default the last)"
+        )
+    outside = [s for s in stages if s not in round_stages(asked)]
+    if outside:
+        raise UserError(
+            f"round {asked} has no {' or '.join(outside)}: a later round retrains {' and '.join(ROUND_STAGES)} on "
+            f"{', '.join(s for s in round_stages(asked) if s not in ROUND_STAGES)}; ask round 1 for it (--round 1)"
+        )
+    return asked
 
 
 def recover(folder: Path) -> None:

@@ -3,6 +3,7 @@ which read the same figures."""
 
 from __future__ import annotations
 
+from .log import INDENT, WIDTH
 from .stages import ORDER
 
 BASE = "base"  # the checkpoint name of the model a run starts from, or pretrains from scratch
@@ -16,6 +17,20 @@ KL_NOTE = (
 )
 
 
+def round_checkpoint(stage: str, n: int) -> str:
+    """A checkpoint's name: a stage's own in round 1 (the stages), "ppo round 2" for a later round's output."""
+    return stage if n == 1 else f"{stage} round {n}"
+
+
+def checkpoint_round(name: str) -> tuple[str, int]:
+    """The stage and round of a checkpoint name, round_checkpoint() undone (base: round 1)."""
+    stage, _, n = name.partition(" round ")
+    return (stage, int(n)) if n.isdigit() else (name, 1)
+
+
+ROUND_COLUMNS = ("gold_accuracy", "reward_mean", KL, WIN_RATE, "win_rate_vs_previous", "reward_accuracy")
+
+
 def fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -25,6 +40,33 @@ def eval_table(results: dict) -> list[str]:
     columns = ["gold_accuracy", "reward_mean", KL, "length_mean", "eos_rate", "repetition"]
     return ["| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"] + [
         f"| {name} | " + " | ".join(fmt(values.get(c)) for c in columns) + " |" for name, values in results.items()
+    ]
+
+
+def rounds_table(rounds: list[dict]) -> list[str]:
+    """The rounds block of report.json as a Markdown table: a row per round, its policy then its reward model."""
+    return ["| round | policy | " + " | ".join(ROUND_COLUMNS) + " |", "|---" * (len(ROUND_COLUMNS) + 2) + "|"] + [
+        f"| {r['round']} | {r['checkpoint']} | " + " | ".join(fmt(r.get(c)) for c in ROUND_COLUMNS) + " |"
+        for r in rounds
+    ]
+
+
+def rounds_lines(report: dict) -> list[str]:
+    """The report's Rounds section (report.md and the Hub's card): what the columns mean, then the table; none for a
+    run without rounds."""
+    rounds = report.get("rounds")
+    if not rounds:
+        return []
+    return [
+        "## Rounds",
+        "",
+        "Each round's policy on the held-out prompts and its reward model on the held-out comparisons "
+        f"(reward_accuracy). reward_mean: every round scored by one reward model, {report.get('reward_model')}, "
+        f"so the rounds compare. {WIN_RATE} and win_rate_vs_previous (against the previous round's policy): ties "
+        "count half.",
+        "",
+        *rounds_table(rounds),
+        "",
     ]
 
 
@@ -48,8 +90,9 @@ def _signed(value: float) -> str:
 
 
 def verdict_lines(report: dict) -> list[str]:
-    """The verdict on each policy trained after the reference: a two-line key, then one line each (at most 100
-    columns), e.g. `- ppo: no measurable gain; +0.000 [-0.056, +0.056]; 0/18/0; reward -2.21 (training -0.45)`."""
+    """The verdict on each policy trained after the reference: a two-line key, then one line each, e.g.
+    `- ppo: no measurable gain; +0.000 [-0.056, +0.056]; 0/18/0; reward -2.21 (training -0.45)`; a line wider than
+    100 columns (a later round's longer name, "ppo round 2") goes on over an indented one."""
     verdicts = report.get("verdict") or {}
     if not verdicts:
         return []
@@ -70,5 +113,10 @@ def verdict_lines(report: dict) -> list[str]:
             parts.append(
                 f"reward {v['held_out_reward']:.2f}" + (f" (training {training:.2f})" if training is not None else "")
             )
-        lines.append("; ".join(parts))
+        line = "; ".join(parts)
+        if len(line) > WIDTH:
+            cut = line.rindex("; ", 0, WIDTH)
+            lines += [line[: cut + 1], INDENT + line[cut + 2 :]]
+        else:
+            lines.append(line)
     return lines

@@ -32,11 +32,6 @@ PEOPLE = "people"
 STAMP = "round.json"
 
 
-def folder(out: Path, n: int) -> Path:
-    """Round n's folder (n >= 2; round 1 is the stages' own folders)."""
-    return Path(out) / f"round-{n}"
-
-
 def policy_folder(recipe: Recipe, n: int) -> str:
     """Round n's policy, relative to the run's folder."""
     policy, _ = round_stages(recipe)
@@ -82,7 +77,7 @@ def run(recipe: Recipe, force: bool = False) -> dict:
     previous = policy_folder(recipe, 1)
     previous_fp = _fp(out, previous)
     for n in range(2, rounds.count + 1):
-        here = folder(out, n)
+        here = pipeline.round_folder(out, n)
         log(f"round {n}", f"of {rounds.count}: sampling from {out / previous}, ranked by {rounds.rank_by}")
         if is_main():
             here.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ ORDER: tuple[Stage, ...] = (pretrain.STAGE, sft.STAGE, reward.STAGE, ppo.STAGE, 
 REGISTRY: dict[str, Stage] = {stage.name: stage for stage in ORDER}
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 POLICIES: tuple[str, ...] = tuple(s.name for s in ORDER if s.policy)
+# what a later round (recipe `rounds`) retrains: the stage it continues and the reward stage that stage reads
+ROUND_STAGES: tuple[str, ...] = tuple(s.name for s in ORDER if s.rounds or s.writes == "reward_model")
 
 
 def all_defaults() -> list[tuple[str, str, str, str]]:

@@ -278,7 +278,7 @@ def ranking_scores(model, inputs: dict):
         position_ids=torch.arange(width, device=prefix.device).expand_as(prefix),
         use_cache=True,
     )
-    cache = first.past_key_values
+    cache = first.cache if "cache" in first else first.past_key_values  # transformers 5 renamed it (and warns)
     cache.reorder_cache(owner)  # each answer reads its own ranking's prefix
     answers, mask = inputs["input_ids"], inputs["attention_mask"]
     positions = inputs["prefix_length"][owner, None] + torch.arange(answers.shape[1], device=answers.device)
