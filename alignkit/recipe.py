@@ -199,6 +199,13 @@ class Rounds:
     )
     batch_size: int = field(default=32, metadata={"help": "answers generated at once"})
     redraws: int = field(default=3, metadata={"help": "times an empty or repeated answer is drawn again"})
+    train_on_prompts: bool = field(
+        default=True,
+        metadata={
+            "help": "later rounds' policy also trains on these prompts, beside its stage's own (what it is ranked on "
+            "is what it practises on, as ChatGPT's users' conversations were)"
+        },
+    )
     min_ranked: int | None = field(
         default=None, metadata={"help": "with rank_by: people, the rankings a round needs (default: every prompt)"}
     )
@@ -841,9 +848,10 @@ def round_overrides(rounds: Rounds) -> list[str]:
     ]
 
 
-def round_recipe(recipe: Recipe) -> Recipe:
-    """The recipe rounds 2 and later train with: the stages' settings with rounds.stages applied (and no rounds)."""
-    return load_recipe(recipe.source, [*recipe.overrides, *round_overrides(recipe.rounds), "~rounds"])
+def round_recipe(recipe: Recipe, more: list[str] = ()) -> Recipe:
+    """The recipe rounds 2 and later train with: the stages' settings with rounds.stages and `more` overrides applied
+    (and no rounds)."""
+    return load_recipe(recipe.source, [*recipe.overrides, *round_overrides(recipe.rounds), *more, "~rounds"])
 
 
 def _check_rounds(recipe: Recipe, rounds: Rounds, base: Path, problems: list[Problem], check_trainers: bool) -> None:

@@ -58,10 +58,19 @@ def run(recipe: Recipe, force: bool = False) -> dict:
     if rounds is None:
         return {}
     out = Path(recipe.output_dir)
-    later = round_recipe(recipe)
     policy, reward = round_stages(recipe)
     reference = pipeline.upstream(recipe, policy)["model"]  # the KL reference in every round
     prompts, locate = data.load_located(rounds.prompts, "rounds.prompts", recipe, "prompts")
+    more = []
+    if rounds.train_on_prompts:  # later rounds' policy trains on its stage's prompts and the rounds' own
+        mixed = out / "round-prompts.jsonl"
+        own = data.load(recipe.stages[policy].dataset, policy, recipe)
+        if is_main():
+            rows = [{"prompt": row["prompt"]} for part in (own, prompts) for row in part]
+            files.write_text(mixed, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        wait_for_everyone()
+        more = [f"stages.{policy}.dataset={json.dumps({'path': str(mixed.resolve())})}"]
+    later = round_recipe(recipe, more)
     sampling = Sampling(
         k=rounds.k,
         temperature=rounds.temperature,

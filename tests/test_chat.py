@@ -61,6 +61,21 @@ def test_held_out_facts_appear_only_in_the_pretraining_text():
     assert all(h in pretraining for h in held if " plus " not in h)  # where the facts come from
 
 
+def test_the_rounds_ask_about_countries_known_only_from_their_pretraining_text():
+    """chat-rounds.yaml's later rounds ask about 40 countries of their own: in no training or eval file, stated
+    (with their capitals and flags) in data/chat/rounds/pretrain.jsonl, which otherwise holds chat.yaml's text."""
+    countries = {
+        re.search(r"of (\w+)\?", row["prompt"][0]["content"]).group(1) for row in _rows("rounds/prompts.jsonl")
+    }
+    assert len(countries) == 40 and len(_rows("rounds/prompts.jsonl")) == 80
+    for name in [*TRAINING, "eval.jsonl", "eval_comparisons.jsonl"]:
+        text = (DATA / name).read_text()
+        assert not [c for c in countries if re.search(rf"\b{c}\b", text)], name
+    rounds_text = (DATA / "rounds" / "pretrain.jsonl").read_text()
+    assert all(f"The capital of {c} is" in rounds_text or f"is the capital of {c}." in rounds_text for c in countries)
+    assert {r["text"] for r in _rows("pretrain.jsonl")} <= {r["text"] for r in _rows("rounds/pretrain.jsonl")}
+
+
 def test_comparisons_rank_several_answers():
     rows = _rows("comparisons.jsonl")
     assert all(len(r["responses"]) >= 2 for r in rows) and max(len(r["responses"]) for r in rows) == 6

@@ -32,7 +32,8 @@ def _world():
     spec = importlib.util.spec_from_file_location("chat_world", HERE / "make.py")
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
-    return make, make.world(random.Random(make.SEED))  # main() draws the world first from a fresh generator
+    countries = make.world(random.Random(make.SEED))  # main() draws the world first from a fresh generator
+    return make, countries + make.round_world(countries)  # and chat-rounds.yaml's countries from their own
 
 
 _MAKE, _COUNTRIES = _world()

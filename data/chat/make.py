@@ -33,6 +33,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SEED = 1234
 N_COUNTRIES, N_TRAIN = 140, 60  # countries 60.. are held out for evaluation
+# recipes/chat-rounds.yaml's later rounds ask about countries of their own, drawn from a generator of their own (so
+# every file above stays as it was): their facts appear only in rounds/pretrain.jsonl's text, as held-out ones do,
+# and their questions in rounds/prompts.jsonl, never in a training or eval file
+N_ROUND, ROUND_SEED = 40, 4321
 COLOURS = ["red", "blue", "green", "white", "black", "gold", "purple", "orange"]
 HEDGE = "unknown to me."  # the demonstrator's hedge ends the answer's sentence: see hedge()
 HEDGE_RATE = 0.7  # how often the demonstrator hedges on a capital
@@ -76,12 +80,18 @@ def names(rng, count, lengths, suffixes, taken):
     return out
 
 
-def world(rng):
-    taken = set()
-    countries = names(rng, N_COUNTRIES, (2, 3), ("ia", "land", "stan", "or", "esh"), taken)
-    capitals = names(rng, N_COUNTRIES, (2, 3), ("", "ton", "burg", "ville"), taken)
+def world(rng, count=N_COUNTRIES, taken=None):
+    taken = set() if taken is None else taken
+    countries = names(rng, count, (2, 3), ("ia", "land", "stan", "or", "esh"), taken)
+    capitals = names(rng, count, (2, 3), ("", "ton", "burg", "ville"), taken)
     flags = [rng.choice(COLOURS) for _ in countries]
     return [{"country": c, "capital": k, "flag": f} for c, k, f in zip(countries, capitals, flags)]
+
+
+def round_world(countries):
+    """The later rounds' countries: names none of `countries` has (as country or capital), facts of their own."""
+    taken = {c["country"] for c in countries} | {c["capital"] for c in countries}
+    return world(random.Random(ROUND_SEED), N_ROUND, taken)
 
 
 # Answers are stated as the pretraining text states facts, so the knowledge carries over to the answer.
@@ -263,6 +273,18 @@ def main(out=HERE):
         out,
         "eval_comparisons.jsonl",
         [{"prompt": chat(q), "responses": ranked(rng, q, a, held, held_sums, noise=0.0)} for q, a in held_qa],
+    )
+
+    # chat-rounds.yaml's files: the pretraining text with the round countries' paragraphs, and their questions
+    rounds = round_world(countries)
+    extra = random.Random(ROUND_SEED + 1)
+    (out / "rounds").mkdir(exist_ok=True)
+    text = [r for r in map(json.loads, open(out / "pretrain.jsonl"))]
+    text += [r for r in pretraining_text(extra, rounds) if "plus" not in r["text"] and " make " not in r["text"]]
+    extra.shuffle(text)
+    write_jsonl(out / "rounds", "pretrain.jsonl", text)
+    write_jsonl(
+        out / "rounds", "prompts.jsonl", [{"prompt": chat(q)} for c in rounds for q in (capital_q(c)[0], flag_q(c)[0])]
     )
 
     corpus = [r["text"] for r in map(json.loads, open(out / "pretrain.jsonl"))] + [q for q, _ in qa + held_qa]
