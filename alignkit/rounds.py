@@ -221,8 +221,16 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
         files.write_json(here / STAMP, {**_stamp(here), "offered": samples_fp})
     wait_for_everyone()
     rows, lines = data.read_rows(path)
+    sampled = [json.loads(line)["responses"] for line in (here / "samples.jsonl").read_text().splitlines()]
     problems, done = [], []
-    for row, line in zip(rows, lines):
+    if len(rows) != len(sampled):
+        problems.append(f"{path}: {len(rows)} rows, but {len(sampled)} prompts were sampled; keep one row per prompt")
+    for row, line, answers in zip(rows, lines, sampled):
+        if sorted(map(str, row.get("responses") or [])) != sorted(map(str, answers)):
+            problems.append(
+                f"{path}:{line}: the answers are not the ones sampled for this prompt; rank them, do not edit"
+            )
+            continue
         if row.get("ranks") is None:
             continue
         try:

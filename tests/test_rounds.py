@@ -108,6 +108,11 @@ def test_a_round_ranked_by_people_waits_for_them_and_goes_on(run_copy, tmp_path,
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
     assert code == 2
     assert f"{path}:6: 'ranks' gives 2 ranks for 3 answers" in err
+    rows[5]["ranks"], rows[7]["responses"][0] = None, "an answer nobody sampled"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 2
+    assert f"{path}:8: the answers are not the ones sampled for this prompt" in err
 
 
 def test_rounds_are_checked_before_anything_trains(tmp_path, capsys):
