@@ -68,6 +68,7 @@ def main():
     from alignkit.pipeline import ROUND_POLICY, stage_folder
 
     rows = [json.loads(line) for line in (REPO / "data" / "chat" / "eval.jsonl").read_text().splitlines()]
+    round_rows = [json.loads(line) for line in (REPO / "data/chat/rounds/prompts.jsonl").read_text().splitlines()]
     table, by_round = [], {}
     for seed in args.seeds:
         out = REPO / args.out / f"seed{seed}"
@@ -82,6 +83,9 @@ def main():
         for name in ["sft", *rounds]:
             folder = out / "sft" if name == "sft" else stage_folder(out, ROUND_POLICY, rounds[name]["round"])
             counted = classes(folder, rows, 20)
+            asked = classes(
+                folder, round_rows, 20
+            )  # the rounds' own (training) questions: settings are chosen on these
             figures = report["eval"][name]
             entry = {
                 "seed": seed,
@@ -92,6 +96,7 @@ def main():
                 "win_prev": rounds.get(name, {}).get("win_rate_vs_previous"),
                 "rm": rounds.get(name, {}).get("reward_accuracy"),
                 **{c: counted.count(i + 1) for i, c in enumerate(CLASSES)},
+                "training correct": asked.count(1),
             }
             table.append(entry)
             by_round.setdefault(entry["round"], []).append(entry)
@@ -118,7 +123,9 @@ def main():
     for n, entries in sorted(by_round.items()):
         print(
             f"  {'sft' if n == 0 else f'round {n}'}: gold {spread([e['gold'] for e in entries])}, "
-            f"reward model {spread([e['rm'] for e in entries])}, off topic {spread([e['off topic'] for e in entries])}"
+            f"reward model {spread([e['rm'] for e in entries])}, "
+            f"off topic {spread([e['off topic'] for e in entries])}, "
+            f"round questions right of 80 (training) {spread([e['training correct'] for e in entries])}"
         )
     first = {e["seed"]: e["gold"] for e in by_round.get(1, [])}
     for n in sorted(k for k in by_round if k > 1):
