@@ -148,6 +148,25 @@ def fit_prompts(prompts: list[list[int]], room: int) -> tuple[list[list[int]], i
     return [p[-room:] for p in prompts], sum(len(p) > room for p in prompts)
 
 
+def greedy_answers(folder: str | Path, rows, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """The greedy answers of the model in `folder` to eval-format rows, drawn as `evaluate` draws them (chat template,
+    prompts cut from the left to leave room for the answer): for benchmarks that judge answers themselves."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import context_length
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder).to(_device()).eval()
+    prompts = [
+        tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
+        for r in rows
+    ]
+    prompts, _ = fit_prompts(prompts, context_length(model.config) - max_new_tokens)
+    responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
 def generate(
     model,
     tokenizer,

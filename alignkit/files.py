@@ -26,6 +26,11 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str))
 
 
+def write_jsonl(path: Path, rows) -> None:
+    """Rows as JSON Lines (non-ASCII kept as it is), replacing `path` whole."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 PICKLED = (".bin", ".pt", ".pth")
 NEVER_LOADED = {"training_args.bin"}  # the Trainer writes it for people; no alignkit or library code loads it
 

@@ -211,7 +211,8 @@ def _swap(partial: Path, folder: Path) -> None:
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # only needed to resume the run that wrote them
 
 
-def _hash(obj) -> str:
+def digest(obj) -> str:
+    """A short hash of plain data (fingerprints)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -247,7 +248,7 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
     }
     own, *more = [data.fingerprint(d, recipe) for _, d, _ in stage_datasets(REGISTRY[stage], recipe)]
     return {
-        "config": _hash([spec, model_settings]),
+        "config": digest([spec, model_settings]),
         "data": [own, *more] if more else own,  # a stage that reads only its own dataset: that one's hash
         "upstream": upstream_fps,
     }
@@ -380,7 +381,7 @@ def build(
     """Reuse `folder` if it holds `stage` trained with these `parts`, else train it (resuming an interrupted run of the
     same parts). `roles` name the inputs as folders relative to `run_dir` (default: the folder's parent). Returns the
     fingerprint and the summary entry."""
-    fp = _hash(parts)
+    fp = digest(parts)
     complete, manifest = read_complete(folder), read_manifest(folder)
     resumable = (read_manifest(folder.with_name(folder.name + ".partial")) or {}).get("fingerprint") == fp
     if complete and complete["fingerprint"] == fp and not force and not resumable:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import numbers
 import os
 import sys
@@ -117,7 +116,7 @@ def main(args) -> int:
     path = Path(args.file)
     out = Path(args.out) if args.out else path
     rows = rank_rows(path, args.by)
-    files.write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    files.write_jsonl(out, rows)
     pairs = sum(len(data.strict_pairs(row["ranks"])) for row in rows)
     ties = sum(len(set(row["ranks"])) == 1 for row in rows)
     log(

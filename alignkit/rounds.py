@@ -67,7 +67,7 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         own = data.load(recipe.stages[policy].dataset, policy, recipe)
         if is_main():
             rows = [{"prompt": row["prompt"]} for part in (own, prompts) for row in part]
-            files.write_text(mixed, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            files.write_jsonl(mixed, rows)
         wait_for_everyone()
         more = [f"stages.{policy}.dataset={json.dumps({'path': str(mixed.resolve())})}"]
     later = round_recipe(recipe, more)
@@ -123,10 +123,6 @@ def _fp(out: Path, stage: str) -> str | None:
     return (pipeline.read_complete(out / stage) or {}).get("fingerprint")
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _stamp(here: Path) -> dict:
     try:
         return json.loads((here / STAMP).read_text())
@@ -138,7 +134,7 @@ def _samples(recipe, here: Path, n: int, policy: Path, policy_fp, prompts, locat
     """round-N/samples.jsonl: K answers per prompt from the last round's policy; drawn again only when the policy,
     the prompts or the sampling settings changed. Returns the samples' fingerprint."""
     sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + n, "round": n})  # each round its own draws
-    fp = _hash(
+    fp = pipeline.digest(
         {"policy": policy_fp, "sampling": asdict(sampling), "prompts": data.fingerprint(recipe.rounds.prompts, recipe)}
     )
     path = here / "samples.jsonl"
@@ -150,7 +146,7 @@ def _samples(recipe, here: Path, n: int, policy: Path, policy_fp, prompts, locat
         models = [{"stage": round_stages(recipe)[0], "model": str(policy), "fingerprint": policy_fp}]
         answers, counts = draw(prompts, models, sampling)
         rows = rows_for(prompts, locate, answers, models, sampling)
-        files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        files.write_jsonl(path, rows)
         files.write_json(here / STAMP, {**_stamp(here), "samples": fp})
         left = counts["equal"] + counts["empty"]
         log(
@@ -174,7 +170,7 @@ def _judge_spec(recipe: Recipe) -> str:
     return f"{recipe.resolve(module)}:{function}" if module.endswith(".py") else recipe.rounds.rank_by
 
 
-def _judge_hash(spec: str) -> str:
+def _judge_source(spec: str) -> str:
     """The judge's source file, so that a changed judge ranks again."""
     module = spec.rpartition(":")[0]
     path = Path(module) if module.endswith(".py") else None
@@ -192,13 +188,13 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path
 
     spec = _judge_spec(recipe)
     path = here / "rankings.jsonl"
-    fp = _hash({"samples": samples_fp, "judge": recipe.rounds.rank_by, "source": _judge_hash(spec)})
+    fp = pipeline.digest({"samples": samples_fp, "judge": recipe.rounds.rank_by, "source": _judge_source(spec)})
     if path.is_file() and _stamp(here).get("rankings") == fp:
         log(f"round {n}", f"rankings up to date, reusing {path}")
         return path, fp
     if is_main():
         rows = rank_rows(here / "samples.jsonl", spec)
-        files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        files.write_jsonl(path, rows)
         files.write_json(here / STAMP, {**_stamp(here), "rankings": fp})
         pairs = sum(len(data.strict_pairs(row["ranks"])) for row in rows)
         log(f"round {n}", f"{recipe.rounds.rank_by} ranked {len(rows)} prompts: {pairs} ordered pairs -> {path}")
@@ -251,7 +247,7 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
             f"{path} --by MODULE:FUNCTION), then run the same command again: everything done so far is kept"
         )
     if is_main():
-        files.write_text(ranked, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in done))
+        files.write_jsonl(ranked, done)
     wait_for_everyone()
     log(f"round {n}", f"{len(done)} of {len(rows)} prompts ranked by people in {path}")
-    return ranked, _hash([row["responses"] + [row["ranks"]] for row in done])
+    return ranked, pipeline.digest([row["responses"] + [row["ranks"]] for row in done])

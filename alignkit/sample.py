@@ -295,7 +295,7 @@ def main(args) -> int:
     drawn, counts = draw(prompts, models, sampling)
     rows = rows_for(prompts, locate, drawn, models, sampling)
     out.parent.mkdir(parents=True, exist_ok=True)
-    files.write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    files.write_jsonl(out, rows)
     answers = sum(len(r["responses"]) for r in rows)
     if counts["redrawn"]:
         stayed = counts["equal"] + counts["empty"]

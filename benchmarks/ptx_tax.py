@@ -42,19 +42,9 @@ def training_questions() -> list[dict]:
 
 def counts(folder: Path, rows: list[dict]) -> Counter:
     """How many questions of each kind the policy in `folder` answers exactly right, greedily."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from alignkit.evaluate import greedy_answers, is_correct
 
-    from alignkit import data
-    from alignkit.evaluate import generate, is_correct
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    prompts = [
-        tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
-        for r in rows
-    ]
-    answers = tokenizer.batch_decode(generate(model, tokenizer, prompts, 20, 64), skip_special_tokens=True)
+    answers = greedy_answers(folder, rows, 20)
     right = Counter()
     for row, answer in zip(rows, answers):
         kind = kind_of(row["prompt"][-1]["content"])

@@ -14,12 +14,14 @@ country, kind or sum: the failure issue 24 set out to fix), broken, rambling.
 import argparse
 import importlib.util
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from chat_seeds import spread  # noqa: E402  (the same mean ± sd)
+
 CLASSES = ("correct", "hedge", "wrong fact", "off topic", "broken", "rambling")
 
 
@@ -32,30 +34,11 @@ def judge_module():
 
 def classes(folder: Path, rows: list[dict], max_new_tokens: int) -> list[int]:
     """Greedy answers of the model in `folder` to the eval rows, as alignkit eval draws them, classed by the judge."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from alignkit import data
-    from alignkit.evaluate import fit_prompts, generate
-    from alignkit.models import context_length
+    from alignkit.evaluate import greedy_answers
 
     judge = judge_module()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    prompts = [
-        tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
-        for r in rows
-    ]
-    prompts, _ = fit_prompts(prompts, context_length(model.config) - max_new_tokens)
-    answers = tokenizer.batch_decode(generate(model, tokenizer, prompts, max_new_tokens, 64), skip_special_tokens=True)
+    answers = greedy_answers(folder, rows, max_new_tokens)
     return [judge.rank(row["prompt"], [answer.strip()])[0] for row, answer in zip(rows, answers)]
-
-
-def spread(values) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
 def main():
