@@ -23,7 +23,6 @@ def rounds(tmp_path: Path, *more: str) -> list[str]:
         "rounds.count=2",
         "rounds.prompts.path=data/tiny/ppo.jsonl",
         f"rounds.rank_by={judge}:rank",
-        "rounds.k=3",
         "rounds.stages.reward.num_train_epochs=2",
         "rounds.stages.ppo.total_episodes=16",
         *more,
@@ -50,7 +49,8 @@ def test_a_second_round_samples_ranks_and_goes_on_from_the_first(run_copy, tmp_p
 
     samples = [json.loads(line) for line in (here / "samples.jsonl").read_text().splitlines()]
     assert 30 <= len(samples) <= 42  # a prompt whose answers cannot differ is left out
-    assert all(len(row["responses"]) == 3 and row["ranks"] is None for row in samples)
+    assert all(2 <= len(row["responses"]) <= 4 and row["ranks"] is None for row in samples)  # K's default: 4
+    assert sum(len(row["responses"]) == 4 for row in samples) > len(samples) // 2
     provenance = samples[0]["provenance"]
     assert provenance["round"] == 2 and provenance["models"][0]["model"] == str(run_copy / "ppo")
     ranked = [json.loads(line) for line in (here / "rankings.jsonl").read_text().splitlines()]
@@ -92,8 +92,14 @@ def test_a_round_ranked_by_people_waits_for_them_and_goes_on(run_copy, tmp_path,
     # people rank four prompts (one of them all ties), and the same command goes on
     path = here / "rankings.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for row, ranks in zip(rows, ([1, 2, 3], [3, 1, 2], [1, 1, 2], [2, 2, 2])):
-        row["ranks"] = ranks
+    for row, kind in zip(rows, ("ordered", "reversed", "one tie", "all ties")):
+        n = len(row["responses"])
+        row["ranks"] = {
+            "ordered": list(range(1, n + 1)),
+            "reversed": list(range(n, 0, -1)),
+            "one tie": [1] + [2] * (n - 1),
+            "all ties": [2] * n,
+        }[kind]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
     assert code == 0, err
@@ -107,7 +113,7 @@ def test_a_round_ranked_by_people_waits_for_them_and_goes_on(run_copy, tmp_path,
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
     assert code == 2
-    assert f"{path}:6: 'ranks' gives 2 ranks for 3 answers" in err
+    assert f"{path}:6: 'ranks' gives 2 ranks for {len(rows[5]['responses'])} answers" in err
     rows[5]["ranks"], rows[7]["responses"][0] = None, "an answer nobody sampled"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)

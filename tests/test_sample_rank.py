@@ -128,12 +128,15 @@ def test_sample_refuses_prompts_held_out_by_the_recipe(run_dir, tmp_path, capsys
     assert code == 2
     assert "1 of 3 prompts are held out by" in err and f"{prompts}:3: also data/tiny/eval.jsonl:3" in err
     assert not out.exists()
-    # without the held-out row it goes on
+    # without the held-out row it goes on, with every sampling setting at its default, as README's example runs it
     _write(prompts, train)
-    code, _, err = alignkit(
-        capsys, "sample", run_dir, "--prompts", prompts, "--out", out, "--recipe", TINY, "--max-new-tokens", "8"
-    )
-    assert code == 0, err and len(_rows(out)) == 2
+    code, _, err = alignkit(capsys, "sample", run_dir, "--prompts", prompts, "--out", out, "--recipe", TINY)
+    assert code == 0, err
+    rows = _rows(out)
+    assert len(rows) == 2 and all(2 <= len(r["responses"]) <= 4 and r["ranks"] is None for r in rows)
+    settings = rows[0]["provenance"]
+    assert (settings["k"], settings["temperature"], settings["top_p"], settings["max_new_tokens"]) == (4, 1.0, 1.0, 64)
+    assert settings["models"][0]["stage"] == "ppo"  # the run's last policy stage
 
 
 def test_answers_a_model_cannot_vary_are_drawn_again_then_left_out_and_long_prompts_are_cut(run_dir, tmp_path, capsys):
