@@ -18,11 +18,13 @@ RUN_EXAMPLES = """examples:
   alignkit run recipes/tiny.yaml --from reward      # reward and everything after it
   alignkit run recipes/tiny.yaml --force            # retrain even the stages that are up to date
   alignkit run recipes/tiny.yaml ~model.config model.name_or_path=openai-community/gpt2   # ~KEY removes a key
+  alignkit run recipes/chat-rounds.yaml              # the stages, then two more rounds of sample, rank, train
 
 A stage whose config, data and upstream stages are unchanged is reused; an interrupted stage resumes from its last
-checkpoint when the same command runs again (alignkit's ppo included). With an eval
-section the run ends by evaluating every policy checkpoint and writing {output_dir}/report.md (as `alignkit eval`
-does)."""
+checkpoint when the same command runs again (alignkit's ppo included). A recipe's rounds section runs its later rounds
+after the stages (not with --only or --from), each reused and resumed the same way; a round ranked by people stops
+with exit status 3 until enough of round-N/rankings.jsonl is ranked. With an eval section the run ends by evaluating
+every policy checkpoint (each round's too) and writing {output_dir}/report.md (as `alignkit eval` does)."""
 
 VALIDATE_EXAMPLES = """examples:
   alignkit validate recipes/tiny.yaml

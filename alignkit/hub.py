@@ -24,8 +24,8 @@ from .pipeline import (
     pick_round,
     read_complete,
     read_manifest,
-    round_stages,
     stage_folder,
+    stages_in_round,
     upstream_in,
 )
 from .recipe import is_hub_id, is_repo_id
@@ -106,7 +106,7 @@ def push(
     if not is_repo_id(repo_id):
         raise UserError(f"repo id {repo_id!r}: expected owner/name (your user or organisation, then the repo)")
     n = pick_round(run_dir, round, stages or [])
-    done = [s for s in round_stages(n) if read_complete(stage_folder(run_dir, s, n))]
+    done = [s for s in stages_in_round(n) if read_complete(stage_folder(run_dir, s, n))]
     of_round = f" of round {n}" if n > 1 else ""
     if not stages:
         policies = [s for s in done if s in POLICIES]

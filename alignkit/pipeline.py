@@ -122,7 +122,7 @@ def later_rounds(run_dir: Path) -> list[int]:
     return sorted(found)
 
 
-def round_stages(n: int) -> tuple[str, ...]:
+def stages_in_round(n: int) -> tuple[str, ...]:
     """The stages round n holds: every one in round 1; in a later round those it retrains (ROUND_STAGES) and the
     earlier ones it builds on (pretrain, sft), not a stage after them (dpo)."""
     return NAMES if n == 1 else NAMES[: max(map(NAMES.index, ROUND_STAGES)) + 1]
@@ -134,7 +134,7 @@ def pick_round(run_dir: Path, asked: int | None, stages: list[str]) -> int:
     that does not hold a stage asked, is refused, naming the rounds there are."""
     later = later_rounds(run_dir)
     if asked is None:
-        fits = [n for n in later if all(s in round_stages(n) for s in stages)]
+        fits = [n for n in later if all(s in stages_in_round(n) for s in stages)]
         return fits[-1] if fits else 1
     if asked != 1 and asked not in later:
         why = (
@@ -146,11 +146,11 @@ def pick_round(run_dir: Path, asked: int | None, stages: list[str]) -> int:
             f"{run_dir}: round {asked} {why}; rounds here: {', '.join(map(str, [1, *later]))} (round 1 is the "
             "stages; --round picks one, default the last)"
         )
-    outside = [s for s in stages if s not in round_stages(asked)]
+    outside = [s for s in stages if s not in stages_in_round(asked)]
     if outside:
         raise UserError(
             f"round {asked} has no {' or '.join(outside)}: a later round retrains {' and '.join(ROUND_STAGES)} on "
-            f"{', '.join(s for s in round_stages(asked) if s not in ROUND_STAGES)}; ask round 1 for it (--round 1)"
+            f"{', '.join(s for s in stages_in_round(asked) if s not in ROUND_STAGES)}; ask round 1 for it (--round 1)"
         )
     return asked
 
