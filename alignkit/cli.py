@@ -79,6 +79,19 @@ for ties. The reward stage then compares only strictly ordered answers; a rankin
 A judge that raises or returns anything else, or a row with an empty or repeated answer, stops the command (exit
 status 2) naming the file and line; nothing is written then."""
 
+LABEL_EXAMPLES = """examples:
+  alignkit label runs/chat-rounds                   # the round that waits for people: open the URL it prints
+  alignkit label samples.jsonl --labeller ann --min-labels 2 --guidelines guide.md
+  alignkit label samples.jsonl --host 0.0.0.0 --port 8000    # for others: the URL printed carries a token
+  alignkit label samples.jsonl --export labelled/ --judge data/chat/judge.py:rank
+
+The page shows one prompt at a time, its answers in an order of each labeller's own: rank them (drag, or the number
+keys and arrows), tie them, mark none acceptable, give thumbs, write a better answer; skip, undo, come back. Every
+action is stored as it is made in FILE's folder (samples.labels.db, SQLite): a kill loses nothing, and the same
+command goes on where everyone was. A run whose round waits for people reads the rankings from there. --export
+writes rankings.jsonl (the reward stage's format, ties kept), demonstrations.jsonl (sft's), thumbs.jsonl and
+agreement.json (between labellers, and against --judge)."""
+
 VERBOSE = (
     "show the libraries' own warnings and progress bars, which alignkit hides where its own lines say the same or "
     "the user cannot act on them (alignkit/quiet.py lists them)"
@@ -292,6 +305,35 @@ def _parser() -> argparse.ArgumentParser:
         help="the judge: a Python file (path/to/judge.py:function) or module (package.module:function)",
     )
     rank.add_argument("--out", metavar="FILE", help="where to write the ranked rows (default: replace FILE)")
+    label = commands.add_parser(
+        "label",
+        help="a local page where people rank, rate and write answers",
+        description="Serve a page to rank, rate and rewrite the answers of a batch alignkit sample wrote.",
+        epilog=LABEL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    label.add_argument(
+        "target", metavar="FILE_OR_RUN", help="a batch (.jsonl from alignkit sample), a round's folder or a run's"
+    )
+    label.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs the token)"
+    )
+    label.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    label.add_argument("--labeller", metavar="NAME", help="the name the page starts with (each labeller gives theirs)")
+    label.add_argument(
+        "--min-labels",
+        type=int,
+        default=1,
+        metavar="N",
+        help="labellers each prompt is served to before it counts as done (default 1)",
+    )
+    label.add_argument("--guidelines", metavar="FILE.md", help="guidelines for labellers (markdown), in a panel")
+    label.add_argument("--db", metavar="FILE", help="the labels database (default: beside the batch, .labels.db)")
+    label.add_argument(
+        "--judge", metavar="MODULE:FUNCTION", help="a program judge to measure the labellers' agreement against"
+    )
+    label.add_argument("--export", metavar="FOLDER", help="write what was labelled to FOLDER and stop")
+
     for sub in commands.choices.values():  # `alignkit --verbose run ...` and `alignkit run ... --verbose` alike
         sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE)
     return parser
@@ -416,6 +458,12 @@ def cmd_rank(args) -> int:
     return rank.main(args)
 
 
+def cmd_label(args) -> int:
+    from .label import main
+
+    return main.main(args)
+
+
 def cmd_eval(args) -> int:
     import shlex
     import time
@@ -522,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             "chat": cmd_chat,
             "sample": cmd_sample,
             "rank": cmd_rank,
+            "label": cmd_label,
         }
         with quiet.quiet(args.verbose):
             return commands[args.command](args)
