@@ -203,25 +203,32 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path
 
 
 def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, str]:
-    """Rankings by people: round-N/rankings.jsonl starts as the samples (ranks: null) and people fill in `ranks`.
-    With too few ranked the run stops (WaitingForRankings); with enough, the ranked rows go to ranked.jsonl, which the
-    reward stage reads, and their contents are the fingerprint."""
-    path, ranked = here / "rankings.jsonl", here / "ranked.jsonl"
+    """Rankings by people: on the labelling page (`alignkit label`, whose database lies beside samples.jsonl: every
+    labeller's ranking of a prompt is a row), or by hand in round-N/rankings.jsonl, which starts as the samples
+    (ranks: null). With too few prompts ranked the run stops (WaitingForRankings); with enough, the ranked rows go to
+    ranked.jsonl, which the reward stage reads, and their contents are the fingerprint."""
+    from .label import export
+    from .label.batch import read as read_batch
+    from .label.store import Store, db_path_for
+
+    path, ranked, db = here / "rankings.jsonl", here / "ranked.jsonl", db_path_for(here / "samples.jsonl")
     stamp = _stamp(here)
     if is_main() and path.is_file() and stamp.get("offered") != samples_fp:
-        aside = path.with_name(f"rankings-{(stamp.get('offered') or 'older')[:8]}.jsonl")
-        path.rename(aside)  # rankings of other samples: kept, not used
-        log(f"round {n}", f"the samples changed since {path} was made from them: kept as {aside}")
+        tag = (stamp.get("offered") or "older")[:8]
+        for old in (path, db):
+            if old.is_file():
+                old.rename(old.with_name(f"{old.name.split('.')[0]}-{tag}.{old.name.split('.', 1)[1]}"))
+        log(f"round {n}", f"the samples changed since {path} was made from them: kept aside as rankings-{tag}.*")
     if is_main() and not path.is_file():
         files.write_text(path, (here / "samples.jsonl").read_text())
         files.write_json(here / STAMP, {**_stamp(here), "offered": samples_fp})
     wait_for_everyone()
     rows, lines = data.read_rows(path)
     sampled = [json.loads(line)["responses"] for line in (here / "samples.jsonl").read_text().splitlines()]
-    problems, done = [], []
+    problems, done, prompts = [], [], set()
     if len(rows) != len(sampled):
         problems.append(f"{path}: {len(rows)} rows, but {len(sampled)} prompts were sampled; keep one row per prompt")
-    for row, line, answers in zip(rows, lines, sampled):
+    for index, (row, line, answers) in enumerate(zip(rows, lines, sampled)):
         if sorted(map(str, row.get("responses") or [])) != sorted(map(str, answers)):
             problems.append(
                 f"{path}:{line}: the answers are not the ones sampled for this prompt; rank them, do not edit"
@@ -236,18 +243,34 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
             problems.append(f"{path}:{line}: {e}")
             continue
         done.append(row)
+        prompts.add(index)
     if problems:
         raise DataError(f"{path}: {len(problems)} rankings cannot be used:\n  " + "\n  ".join(problems[:20]))
-    needed = recipe.rounds.min_ranked or len(rows)
-    if len(done) < min(needed, len(rows)):
+    on_page = 0
+    if db.is_file():
+        store = Store(db, read_batch(here / "samples.jsonl"), here / "samples.jsonl")
+        try:
+            labelled = export.rankings(store)
+        finally:
+            store.close()
+        done += labelled
+        on_page = len({row["provenance"]["batch_line"] for row in labelled})
+        prompts |= {row["provenance"]["batch_line"] - 1 for row in labelled}
+    needed = min(recipe.rounds.min_ranked or len(rows), len(rows))
+    if len(prompts) < needed:
         raise WaitingForRankings(
-            f"round {n} waits for people to rank its answers: {len(done)} of {len(rows)} prompts in {path} are "
-            f"ranked, it needs {min(needed, len(rows))} (rounds.min_ranked). Give each row's 'ranks' (one per "
-            "answer, 1 = best, equal numbers for ties), or let a program rank them (alignkit rank "
-            f"{path} --by MODULE:FUNCTION), then run the same command again: everything done so far is kept"
+            f"round {n} waits for people to rank its answers: {len(prompts)} of {len(rows)} prompts are ranked "
+            f"({on_page} on the labelling page), it needs {needed} (rounds.min_ranked). Open the page with "
+            f"`alignkit label {here}` (or give each row of {path} its 'ranks', 1 = best, equal numbers for ties; or "
+            f"let a program rank them: alignkit rank {path} --by MODULE:FUNCTION), then run the same command again: "
+            "everything done so far is kept"
         )
     if is_main():
         files.write_jsonl(ranked, done)
     wait_for_everyone()
-    log(f"round {n}", f"{len(done)} of {len(rows)} prompts ranked by people in {path}")
+    log(
+        f"round {n}",
+        f"{len(prompts)} of {len(rows)} prompts ranked by people ({len(done)} rankings; {on_page} prompts on the "
+        f"labelling page {db.name}, the rest in {path.name})",
+    )
     return ranked, pipeline.digest([row["responses"] + [row["ranks"]] for row in done])

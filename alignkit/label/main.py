@@ -37,22 +37,30 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def open_store(args) -> Store:
+def checked(args) -> tuple[Path, list, Path]:
+    """The batch file, its rows and the database's place, each checked."""
     path = batch.locate(args.target)
     items = batch.read(path)
     db = Path(args.db) if args.db else db_path_for(path)
-    if not db.exists() and not os.access(db.parent if db.parent.exists() else Path("."), os.W_OK):
+    if not db.exists() and not (db.parent.is_dir() and os.access(db.parent, os.W_OK)):
         raise UserError(
             f"{db.parent}: not writable, and the labels database ({db.name}) lives there; make the folder writable "
             "or give another place with --db FILE"
         )
-    return Store(db, items, path, args.min_labels)
+    return path, items, db
 
 
 def main(args) -> int:
     if args.min_labels < 1:
         raise UserError(f"--min-labels {args.min_labels}: each prompt needs at least one labeller; give 1 or more")
-    store = open_store(args)
+    path, items, db = checked(args)
+    sock = None if args.export else bind(args.host, args.port)  # a port in use is said before a database is made
+    try:
+        store = Store(db, items, path, args.min_labels)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
     judge = None
     if args.judge:
         from ..rank import load_judge
@@ -71,7 +79,6 @@ def main(args) -> int:
             guidelines = Path(args.guidelines).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{args.guidelines}: cannot read the guidelines ({e}); give a UTF-8 markdown file") from e
-    sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     labelling = Labelling(
         store, args.host, port, labeller=args.labeller or "", guidelines=markdown(guidelines), judge=judge
