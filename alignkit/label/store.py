@@ -40,6 +40,9 @@ CREATE TABLE progress (
     PRIMARY KEY (labeller, item)
 );
 CREATE INDEX progress_of_item ON progress (item, status);
+-- per prompt: labellers done, and labellers done or on it now (who takes a prompt next: the fewest first)
+CREATE TABLE counts (item INTEGER PRIMARY KEY, done INTEGER NOT NULL, claims INTEGER NOT NULL);
+CREATE INDEX counts_by_claims ON counts (claims, item);
 """
 
 
@@ -80,6 +83,7 @@ class Store:
                     "created": str(time.time()),
                 }
                 self.db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+                self.db.executemany("INSERT INTO counts VALUES (?, 0, 0)", [(n,) for n in range(len(items))])
                 self.db.executemany(
                     "INSERT INTO items VALUES (?, ?, ?, ?, ?)",
                     [
@@ -232,13 +236,11 @@ class Store:
             ).fetchone()
             if row is None:
                 row = self.db.execute(
-                    """SELECT i.id FROM items i
-                       WHERE NOT EXISTS (SELECT 1 FROM progress p WHERE p.labeller = ? AND p.item = i.id)
-                         AND (SELECT count(*) FROM progress p WHERE p.item = i.id AND p.status = 'done') < ?
-                       ORDER BY (SELECT count(*) FROM progress p WHERE p.item = i.id AND p.status IN ('done', 'open')),
-                                i.id
-                       LIMIT 1""",
-                    (labeller, self.min_labels),
+                    """SELECT c.item FROM counts c INDEXED BY counts_by_claims
+                       WHERE c.done < ?
+                         AND NOT EXISTS (SELECT 1 FROM progress p WHERE p.labeller = ? AND p.item = c.item)
+                       ORDER BY c.claims, c.item LIMIT 1""",
+                    (self.min_labels, labeller),
                 ).fetchone()
                 if row is None:
                     return None
@@ -288,22 +290,22 @@ class Store:
                     "SELECT status, count(*) FROM progress WHERE labeller = ? GROUP BY status", (labeller,)
                 ).fetchall()
             )
-            done_by = dict(
-                self.db.execute("SELECT item, count(*) FROM progress WHERE status = 'done' GROUP BY item").fetchall()
-            )
-            seen = {
-                i for (i,) in self.db.execute("SELECT item FROM progress WHERE labeller = ?", (labeller,)).fetchall()
-            }
-        total = len(self.items)
-        left = sum(1 for i in range(total) if i not in seen and done_by.get(i, 0) < self.min_labels)
+            (left,) = self.db.execute(
+                """SELECT count(*) FROM counts c WHERE c.done < ?
+                   AND NOT EXISTS (SELECT 1 FROM progress p WHERE p.labeller = ? AND p.item = c.item)""",
+                (self.min_labels, labeller),
+            ).fetchone()
+            complete, labels = self.db.execute(
+                "SELECT coalesce(sum(done >= ?), 0), coalesce(sum(done), 0) FROM counts", (self.min_labels,)
+            ).fetchone()
         return {
             "done": mine.get("done", 0),
             "skipped": mine.get("skipped", 0),
             "open": mine.get("open", 0),
             "left": left + mine.get("open", 0),
-            "complete": sum(1 for i in range(total) if done_by.get(i, 0) >= self.min_labels),
-            "labels": sum(done_by.values()),
-            "total": total,
+            "complete": complete,
+            "labels": labels,
+            "total": len(self.items),
             "min_labels": self.min_labels,
         }
 
