@@ -1,8 +1,9 @@
 """How fast does `alignkit label` answer many labellers at once? Starts the real server on 127.0.0.1 over a batch
 of --prompts prompts, then --labellers simulated labellers (threads, each its own connection) each take a prompt,
 make two edits (moves of the ranking), submit, and take the next, for --actions posts each or --seconds at most,
-waiting --think seconds on average (uniform from 0 to twice that) between a labeller's posts. Prints p50/p99 latency of the posts (each one SQLite
-transaction) and of taking a prompt, and actions per second; every post is checked to land (HTTP 200).
+waiting --think seconds on average (uniform from 0 to twice that) between a labeller's posts. Prints p50/p99
+latency of the posts (each one SQLite transaction) and of taking a prompt, and actions per second; every post is
+checked to land (HTTP 200).
 
     python benchmarks/label_load.py [--labellers 50] [--actions 60] [--think 0.5]
     python benchmarks/label_load.py --think 0      # saturation: every labeller posting back to back
