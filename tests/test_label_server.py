@@ -130,6 +130,20 @@ def test_labellers_at_the_same_instant_each_prompt_until_min_labels(tmp_path):
         assert sorted(seen["ann"]) == sorted(seen["bob"]) == [0, 1]  # each prompt to each, none twice
         last = next_("ann")
         assert last["view"] is None and last["counters"]["complete"] == 2 and last["counters"]["labels"] == 4
+    store = Store(db_path_for(batch))  # the counts kept beside each action agree with where everyone stands
+    try:
+        kept = store.db.execute("SELECT item, done, claims FROM counts ORDER BY item").fetchall()
+        stands = store.db.execute("SELECT item, status FROM progress").fetchall()
+    finally:
+        store.close()
+    assert (
+        kept
+        == [
+            (i, sum(s == "done" for j, s in stands if j == i), sum(s in ("done", "open") for j, s in stands if j == i))
+            for i in range(2)
+        ]
+        == [(0, 2, 2), (1, 2, 2)]
+    )
 
 
 def submit(base, token, who, item, order, ties=(), thumbs=None, text="", none=False):

@@ -183,21 +183,33 @@ class Store:
         return cur.lastrowid
 
     def _progress(self, labeller: str, item: int) -> None:
+        """Where the labeller stands on the prompt after its actions, and the prompt's counts to match."""
         rows = self.db.execute(
             "SELECT id, kind FROM actions WHERE labeller = ? AND item = ? AND undone = 0 ORDER BY id",
             (labeller, item),
         ).fetchall()
+        old = self.db.execute(
+            "SELECT status FROM progress WHERE labeller = ? AND item = ?", (labeller, item)
+        ).fetchone()
+        old, status = old[0] if old else None, None
+        kinds = [k for _, k in rows]
         if not rows:
             self.db.execute("DELETE FROM progress WHERE labeller = ? AND item = ?", (labeller, item))
-            return
-        kinds = [k for _, k in rows]
-        status = "open"
-        if "submit" in kinds:
-            status = "done"
         else:
-            last = next((k for k in reversed(kinds) if k in ("skip", "reopen")), None)
-            status = "skipped" if last == "skip" else "open"
-        self.db.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?)", (labeller, item, status, rows[-1][0]))
+            if "submit" in kinds:
+                status = "done"
+            else:
+                last = next((k for k in reversed(kinds) if k in ("skip", "reopen")), None)
+                status = "skipped" if last == "skip" else "open"
+            self.db.execute(
+                "INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?)", (labeller, item, status, rows[-1][0])
+            )
+        if old != status:
+            done = (status == "done") - (old == "done")
+            claims = (status in ("done", "open")) - (old in ("done", "open"))
+            self.db.execute(
+                "UPDATE counts SET done = done + ?, claims = claims + ? WHERE item = ?", (done, claims, item)
+            )
 
     def act(self, labeller: str, item, kind: str, state) -> int:
         """Store one action of a labeller (an edit of the view, a skip, a submit); returns its id once committed."""
