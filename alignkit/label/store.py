@@ -302,14 +302,14 @@ class Store:
                     "SELECT status, count(*) FROM progress WHERE labeller = ? GROUP BY status", (labeller,)
                 ).fetchall()
             )
-            (left,) = self.db.execute(
-                """SELECT count(*) FROM counts c WHERE c.done < ?
-                   AND NOT EXISTS (SELECT 1 FROM progress p WHERE p.labeller = ? AND p.item = c.item)""",
-                (self.min_labels, labeller),
+            waiting, labels = self.db.execute(
+                "SELECT coalesce(sum(done < ?), 0), coalesce(sum(done), 0) FROM counts", (self.min_labels,)
             ).fetchone()
-            complete, labels = self.db.execute(
-                "SELECT coalesce(sum(done >= ?), 0), coalesce(sum(done), 0) FROM counts", (self.min_labels,)
+            (seen,) = self.db.execute(
+                "SELECT count(*) FROM progress p JOIN counts c ON c.item = p.item WHERE p.labeller = ? AND c.done < ?",
+                (labeller, self.min_labels),
             ).fetchone()
+        left, complete = waiting - seen, len(self.items) - waiting
         return {
             "done": mine.get("done", 0),
             "skipped": mine.get("skipped", 0),
