@@ -209,6 +209,10 @@ class Rounds:
     min_ranked: int | None = field(
         default=None, metadata={"help": "with rank_by: people, the rankings a round needs (default: every prompt)"}
     )
+    guidelines: str | None = field(
+        default=None,
+        metadata={"help": "with rank_by: people, a markdown file of guidelines the labelling page shows in a panel"},
+    )
     stages: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={
@@ -916,6 +920,13 @@ def _check_rounds(recipe: Recipe, rounds: Rounds, base: Path, problems: list[Pro
             problems.append(Problem("rounds.rank_by", f"no such file {module} (relative to here or to the recipe)"))
     if rounds.min_ranked is not None and rounds.rank_by != "people":
         problems.append(Problem("rounds.min_ranked", "only with rank_by: people (a judge ranks every prompt)"))
+    if rounds.guidelines is not None:
+        if rounds.rank_by != "people":
+            problems.append(Problem("rounds.guidelines", "only with rank_by: people (guidelines are for labellers)"))
+        elif not isinstance(rounds.guidelines, str) or resolve_path(rounds.guidelines, base) is None:
+            problems.append(
+                Problem("rounds.guidelines", f"no such file {rounds.guidelines} (relative to here or to the recipe)")
+            )
     if isinstance(rounds.stages, dict):
         for name, settings in rounds.stages.items():
             if name not in retrained:

@@ -202,6 +202,9 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path
     return path, fp
 
 
+GUIDELINES = "guidelines.md"
+
+
 def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, str]:
     """Rankings by people: on the labelling page (`alignkit label`, whose database lies beside samples.jsonl: every
     labeller's ranking of a prompt is a row), or by hand in round-N/rankings.jsonl, which starts as the samples
@@ -222,6 +225,8 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
     if is_main() and not path.is_file():
         files.write_text(path, (here / "samples.jsonl").read_text())
         files.write_json(here / STAMP, {**_stamp(here), "offered": samples_fp})
+    if is_main() and recipe.rounds.guidelines:  # the page shows the guidelines.md beside the batch
+        files.write_text(here / GUIDELINES, recipe.resolve(recipe.rounds.guidelines).read_text(encoding="utf-8"))
     wait_for_everyone()
     rows, lines = data.read_rows(path)
     sampled = [json.loads(line)["responses"] for line in (here / "samples.jsonl").read_text().splitlines()]

@@ -47,8 +47,11 @@ def rank_on_the_page(page, samples: dict, judge) -> list[int]:
     return ranks
 
 
-def test_people_rank_a_round_on_the_page_and_the_run_goes_on(run_copy, capsys):
+def test_people_rank_a_round_on_the_page_and_the_run_goes_on(run_copy, tmp_path, capsys):
+    guide = tmp_path / "guide.md"
+    guide.write_text("## Rank by the facts\n- A **right** capital first\n- <b>never</b> markup\n")
     settings = [
+        f"rounds.guidelines={guide}",
         "rounds.count=2",
         "rounds.prompts.path=data/chat/rounds/prompts.jsonl",
         "rounds.rank_by=people",
@@ -72,6 +75,11 @@ def test_people_rank_a_round_on_the_page_and_the_run_goes_on(run_copy, capsys):
             page = browser.new_context(bypass_csp=True).new_page()
             page.goto(url)
             page.wait_for_selector("#answers li")
+            page.keyboard.press("g")  # the recipe's guidelines, in a panel, as markdown (and markup as text)
+            assert page.locator("#guidelines h3").inner_text() == "Rank by the facts"
+            assert page.locator("#guidelines strong").inner_text() == "right"
+            assert "<b>never</b> markup" in page.locator("#guidelines").inner_text()
+            page.keyboard.press("g")
             for _ in range(3):
                 given.append(rank_on_the_page(page, samples, judge))
             browser.close()

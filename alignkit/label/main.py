@@ -56,6 +56,18 @@ def main(args) -> int:
     if args.min_labels < 1:
         raise UserError(f"--min-labels {args.min_labels}: each prompt needs at least one labeller; give 1 or more")
     path, items, db = checked(args)
+    guidelines = GUIDELINES
+    given = args.guidelines or (path.parent / "guidelines.md" if (path.parent / "guidelines.md").is_file() else None)
+    if given:  # --guidelines, else a round's own (rounds.guidelines, copied beside its samples)
+        try:
+            guidelines = Path(given).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{given}: cannot read the guidelines ({e}); give a UTF-8 markdown file") from e
+    judge = None
+    if args.judge:
+        from ..rank import load_judge
+
+        judge = load_judge(args.judge)
     sock = None if args.export else bind(args.host, args.port)  # a port in use is said before a database is made
     try:
         store = Store(db, items, path, args.min_labels)
@@ -63,11 +75,6 @@ def main(args) -> int:
         if sock is not None:
             sock.close()
         raise
-    judge = None
-    if args.judge:
-        from ..rank import load_judge
-
-        judge = load_judge(args.judge)
     if args.export:
         made = export.write(store, Path(args.export), judge)
         counts = ", ".join(f"{n} {name}" for name, n in made.items())
@@ -75,12 +82,6 @@ def main(args) -> int:
         return 0
     from .server import Labelling, app, is_local, markdown
 
-    guidelines = GUIDELINES
-    if args.guidelines:
-        try:
-            guidelines = Path(args.guidelines).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{args.guidelines}: cannot read the guidelines ({e}); give a UTF-8 markdown file") from e
     port = sock.getsockname()[1]
     labelling = Labelling(
         store, args.host, port, labeller=args.labeller or "", guidelines=markdown(guidelines), judge=judge
