@@ -74,8 +74,8 @@ def test_the_stage_order_is_the_registrys_and_each_declares_itself():
     assert stages.POLICIES == ("pretrain", "sft", "ppo", "dpo")
 
 
-def _readme_defaults() -> set[tuple[str, str, str, str]]:
-    text = (REPO / "README.md").read_text()
+def _documented_defaults() -> set[tuple[str, str, str, str]]:
+    text = (REPO / "docs" / "defaults.md").read_text()
     table = text.split("| stage | setting | alignkit's value | why |")[1].split("\n\n")[0]
     rows = [line.strip("|").split(" | ") for line in table.strip().splitlines()[1:]]
     return {
@@ -83,11 +83,11 @@ def _readme_defaults() -> set[tuple[str, str, str, str]]:
     }
 
 
-def test_readme_lists_every_departure_from_trls_defaults_as_the_table_declares_it():
+def test_docs_defaults_lists_every_departure_from_trls_defaults_as_the_stages_declare_it():
     from alignkit.stages import all_defaults
 
     declared = {(stage, setting, value, why) for stage, setting, value, why in all_defaults()}
-    assert _readme_defaults() == declared
+    assert _documented_defaults() == declared
 
 
 def test_each_default_is_logged_where_a_stage_starts_with_it(run_copy, capsys):
