@@ -20,9 +20,9 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from .errors import DataError
-from .recipe import DATA_SUFFIXES, Recipe, utf8_error
-from .recipe import Dataset as DatasetSpec
+from .errors import DataError, utf8_error
+from .schema import DATA_SUFFIXES, Recipe
+from .schema import Dataset as DatasetSpec
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -57,21 +57,18 @@ KINDS = {
 }
 
 
-def load(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: str | None = None):
-    """A dataset as a `datasets.Dataset` in TRL's format for the `kind` of rows its reader takes, every row checked.
-    `reader` is the stage that reads it (its kind is the stage's declared one) or a recipe key such as
-    "eval.comparisons" (then `kind` says what it holds). Without a recipe, a path is relative to the current
-    folder."""
+def load(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: str):
+    """A dataset as a `datasets.Dataset` in TRL's format for the `kind` of rows (KINDS) its reader takes, every row
+    checked. `reader` names who reads it, for messages: a stage (a plain name, as "sft": its key is
+    stages.sft.dataset), a recipe key such as "eval.comparisons", or a command's option ("--prompts"). Without a
+    recipe, a path is relative to the current folder."""
     return load_located(spec, reader, recipe, kind)[0]
 
 
-def load_located(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: str | None = None):
+def load_located(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: str):
     """load(), and a function that names the file and line of a row (by its index in the source; None: the file).
     Rows of the kinds that keep one row per source row (rankings, prompts, eval) keep their index."""
-    from .stages import REGISTRY
-
-    stage = REGISTRY.get(reader)
-    kind = kind or (stage.data if stage else "eval")
+    stage = reader.isidentifier()
     key = f"stages.{reader}.dataset" if stage else reader
     who = f"the {reader} stage" if stage else reader
     ds, locate = _read(spec, recipe)

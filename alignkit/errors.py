@@ -101,3 +101,13 @@ def is_disk_full(error: BaseException) -> OSError | None:
                 return error if isinstance(error, OSError) else OSError(errno.ENOSPC, text)
         error = error.__cause__ or error.__context__
     return None
+
+
+def utf8_error(data: bytes, e: UnicodeDecodeError) -> tuple[int, str]:
+    """The line of the first byte of `data` that is not UTF-8, and what to say about it."""
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - data.rfind(b"\n", 0, e.start)
+    return line, (
+        f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {column} cannot be decoded ({e.reason}); "
+        "save the file as UTF-8"
+    )

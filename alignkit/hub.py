@@ -28,7 +28,7 @@ from .pipeline import (
     stages_in_round,
     upstream_in,
 )
-from .recipe import is_hub_id, is_repo_id
+from .preflight import is_hub_id, is_repo_id
 from .report import KL_NOTE, eval_table, fmt, rounds_lines, shows_kl, verdict_lines, win_rate_lines
 from .stages import NAMES, POLICIES, REGISTRY, ROUND_STAGES
 

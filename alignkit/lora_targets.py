@@ -11,6 +11,14 @@ import difflib
 import re
 
 from .errors import Problem
+from .schema import Range, above, at_least, between
+
+# What peft's LoraConfig numbers must be (peft declares no ranges).
+RANGES: dict[str, Range] = {
+    "r": at_least(1, "LoRA's rank"),
+    "lora_alpha": above(0),
+    "lora_dropout": between(0, 1, right_open=True),
+}
 
 # the layer kinds LoRA can wrap (peft's LoRA layers); matching anything else is refused when the adapter is made
 ADAPTABLE = {"Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention", "Linear4bit"}

@@ -12,7 +12,7 @@ from pathlib import Path
 from .distributed import is_main
 from .errors import UserError
 from .log import log
-from .recipe import Recipe
+from .schema import Recipe
 
 PAD_TOKEN = "<|pad|>"
 # Ends every assistant turn with EOS and nothing after it, so a reward model reads its score at EOS both in TRL's

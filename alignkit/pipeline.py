@@ -278,7 +278,7 @@ def check_data(recipe: Recipe, stages, local_only: bool = False) -> list[str]:
     specs = []
     for stage in stages:
         own, *more = stage_datasets(REGISTRY[stage], recipe)
-        specs += [(own[0], own[1], stage, None)] + [(key, spec, key, kind) for key, spec, kind in more]
+        specs += [(own[0], own[1], stage, own[2])] + [(key, spec, key, kind) for key, spec, kind in more]
     if recipe.eval is not None:
         specs.append(("eval.dataset", recipe.eval.dataset, "eval.dataset", "eval"))
         if recipe.eval.comparisons is not None:

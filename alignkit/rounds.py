@@ -26,6 +26,7 @@ from .errors import DataError, WaitingForRankings
 from .log import log
 from .recipe import Recipe, round_recipe, round_stages
 from .sample import Sampling, draw, refuse_held_out, rows_for
+from .stages import REGISTRY
 from .stages.reward import ROUND_RANKINGS
 
 PEOPLE = "people"
@@ -64,7 +65,7 @@ def run(recipe: Recipe, force: bool = False) -> dict:
     more = []
     if rounds.train_on_prompts:  # later rounds' policy trains on its stage's prompts and the rounds' own
         mixed = out / "round-prompts.jsonl"
-        own = data.load(recipe.stages[policy].dataset, policy, recipe)
+        own = data.load(recipe.stages[policy].dataset, policy, recipe, REGISTRY[policy].data)
         if is_main():
             rows = [{"prompt": row["prompt"]} for part in (own, prompts) for row in part]
             files.write_jsonl(mixed, rows)

@@ -57,7 +57,7 @@ def trl_ppo(run: Path, out: Path, seed: int) -> None:
     known = {f.name for f in dataclasses.fields(PPOConfig)}  # alignkit's own keys (ptx_coef 0 here, kl_target) out
     settings = {k: v for k, v in spec.trainer.items() if k in known}
     limit = models.context_length(policy.config) - settings["response_length"]
-    prompts = data.load(spec.dataset, "ppo", recipe)
+    prompts = data.load(spec.dataset, "ppo", recipe, "prompts")
     ids = prompts.map(
         lambda row: {
             "input_ids": left(data.render(row, left, add_generation_prompt=True), add_special_tokens=False).input_ids[

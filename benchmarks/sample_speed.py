@@ -109,7 +109,7 @@ def main() -> None:
     from alignkit import data
     from alignkit.recipe import Dataset
 
-    prompts = data.load(Dataset(path=args.prompts), "prompts", None, "prompts")["prompt"]
+    prompts = data.load(Dataset(path=args.prompts), "--prompts", None, "prompts")["prompt"]
     mine, plain, ratios = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "samples.jsonl"

@@ -8,6 +8,7 @@ from conftest import TINY
 from alignkit import data
 from alignkit.errors import DataError
 from alignkit.recipe import Dataset, load_recipe
+from alignkit.stages import REGISTRY
 
 
 def _load(tmp_path, rows, stage, name="d.jsonl", **spec):
@@ -17,7 +18,8 @@ def _load(tmp_path, rows, stage, name="d.jsonl", **spec):
     elif name.endswith(".json"):
         path.write_text(json.dumps(rows, indent=2))
     recipe = load_recipe(TINY, check_trainers=False)
-    return data.load(Dataset(path=str(path), **spec), stage, recipe)
+    kind = REGISTRY[stage].data if stage in REGISTRY else stage  # a stage reads its kind; "eval" is one itself
+    return data.load(Dataset(path=str(path), **spec), stage, recipe, kind)
 
 
 def user(text):
@@ -105,7 +107,12 @@ def test_column_mapping_csv_and_json_array(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4\n")
     recipe = load_recipe(TINY, check_trainers=False)
-    ds = data.load(Dataset(path=str(csv), columns={"prompt": "question", "completion": "answer"}), "sft", recipe)
+    ds = data.load(
+        Dataset(path=str(csv), columns={"prompt": "question", "completion": "answer"}),
+        "sft",
+        recipe,
+        REGISTRY["sft"].data,
+    )
     assert ds[1] == {"prompt": "What is 2+2?", "completion": "4"}
     ds = _load(tmp_path, [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}], "ppo", name="d.json", max_rows=2)
     assert ds["prompt"] == ["a", "b"]
@@ -118,26 +125,26 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path):
     )
     recipe = load_recipe(TINY, check_trainers=False)
     with pytest.raises(DataError, match=r"d.jsonl:3: 'messages'\[0\] must be \{role: system\|user\|assistant"):
-        data.load(Dataset(path=str(path)), "sft", recipe)
+        data.load(Dataset(path=str(path)), "sft", recipe, REGISTRY["sft"].data)
     path.write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
-        data.load(Dataset(path=str(path)), "pretrain", recipe)
+        data.load(Dataset(path=str(path)), "pretrain", recipe, REGISTRY["pretrain"].data)
     path.write_text('{"question": "hi"}\n')
     with pytest.raises(
         DataError,
         match=r"d.jsonl:1: the sft stage needs 'messages', 'prompt' and 'completion'.*"
         r"this row has question.*dataset.columns",
     ):
-        data.load(Dataset(path=str(path)), "sft", recipe)
+        data.load(Dataset(path=str(path)), "sft", recipe, REGISTRY["sft"].data)
     with pytest.raises(DataError, match=r"stages.sft.dataset.columns.prompt: no column 'q'"):
-        data.load(Dataset(path=str(path), columns={"prompt": "q"}), "sft", recipe)
+        data.load(Dataset(path=str(path), columns={"prompt": "q"}), "sft", recipe, REGISTRY["sft"].data)
     path.write_text(json.dumps([{"text": "a"}, {"text": 1}]))
     (tmp_path / "arr.json").write_text('[\n  {"prompt": "a"},\n  {"prompt": ["x"]}\n]')
     with pytest.raises(
         DataError,
         match=r"arr.json:3: column 'prompt' is a list here but text on line 2",
     ):
-        data.load(Dataset(path=str(tmp_path / "arr.json")), "ppo", recipe)
+        data.load(Dataset(path=str(tmp_path / "arr.json")), "ppo", recipe, REGISTRY["ppo"].data)
 
 
 def test_data_errors_reach_the_cli_with_every_stage(tmp_path, capsys):
@@ -160,7 +167,7 @@ def test_overlength_rows_are_counted(tmp_path, capsys):
 
     recipe = load_recipe(TINY, check_trainers=False)
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained("data/tiny/tokenizer"), recipe)
-    ds = data.load(Dataset(path="data/tiny/sft.jsonl"), "sft", recipe)
+    ds = data.load(Dataset(path="data/tiny/sft.jsonl"), "sft", recipe, REGISTRY["sft"].data)
     lengths = [len(tok(data.render(r, tok)).input_ids) for r in ds]
     limit = sorted(lengths)[len(lengths) // 2]
     expected = sum(n > limit for n in lengths)

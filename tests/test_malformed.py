@@ -1112,7 +1112,7 @@ def test_run_refuses_before_any_model_loads(name, tmp_path, capsys, no_models):
     assert not out.exists()
 
 
-@pytest.mark.skipif(__import__("alignkit.recipe").recipe.has_accelerator(), reason="fp16 is fine with a GPU")
+@pytest.mark.skipif(__import__("alignkit.preflight").preflight.has_accelerator(), reason="fp16 is fine with a GPU")
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
 def test_fp16_without_a_gpu(stage, tmp_path, capsys):
     recipe, out = _write(tmp_path, put(f"stages.{stage}.trainer.fp16", True))

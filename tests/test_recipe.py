@@ -225,7 +225,7 @@ def test_stages_may_set_their_own_lora_and_quantization(capsys):
 
 
 def test_hub_ids_and_local_paths_are_told_apart():
-    from alignkit.recipe import is_hub_id, is_repo_id
+    from alignkit.preflight import is_hub_id, is_repo_id
 
     assert is_hub_id("openai-community/gpt2") and is_hub_id("EleutherAI/pythia-1.4b") and is_hub_id("gpt2")
     assert not is_hub_id("data/tiny/sft.jsonl")  # exists here

@@ -134,8 +134,8 @@ def test_rounds_are_checked_before_anything_trains(tmp_path, capsys):
     code, _, err = alignkit(capsys, "validate", TINY, f"output_dir={out}", *bad)
     assert code == 2
     for expected in (
-        "rounds.count: 1 is out of range: give 2 or more",
-        "rounds.k: 1 is out of range",
+        "rounds.count: must be >= 2 (round 1 is the stages), got 1",
+        "rounds.k: must be >= 2 (a ranking needs two answers), got 1",
         "rounds.rank_by: 'judge': give 'people', or a judge as MODULE:FUNCTION",
         "rounds.stages.dpo: later rounds retrain reward and ppo only",
     ):

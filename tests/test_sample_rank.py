@@ -85,7 +85,7 @@ def test_another_seed_draws_other_answers_and_the_file_is_read_as_prompts_not_as
     assert "sample: wrote 42 prompts" in err
     assert [r["responses"] for r in _rows(out)] != [r["responses"] for r in _rows(samples / "a.jsonl")]
     # unranked rows give the ppo stage its prompts, and no stage that needs their order
-    assert len(data.load(Dataset(path=str(out)), "ppo", None)) == 42
+    assert len(data.load(Dataset(path=str(out)), "ppo", None, "prompts")) == 42
     code, _, err = alignkit(capsys, "validate", TINY, f"stages.reward.dataset.path={out}")
     assert code == 2 and f"{out}:1: the answers of this row are not ranked yet" in err
 
@@ -223,13 +223,13 @@ def test_rank_orders_answers_with_a_judge_ties_included_and_keeps_every_column(s
     pairs = sum(1 for r in after for a in r["ranks"] for b in r["ranks"] if a < b)
     assert f"ranked {len(after)} prompts with {judges}:by_length: {pairs} ordered pairs" in err
     # the reward stage reads them best first, the ranks beside; DPO gets the strictly ordered pairs
-    rankings = data.load(Dataset(path=str(ranked)), "reward", None)
+    rankings = data.load(Dataset(path=str(ranked)), "reward", None, "rankings")
     for row, new in zip(rankings, after):
         assert row["ranks"] == sorted(new["ranks"])
         assert [a[0]["content"] for a in row["ranked"]] == [
             a for _, a in sorted(zip(new["ranks"], new["responses"]), key=lambda x: x[0])
         ]
-    assert len(data.load(Dataset(path=str(ranked)), "dpo", None)) == pairs
+    assert len(data.load(Dataset(path=str(ranked)), "dpo", None, "comparisons")) == pairs
     assert (samples / "a.jsonl").read_bytes() == (samples / "b.jsonl").read_bytes()  # the input untouched
 
 

@@ -417,7 +417,10 @@ def test_the_reward_stage_trains_rankings_of_two_and_six_and_normalises_on_the_d
     tokenizer = AutoTokenizer.from_pretrained(run_copy / "reward")
     model = AutoModelForSequenceClassification.from_pretrained(run_copy / "reward").eval()
     recipe = load_recipe(TINY, check_trainers=False)
-    texts = [data.render(r, tokenizer) for r in data.load(Dataset(path="data/tiny/sft.jsonl"), "sft", recipe)]
+    texts = [
+        data.render(r, tokenizer)
+        for r in data.load(Dataset(path="data/tiny/sft.jsonl"), "sft", recipe, "demonstrations")
+    ]
     batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
         scores = model(**batch).logits[:, 0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import data, lm_head, models
-from ..recipe import Recipe
+from ..schema import Recipe
 from .spec import FULL_LOGITS, LanguageModelSettings, Stage, fit_context, refused_by_trl, train_metrics
 
 
@@ -23,7 +23,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     from ..guard import fit
 
     spec = recipe.stages["dpo"]
-    dataset = data.load(spec.dataset, "dpo", recipe)
+    dataset = data.load(spec.dataset, "dpo", recipe, STAGE.data)
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
     model = models.load_causal_lm(recipe, inputs["model"], tokenizer, "dpo")
     fit_context(args, model, "dpo")

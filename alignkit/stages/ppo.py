@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import data, models
 from ..errors import Problem, UserError
 from ..log import log
-from ..recipe import Dataset, Recipe, RewardModelSettings
+from ..schema import Dataset, Recipe, RewardModelSettings
 from .spec import Default, Stage, train_metrics
 
 
@@ -136,7 +136,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     def prompt_ids(row):
         return left(data.render(row, left, add_generation_prompt=True), add_special_tokens=False).input_ids
 
-    prompts = data.load(spec.dataset, "ppo", recipe)
+    prompts = data.load(spec.dataset, "ppo", recipe, STAGE.data)
     data.check_lengths(
         prompts,
         left,

@@ -49,6 +49,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import rotate_checkpoints
 
 from ..errors import FirstUpdateMismatch, NonFinite
+from ..schema import above, at_least, between
 
 STATE_FILE = "ppo_state.json"  # what a checkpoint adds to the Trainer's own files
 RNG_FILE = "rng_state_{rank}.json"  # every generator, as JSON: a pickle in a run folder could run code on resume
@@ -62,29 +63,46 @@ class PPOConfig(TrainingArguments):
     PPOConfig, which recipes were written for; kl_target, kl_horizon and ptx_coef are alignkit's."""
 
     total_episodes: int | None = field(
-        default=None, metadata={"help": "responses to sample in all (default: num_train_epochs x the prompts)"}
+        default=None,
+        metadata={
+            "range": at_least(1, "0 skips PPO"),
+            "help": "responses to sample in all (default: num_train_epochs x the prompts)",
+        },
     )
-    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    num_ppo_epochs: int = field(default=4, metadata={"range": at_least(1), "help": "passes over each rollout batch"})
     num_mini_batches: int = field(
         default=1,
         metadata={
+            "range": at_least(1, "PPO splits each rollout batch into this many"),
             "help": "optimizer steps per pass over a rollout batch (TRL 1.12's meaning: the rollout batch holds "
-            "num_mini_batches x per_device_train_batch_size x gradient_accumulation_steps responses per process)"
+            "num_mini_batches x per_device_train_batch_size x gradient_accumulation_steps responses per process)",
         },
     )
     local_rollout_forward_batch_size: int = field(
-        default=64, metadata={"help": "responses generated and scored at once (memory, not the result)"}
+        default=64,
+        metadata={"range": at_least(1), "help": "responses generated and scored at once (memory, not the result)"},
     )
-    response_length: int = field(default=53, metadata={"help": "longest response, in tokens"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (log-probabilities use it too)"})
+    response_length: int = field(default=53, metadata={"range": at_least(1), "help": "longest response, in tokens"})
+    temperature: float = field(
+        default=0.7, metadata={"range": above(0), "help": "sampling temperature (log-probabilities use it too)"}
+    )
     stop_token: Literal["eos"] | None = field(
         default=None, metadata={"help": "'eos': a response ends at the tokenizer's EOS (or set stop_token_id)"}
     )
-    stop_token_id: int | None = field(default=None, metadata={"help": "the token id that ends a response"})
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "subtracted from the score of a response that never reaches the stop token"}
+    stop_token_id: int | None = field(
+        default=None, metadata={"range": at_least(0), "help": "the token id that ends a response"}
     )
-    kl_coef: float = field(default=0.05, metadata={"help": "beta: weight of the per-token KL penalty (initial value)"})
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={
+            "range": at_least(0, "it is subtracted: a negative one would reward answers that never end"),
+            "help": "subtracted from the score of a response that never reaches the stop token",
+        },
+    )
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"range": at_least(0), "help": "beta: weight of the per-token KL penalty (initial value)"},
+    )
     kl_estimator: Literal["k1", "k3"] = field(
         default="k1",
         metadata={
@@ -94,27 +112,42 @@ class PPOConfig(TrainingArguments):
     )
     kl_target: float | None = field(
         default=None,
-        metadata={"help": "adaptive KL (Ziegler et al. 2019): move kl_coef so the KL per response nears this"},
+        metadata={
+            "range": above(0, "the KL the adaptive coefficient aims at"),
+            "help": "adaptive KL (Ziegler et al. 2019): move kl_coef so the KL per response nears this",
+        },
     )
-    kl_horizon: int = field(default=10000, metadata={"help": "episodes over which the adaptive KL coefficient adapts"})
-    cliprange: float = field(default=0.2, metadata={"help": "PPO's clip range for the probability ratio"})
-    cliprange_value: float = field(default=0.2, metadata={"help": "clip range for the value estimates"})
-    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    gamma: float = field(default=1.0, metadata={"help": "discount (InstructGPT: 1)"})
-    lam: float = field(default=0.95, metadata={"help": "GAE's lambda"})
+    kl_horizon: int = field(
+        default=10000,
+        metadata={
+            "range": at_least(1, "the adaptive coefficient divides by it"),
+            "help": "episodes over which the adaptive KL coefficient adapts",
+        },
+    )
+    cliprange: float = field(
+        default=0.2, metadata={"range": above(0), "help": "PPO's clip range for the probability ratio"}
+    )
+    cliprange_value: float = field(
+        default=0.2, metadata={"range": above(0), "help": "clip range for the value estimates"}
+    )
+    vf_coef: float = field(default=0.1, metadata={"range": at_least(0), "help": "weight of the value loss"})
+    gamma: float = field(default=1.0, metadata={"range": between(0, 1), "help": "discount (InstructGPT: 1)"})
+    lam: float = field(default=0.95, metadata={"range": between(0, 1), "help": "GAE's lambda"})
     whiten_rewards: bool = field(default=False, metadata={"help": "whiten the rewards of each batch"})
     ptx_coef: float = field(
         default=0.0,
         metadata={
+            "range": at_least(0, "0 turns PPO-ptx off"),
             "help": "PPO-ptx (InstructGPT): weight of a language-modelling loss on pretraining text, added to "
-            "every PPO step; 0 = off"
+            "every PPO step; 0 = off",
         },
     )
     ptx_max_length: int | None = field(
         default=None,
         metadata={
+            "range": at_least(1),
             "help": "tokens per block of PPO-ptx's text (default: the pretrain stage's max_length, else 512; "
-            "at most the model's context)"
+            "at most the model's context)",
         },
     )
     check_first_update: bool = field(
@@ -125,11 +158,14 @@ class PPOConfig(TrainingArguments):
         },
     )
     num_sample_generations: int = field(
-        default=10, metadata={"help": "times during training to log a few sampled responses (0: never)"}
+        default=10,
+        metadata={"range": at_least(0), "help": "times during training to log a few sampled responses (0: never)"},
     )
     # TRL's defaults where they differ from TrainingArguments'
-    learning_rate: float = field(default=3e-6, metadata={"help": "the initial learning rate (AdamW)"})
-    logging_steps: float = field(default=10, metadata={"help": "log every N updates"})
+    learning_rate: float = field(
+        default=3e-6, metadata={"range": above(0), "help": "the initial learning rate (AdamW)"}
+    )
+    logging_steps: float = field(default=10, metadata={"range": above(0), "help": "log every N updates"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for memory"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on unless fp16)"})
 

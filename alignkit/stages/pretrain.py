@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import data, lm_head, models
 from ..log import log
-from ..recipe import Recipe
+from ..schema import Recipe
 from .spec import (
     FULL_LOGITS,
     Default,
@@ -31,7 +31,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     from ..guard import fit
 
     spec = recipe.stages["pretrain"]
-    dataset = data.load(spec.dataset, "pretrain", recipe)
+    dataset = data.load(spec.dataset, "pretrain", recipe, STAGE.data)
     tokenizer = models.load_tokenizer(recipe)
     from_scratch = recipe.model.config is not None
     dropout = not spec.disable_dropout

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import data, models
 from ..distributed import is_main, wait_for_everyone
 from ..log import log
-from ..recipe import Dataset, Recipe, StageSettings
+from ..schema import Dataset, Recipe, StageSettings
 from .spec import Default, Stage, fit_context, refused_by_trl, train_metrics
 
 
@@ -94,7 +94,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     from ..guard import fit
 
     spec = recipe.stages["reward"]
-    rankings = data.load(spec.dataset, "reward", recipe)
+    rankings = data.load(spec.dataset, "reward", recipe, STAGE.data)
     rounds = sorted(
         ((role, path) for role, path in inputs.items() if role.startswith(ROUND_RANKINGS)),
         key=lambda item: int(item[0].removeprefix(ROUND_RANKINGS)),
@@ -102,7 +102,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     if rounds:  # a later round: the recipe's comparisons and every round's rankings so far
         rankings = list(rankings)
         for role, path in rounds:
-            ranked = list(data.load(Dataset(path=path), "reward", None))
+            ranked = list(data.load(Dataset(path=path), "reward", None, STAGE.data))
             log("reward", f"+ {len(ranked)} {role} ({path})")
             rankings += ranked
     tokenizer = models.load_tokenizer(recipe, inputs["model"])

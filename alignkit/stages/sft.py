@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import data, lm_head, models
-from ..recipe import Recipe
+from ..schema import Recipe
 from .spec import FULL_LOGITS, Stage, SupervisedSettings, dropout_off, fit_context, refused_by_trl, train_metrics
 
 
@@ -21,7 +21,7 @@ def run(recipe: Recipe, folder: Path, inputs: dict, resume: str | None, args) ->
     from ..guard import fit
 
     spec = recipe.stages["sft"]
-    dataset = data.load(spec.dataset, "sft", recipe)
+    dataset = data.load(spec.dataset, "sft", recipe, STAGE.data)
     tokenizer = models.load_tokenizer(recipe, inputs["model"])
     dropout = not spec.disable_dropout
     switched_off = models.dropout_settings(models.read_config(recipe, inputs["model"])) if not dropout else {}

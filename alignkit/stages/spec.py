@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from .. import lm_head
 from ..errors import Problem, UserError
 from ..log import log
-from ..recipe import StageSettings
+from ..schema import Range, StageSettings, above, at_least, between
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
+    from ..schema import Recipe
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _cap_max_length(settings: dict, context: int | None, defaults: dict) -> dict
 
 
 def _use_cpu(settings: dict, context: int | None, defaults: dict) -> dict:
-    from ..recipe import machine_settings
+    from ..preflight import machine_settings
 
     return machine_settings(settings)
 
@@ -157,6 +157,28 @@ FULL_LOGITS = Default("full_logits", "`true`: on a CPU, whole logits when they t
 
 
 # Keys alignkit sets itself: a recipe that sets them is told where they come from instead.
+# What TRL's numeric settings must be, by name (TRL's config classes declare no ranges; alignkit's own PPOConfig
+# declares its fields' ranges where it declares them). Out of range they fail only once their stage starts, after the
+# earlier stages have trained, or train silently wrong (epochs -1 trains nothing).
+TRAINER_RANGES: dict[str, Range] = {
+    "learning_rate": above(0),
+    "per_device_train_batch_size": at_least(1),
+    "per_device_eval_batch_size": at_least(1),
+    "gradient_accumulation_steps": at_least(1),
+    "num_train_epochs": above(0, "0 or less trains nothing"),
+    "max_steps": Range("-1 (train num_train_epochs) or >= 1", lambda v: v == -1 or v >= 1),
+    "max_length": at_least(1),
+    "logging_steps": above(0),
+    "save_steps": above(0),
+    "eval_steps": above(0),
+    "warmup_ratio": between(0, 1),
+    "warmup_steps": at_least(0, "below 1: a share of the steps"),
+    "weight_decay": at_least(0),
+    "max_grad_norm": at_least(0),
+    "seed": at_least(0),
+    "beta": above(0),  # DPO's
+}
+
 RESERVED = {
     "output_dir": "set by alignkit: {output_dir}/{stage}/checkpoints",
     "sft_model_path": "the policy comes from the earlier stage (or the base model)",
@@ -171,6 +193,7 @@ class Built:
 
     args: Any
     applied: list[str] = field(default_factory=list)
+    values: dict = field(default_factory=dict)  # the block's values as checked (1e-5 read from text as a float)
 
 
 def build_config(
@@ -180,7 +203,8 @@ def build_config(
     key, type and range), alignkit's defaults applied where the block leaves them, the stage's own rules checked.
     `context` is the model's context length and where it was read, where it is known before any model loads.
     Returns Built, or None with `problems` recorded. output_dir is set when the stage runs."""
-    from ..recipe import check_config_class, has_accelerator
+    from ..preflight import has_accelerator
+    from ..typecheck import check_config_class
 
     key = f"stages.{stage.name}.trainer"
     if settings.get("fp16") is True and (settings.get("use_cpu") is True or not has_accelerator()):
@@ -205,13 +229,13 @@ def build_config(
             if name != "use_cpu":  # every stage on a CPU gets it: said once in README, not at every stage
                 applied.append(f"{name}={value} (alignkit: {default.why})")
     start = len(problems)
-    args = check_config_class(
+    args, values = check_config_class(
         cls,
         settings,
         key,
         problems,
         RESERVED,
-        ranges=True,
+        TRAINER_RANGES,
         output_dir="/nonexistent/alignkit-set-when-the-stage-runs",
         **fixed,
     )
@@ -219,7 +243,7 @@ def build_config(
         return None
     if stage.check is not None:
         stage.check(recipe, recipe.stages[stage.name], args, context, problems)
-    return Built(args, applied)
+    return Built(args, applied, values)
 
 
 @contextmanager
