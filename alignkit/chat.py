@@ -67,7 +67,7 @@ def load(target: str):
         raise UserError(
             f"cannot load {target!r}: {str(e).splitlines()[0]}\n  give a run folder, a model folder, or "
             "a Hub id reachable from here"
-        ) from None
+        ) from e
     notes = []
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE

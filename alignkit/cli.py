@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help=VERBOSE)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name, summary, description, epilog, recipe_help="the recipe YAML file"):
+    def command(name, handler, summary, description, epilog, recipe_help="the recipe YAML file"):
         sub = commands.add_parser(
             name,
             help=summary,
@@ -128,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        sub.set_defaults(handler=handler)
         sub.add_argument("recipe", help=recipe_help)
         sub.add_argument(
             "overrides", nargs="*", metavar="KEY=VALUE", help="set a recipe key by its dotted path; ~KEY removes one"
@@ -136,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = command(
         "run",
+        cmd_run,
         "run a recipe's stages",
         "Run the recipe's stages in order, reusing those that are up to date.",
         RUN_EXAMPLES,
@@ -167,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=VALIDATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    validate.set_defaults(handler=cmd_validate)
     validate.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files")
     validate.add_argument(
         "overrides",
@@ -176,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     command(
         "eval",
+        cmd_eval,
         "evaluate a run's checkpoints and write its report",
         "Evaluate the run's policy checkpoints (its base model and every policy stage) on the recipe's held-out "
         "prompts.",
@@ -190,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=PUSH_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    push.set_defaults(handler=cmd_push)
     push.add_argument("run_dir", help="a run's output_dir")
     push.add_argument("--repo-id", help="owner/name on the Hub (default: the run recipe's hub.repo_id)")
     push.add_argument(
@@ -216,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=CHAT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    chat.set_defaults(handler=cmd_chat)
     chat.add_argument("model", help="a run's output_dir, a stage folder, a model folder or a Hub id")
     chat.add_argument("--stage", choices=POLICIES, help="which stage of a run (default: the last policy stage)")
     chat.add_argument(
@@ -243,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=SAMPLE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    sample.set_defaults(handler=cmd_sample)
     sample.add_argument("model", help="a run's output_dir, a stage folder or a model folder")
     sample.add_argument(
         "--stage",
@@ -298,6 +305,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=RANK_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    rank.set_defaults(handler=cmd_rank)
     rank.add_argument("file", help="a rankings file, as alignkit sample writes it (.jsonl)")
     rank.add_argument(
         "--by",
@@ -313,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=LABEL_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    label.set_defaults(handler=cmd_label)
     label.add_argument(
         "target", metavar="FILE_OR_RUN", help="a batch (.jsonl from alignkit sample), a round's folder or a run's"
     )
@@ -563,18 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        commands = {
-            "run": cmd_run,
-            "validate": cmd_validate,
-            "eval": cmd_eval,
-            "push": cmd_push,
-            "chat": cmd_chat,
-            "sample": cmd_sample,
-            "rank": cmd_rank,
-            "label": cmd_label,
-        }
         with quiet.quiet(args.verbose):
-            return commands[args.command](args)
+            return args.handler(args)
     except UserError as e:
         _report(e)
         if os.environ.get("ALIGNKIT_DEBUG"):

@@ -96,7 +96,7 @@ def load_located(spec: DatasetSpec, reader: str, recipe: Recipe | None, kind: st
             try:
                 rows = shape_for(kind, convert_row({k: batch[k][j] for k in batch}, fmt), who)
             except DataError as e:
-                raise DataError(f"{locate(i)}: {e}") from None
+                raise DataError(f"{locate(i)}: {e}") from e
             for row in rows:
                 if not columns:
                     columns.extend(row)
@@ -151,7 +151,7 @@ def _read(spec: DatasetSpec, recipe: Recipe | None):
                 raise DataError(
                     _mismatch(rows, lines, columns, spec.path)
                     or f"{spec.path}: the rows do not share one shape ({e}); {ONE_KIND}"
-                ) from None
+                ) from e
             return ds, lambda i: spec.path if i is None else f"{spec.path}:{lines[i]}"
         if kind == "csv":
             return _read_csv(local, spec.path), lambda i: spec.path if i is None else f"{spec.path}:{i + 2}"
@@ -163,7 +163,7 @@ def _read(spec: DatasetSpec, recipe: Recipe | None):
             f"{spec.path}: cannot load this Hub dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "check the id and split, your network (HF_HUB_OFFLINE), or point dataset.path at a "
             "local file"
-        ) from None
+        ) from e
     return ds, lambda i: f"{spec.path} [{spec.split}]" + ("" if i is None else f" row {i}")
 
 
@@ -223,7 +223,7 @@ def _read_text(path: Path, shown: str) -> str:
         return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as some editors write, is harmless
     except UnicodeDecodeError as e:
         line, what = utf8_error(data, e)
-        raise DataError(f"{shown}:{line}: {what}") from None
+        raise DataError(f"{shown}:{line}: {what}") from e
 
 
 def _is_pickle(path: Path) -> bool:
@@ -274,7 +274,7 @@ def _read_csv(path: Path, shown: str):
         raise DataError(
             f"{shown}{line}: not valid CSV ({_tail(e)}); check its quotes (a field that opens a quote "
             "must close it) and that every row has as many fields as the header"
-        ) from None
+        ) from e
     return datasets.Dataset.from_pandas(frame, preserve_index=False)
 
 
@@ -290,7 +290,7 @@ def _read_parquet(path: Path, shown: str):
         raise DataError(
             f"{shown}: not a readable Parquet file ({_tail(e)}); write it again (e.g. pandas' "
             "DataFrame.to_parquet) or use JSON Lines"
-        ) from None
+        ) from e
     return datasets.Dataset(table)
 
 
@@ -308,7 +308,7 @@ def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{shown}:{e.lineno}: not valid JSON: {e.msg}; fix the file there") from None
+            raise DataError(f"{shown}:{e.lineno}: not valid JSON: {e.msg}; fix the file there") from e
         except RecursionError:
             raise DataError(_too_deep(shown)) from None
         for i, row in enumerate(data):
@@ -324,7 +324,7 @@ def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{shown}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be one JSON object"
-            ) from None
+            ) from e
         except RecursionError:
             raise DataError(_too_deep(shown, n)) from None
         if not isinstance(row, dict):

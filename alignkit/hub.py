@@ -144,7 +144,7 @@ def push(
                     f"pushing {stage} to {targets[stage]} failed: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}\n  the run is unchanged; push again with "
                     f"alignkit push {run_dir} --repo-id {repo_id}" + (f" --round {n}" if round is not None else "")
-                ) from None
+                ) from e
         lines.append(
             f"{stage:9s} pushed    https://huggingface.co/{targets[stage]}"
             + (f"  (round {n}: {stage_folder(run_dir, stage, n)})" if n > 1 else "")

@@ -52,7 +52,7 @@ def exclusive(folder: Path, command: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(_refusal(folder, fd)) from None
+                raise UserError(_refusal(folder, fd)) from e
             # a filesystem without locks (some network mounts): go on, but say that nothing guards the folder
             log("", f"warning: cannot lock {path} ({e.strerror}); do not start two commands on {folder} at once")
         os.ftruncate(fd, 0)

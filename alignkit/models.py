@@ -12,7 +12,7 @@ from pathlib import Path
 from .distributed import is_main
 from .errors import UserError
 from .log import log
-from .schema import Recipe
+from .schema import Recipe, is_template_file
 
 PAD_TOKEN = "<|pad|>"
 # Ends every assistant turn with EOS and nothing after it, so a reward model reads its score at EOS both in TRL's
@@ -49,7 +49,7 @@ def load_tokenizer(recipe: Recipe, source: str | None = None):
             f"cannot load the tokenizer {path!r}: {str(e).splitlines()[0]}\n"
             "  fix model.tokenizer / model.name_or_path (a local folder, or a Hub id reachable from here; "
             "HF_HUB_OFFLINE=1 forbids downloads)"
-        ) from None
+        ) from e
     return prepare_tokenizer(tokenizer, recipe)
 
 
@@ -67,7 +67,7 @@ def prepare_tokenizer(tokenizer, recipe: Recipe):
         log("", f"tokenizer: added pad token {PAD_TOKEN!r} (id {tokenizer.pad_token_id}), distinct from EOS")
     template = recipe.model.chat_template
     if template:  # the recipe's template replaces the tokenizer's own
-        if "{" not in template:
+        if is_template_file(template):
             template = recipe.resolve(template).read_text(encoding="utf-8")
         if tokenizer.chat_template and tokenizer.chat_template != template:
             log("", "tokenizer: its chat template replaced by model.chat_template")
@@ -169,7 +169,7 @@ def read_config(recipe: Recipe, path: str):
             f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
             "  give a folder that holds a whole model (config.json and its weights) or a Hub id reachable "
             "from here"
-        ) from None
+        ) from e
 
 
 def load_causal_lm(recipe: Recipe, path: str, tokenizer, stage: str | None = None, dropout: bool = True):
@@ -191,7 +191,7 @@ def _from_pretrained(cls, recipe: Recipe, path: str, kwargs: dict):
             f"cannot load the model {path!r}: {str(e).splitlines()[0]}\n"
             "  give a folder that holds a whole model (config.json and its weights) or a Hub id reachable "
             "from here"
-        ) from None
+        ) from e
 
 
 def load_reward_model(recipe: Recipe, path: str, tokenizer, stage: str | None = None, dropout: bool = True):

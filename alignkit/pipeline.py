@@ -33,6 +33,7 @@ from .distributed import fresh_accelerator_state, is_main, wait_for_everyone, wo
 from .errors import DiskFull, UserError, is_disk_full, unsafe_file
 from .log import keep, log
 from .recipe import Recipe, plain
+from .schema import is_template_file
 from .stages import NAMES, REGISTRY, ROUND_STAGES
 from .stages.spec import stage_datasets
 
@@ -234,7 +235,7 @@ def local_files_hash(path: str | None, recipe: Recipe) -> str | None:
 def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
     spec = plain(recipe.stages[stage])
     m = recipe.model
-    template_file = m.chat_template if m.chat_template and "{" not in m.chat_template else None
+    template_file = m.chat_template if is_template_file(m.chat_template) else None
     files = [local_files_hash(p, recipe) for p in (m.name_or_path, m.tokenizer, template_file)]
     lora, quantization = recipe.adapters(stage)
     if REGISTRY[stage].from_scratch and m.config is not None:

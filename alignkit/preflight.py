@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import Problem, utf8_error
-from .schema import CONTEXT_KEYS, DATA_SUFFIXES, resolve_path
+from .schema import CONTEXT_KEYS, DATA_SUFFIXES, is_template_file, resolve_path
 from .typecheck import non_finite, show, unknown_keys
 
 
@@ -257,7 +257,7 @@ def check_chat_template(value: str, base: Path, problems: list[Problem]) -> None
 
 def _template_text(value: str, base: Path, problems: list[Problem]) -> tuple[str, str] | None:
     """The template's text and how to name a line of it; None where the file is missing or not UTF-8."""
-    if "{" in value:
+    if not is_template_file(value):
         return value, "line {} of the template"
     local = resolve_path(value, base)
     if local is None or not local.is_file():

@@ -52,7 +52,7 @@ def load_judge(spec: str) -> Callable:
             raise UserError(
                 f"--by {spec}: no module {e.name} (looked in {os.getcwd()} and the installed packages); give a "
                 "file path (path/to/judge.py:function) or install the package"
-            ) from None
+            ) from e
         raise UserError(f"--by {spec}: importing {module} failed: {type(e).__name__}: {e}") from e
     except UserError:
         raise

@@ -24,6 +24,7 @@ from .schema import (  # noqa: F401  (the schema's names, as everything above th
     RewardModelSettings,
     Rounds,
     StageSettings,
+    is_template_file,
     plain,
     resolve_path,
 )
@@ -209,7 +210,7 @@ def _check_model(recipe: Recipe, problems: list[Problem]) -> tuple[int, str] | N
     preflight.check_local(m.name_or_path, "model.name_or_path", base, problems, folder=folder)
     preflight.check_local(m.tokenizer, "model.tokenizer", base, problems, folder="a tokenizer folder")
     if isinstance(m.chat_template, str):
-        if "{" not in m.chat_template:
+        if is_template_file(m.chat_template):
             key, suffixes = "model.chat_template", (".jinja", ".j2")
             preflight.check_local(m.chat_template, key, base, problems, always_local=True, suffixes=suffixes)
         preflight.check_chat_template(m.chat_template, base, problems)

@@ -32,6 +32,11 @@ def between(lo, hi, right_open: bool = False) -> Range:
     return Range(text, lambda v: lo <= v < hi if right_open else lo <= v <= hi)
 
 
+def is_template_file(chat_template: str | None) -> bool:
+    """Whether model.chat_template names a file (.jinja) rather than holding a template: a template has braces."""
+    return isinstance(chat_template, str) and "{" not in chat_template
+
+
 def range_of(f: dataclasses.Field) -> Range | None:
     return f.metadata.get("range")
 

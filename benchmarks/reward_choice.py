@@ -89,7 +89,7 @@ def score(folder: Path, rows: list[dict], aside: set[str]) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignkit.stages.reward import _scored_text
+    from alignkit.stages.reward import scored_text
 
     firsts, answers = {}, {}
     for row in rows:
@@ -104,7 +104,7 @@ def score(folder: Path, rows: list[dict], aside: set[str]) -> dict:
         right = counts.most_common(1)[0][0]
         prompt, seen = answers[question]
         seen = sorted(seen)
-        texts = [_scored_text({"messages": prompt + [{"role": "assistant", "content": a}]}, tokenizer) for a in seen]
+        texts = [scored_text({"messages": prompt + [{"role": "assistant", "content": a}]}, tokenizer) for a in seen]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             scores = dict(zip(seen, model(**batch).logits[:, 0].tolist()))

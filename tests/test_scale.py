@@ -1,4 +1,4 @@
-"""Issue 4's paths on the tiny model: two processes, LoRA and QLoRA with the value model's adapter, the PPO
+"""Scaling paths on the tiny model: two processes, LoRA and QLoRA with the value model's adapter, the PPO
 reference."""
 
 import json

@@ -553,7 +553,7 @@ class PPOTrainer(Trainer):
         except RuntimeError as e:
             if "probability tensor contains" not in str(e):
                 raise
-            raise self.diverged("sampling from the policy met NaN or infinite probabilities") from None
+            raise self.diverged("sampling from the policy met NaN or infinite probabilities") from e
         finally:
             base.generation_config = own
         responses = out.sequences[:, queries.shape[1] :]

@@ -167,7 +167,7 @@ def tokenize_rankings(rankings, tokenizer, max_length: int | None, all_pairs: bo
     for row in rankings:
         ranked, ranks = [], []
         for answer, rank in zip(row["ranked"], row.get("ranks") or range(1, len(row["ranked"]) + 1)):
-            ids = tokenizer(_scored_text({**row, "chosen": answer}, tokenizer), add_special_tokens=False).input_ids
+            ids = tokenizer(scored_text({**row, "chosen": answer}, tokenizer), add_special_tokens=False).input_ids
             if max_length is not None and len(ids) > max_length:
                 dropped += 1
                 continue
@@ -187,7 +187,7 @@ def tokenize_rankings(rankings, tokenizer, max_length: int | None, all_pairs: bo
     return datasets.Dataset.from_list(rows), dropped, lost, tied
 
 
-def _scored_text(row: dict, tokenizer) -> str:
+def scored_text(row: dict, tokenizer) -> str:
     """A row as the reward model scores it: rendered, ending with EOS, where the score is read (plain text gets one
     appended, as TRL does; a chat template writes its own)."""
     text = data.render(row, tokenizer)
@@ -349,7 +349,7 @@ def normalize(
     rows = data.load(spec, key, recipe, kind)
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
     limit = min(max_length or models.context_length(model.config), models.context_length(model.config))
-    ids = [tokenizer(_scored_text(row, tokenizer), add_special_tokens=False).input_ids for row in rows]
+    ids = [tokenizer(scored_text(row, tokenizer), add_special_tokens=False).input_ids for row in rows]
     if not ids:
         from ..errors import DataError
 
