@@ -13,6 +13,15 @@ In one run, for fp32 and for bf16 (autocast, as TRL's `bf16: true` does on a CPU
 Tokens per second become FLOP/s with the usual count for training a decoder: 6 x (its matrix-product parameters,
 the output head included) + 12 x layers x width x tokens in context per token (attention), and are printed as a
 fraction of the peak of the precision they ran in. Both timings include the first step, the slowest.
+
+alignkit/plain compares like with like: alignkit against the plain loop with the activation alignkit computes
+(gelu_pytorch_tanh); the loop with transformers' gelu_new is printed beside it, not divided by.
+
+    python benchmarks/peak.py --profile [--steps 4]
+
+profiles both, in this process, with torch.profiler: the plain loop (tanh GELU) and `alignkit run` of the same
+pretrain stage, each whole (model built, data read, every step), and prints the operators whose CPU time differs most
+between them: where alignkit's extra time goes.
 """
 
 import argparse
@@ -93,8 +102,8 @@ def plain_loop(vocab: int, steps: int, batch: int, length: int, bf16: bool, act:
     return steps * batch * length / (time.perf_counter() - start)
 
 
-def through_alignkit(out: Path, steps: int, batch: int, length: int, bf16: bool) -> float:
-    """Tokens per second of alignkit's pretrain stage on the same shape, from the trainer's train_runtime."""
+def recipe_file(out: Path, steps: int, batch: int, length: int, bf16: bool) -> Path:
+    """A recipe of one pretrain stage on the same shape and work as the plain loop."""
     import yaml
 
     recipe = {
@@ -121,6 +130,12 @@ def through_alignkit(out: Path, steps: int, batch: int, length: int, bf16: bool)
     path = out.with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def through_alignkit(out: Path, steps: int, batch: int, length: int, bf16: bool) -> float:
+    """Tokens per second of alignkit's pretrain stage on the same shape, from the trainer's train_runtime."""
+    path = recipe_file(out, steps, batch, length, bf16)
     done = subprocess.run(
         [sys.executable, "-m", "alignkit", "run", str(path), "--force"], cwd=REPO, capture_output=True, text=True
     )
@@ -137,7 +152,10 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", default="runs/bench-peak")
+    parser.add_argument("--profile", action="store_true", help="profile the plain loop and alignkit instead")
     args = parser.parse_args()
+    if args.profile:
+        return profile(args)
     import torch
     from transformers import AutoTokenizer, GPT2Config
 
@@ -152,7 +170,7 @@ def main():
     print(
         f"{'precision':9s} {'peak GFLOP/s':>12s} | {'plain loop tok/s':>16s} {'of peak':>7s} | "
         f"{'plain, tanh GELU':>16s} {'of peak':>7s} | {'alignkit tok/s':>14s} {'of peak':>7s} | "
-        f"{'alignkit/plain':>14s}"
+        f"{'alignkit/plain (tanh)':>21s}"
     )
     for name, dtype, bf16 in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, True)):
         top = peak(dtype)
@@ -162,9 +180,44 @@ def main():
         print(
             f"{name:9s} {top / 1e9:12.1f} | {loop:16.1f} {loop * per_token / top:7.1%} | "
             f"{tanh:16.1f} {tanh * per_token / top:7.1%} | "
-            f"{ours:14.1f} {ours * per_token / top:7.1%} | {ours / loop:14.2f}",
+            f"{ours:14.1f} {ours * per_token / top:7.1%} | {ours / tanh:21.2f}",
             flush=True,
         )
+
+
+def profile(args) -> None:
+    """Operators' CPU time (self, in ms) in the plain loop and through alignkit, fp32, and their difference."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from transformers import AutoTokenizer
+
+    from alignkit.cli import main as alignkit_main
+
+    vocab = len(AutoTokenizer.from_pretrained(REPO / "data" / "chat" / "tokenizer"))
+    totals = {}
+    for name, run in (
+        ("plain", lambda: plain_loop(vocab, args.steps, args.batch, args.length, False, act="gelu_pytorch_tanh")),
+        (
+            "alignkit",
+            lambda: alignkit_main(
+                [
+                    "run",
+                    str(recipe_file(REPO / args.out / "profile", args.steps, args.batch, args.length, False)),
+                    "--force",
+                ]
+            ),
+        ),
+    ):
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        totals[name] = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+        print(f"{name}: {sum(totals[name].values()) / 1000:.1f} s of operator time in all")
+    keys = set(totals["plain"]) | set(totals["alignkit"])
+    rows = sorted(keys, key=lambda k: -abs(totals["alignkit"].get(k, 0) - totals["plain"].get(k, 0)))
+    print(f"\n{'operator':40s} {'plain ms':>10s} {'alignkit ms':>12s} {'difference':>11s}")
+    for k in rows[:20]:
+        a, p = totals["alignkit"].get(k, 0.0), totals["plain"].get(k, 0.0)
+        print(f"{k[:40]:40s} {p:10.1f} {a:12.1f} {a - p:+11.1f}")
 
 
 if __name__ == "__main__":
