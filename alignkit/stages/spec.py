@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Default:
-    """A setting alignkit chooses differently from TRL's default, and why. README's table lists every one (a test
+    """A setting alignkit chooses differently from TRL's default, and why. docs/defaults.md's table lists every one (a test
     checks it against `all_defaults()`); each is logged when a stage starts with it. A recipe that sets the key
     keeps its own value."""
 
     setting: str  # the trainer key, as `stages.<stage>.trainer.<setting>` would write it, or what else it is
-    value: str  # alignkit's value, in words, as README's table shows it
+    value: str  # alignkit's value, in words, as docs/defaults.md's table shows it
     why: str
     # (settings: the trainer block, context: the model's context length or None, defaults: the config class's field
     # defaults) -> what to set ({} where it does not apply); None for a default the stage applies in its own code
@@ -226,7 +226,7 @@ def build_config(
             continue
         for name, value in default.apply(settings, context[0] if context else None, defaults).items():
             fixed[name] = value
-            if name != "use_cpu":  # every stage on a CPU gets it: said once in README, not at every stage
+            if name != "use_cpu":  # every stage on a CPU gets it: said once in docs/defaults.md, not at every stage
                 applied.append(f"{name}={value} (alignkit: {default.why})")
     start = len(problems)
     args, values = check_config_class(
