@@ -1,6 +1,6 @@
 """The stage registry: what a stage is stands in its own module, and nothing else names one; alignkit's departures from
-TRL's defaults stand in one table that docs/defaults.md shows; the DPO stage, added through the registry, trains and is reported,
-chatted with and pushed like the others."""
+TRL's defaults stand in one table that docs/defaults.md shows; the DPO stage, added through the registry, trains and
+is reported, chatted with and pushed like the others."""
 
 import ast
 import json

@@ -15,7 +15,8 @@ ROUND_STAGES: tuple[str, ...] = tuple(s.name for s in ORDER if s.rounds or s.wri
 
 
 def all_defaults() -> list[tuple[str, str, str, str]]:
-    """Every departure from TRL's defaults as docs/defaults.md's table lists it: (stage or 'all', setting, value, why)."""
+    """Every departure from TRL's defaults as docs/defaults.md's table lists it: (stage or 'all', setting, value,
+    why)."""
     from .spec import COMMON
 
     rows = [("all", d.setting, d.value, d.why) for d in COMMON]

@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Default:
-    """A setting alignkit chooses differently from TRL's default, and why. docs/defaults.md's table lists every one (a test
-    checks it against `all_defaults()`); each is logged when a stage starts with it. A recipe that sets the key
-    keeps its own value."""
+    """A setting alignkit chooses differently from TRL's default, and why. docs/defaults.md's table lists every one
+    (a test checks it against `all_defaults()`); each is logged when a stage starts with it. A recipe that sets the
+    key keeps its own value."""
 
     setting: str  # the trainer key, as `stages.<stage>.trainer.<setting>` would write it, or what else it is
     value: str  # alignkit's value, in words, as docs/defaults.md's table shows it
