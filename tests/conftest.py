@@ -41,6 +41,12 @@ def alignkit(capsys, *argv):
     return code, unwrap(out), unwrap(err)
 
 
+def rerun(capsys, run: Path, stage: str, *more):
+    """`alignkit run` of the tiny recipe's STAGE alone on a finished run, trained again (--force), with `more`
+    arguments: (exit status, stdout, stderr)."""
+    return alignkit(capsys, "run", TINY, f"output_dir={run}", "--only", stage, "--force", *more)
+
+
 def unwrap(text: str) -> str:
     """alignkit's output with each message on one line again, as tests match them (alignkit.log.wrap breaks a long
     one at a space and indents what follows by alignkit.log.INDENT)."""

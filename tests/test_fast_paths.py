@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, alignkit
+from conftest import TINY, alignkit, rerun
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -105,14 +105,10 @@ def test_a_model_trl_did_not_patch_or_with_scaled_logits_is_left_alone():
 def test_the_sft_stage_uses_whole_logits_unless_told_not_to_and_trains_the_same(run_copy, capsys):
     weights, losses = [], []
     for setting in ("true", "false"):
-        code, out, err = alignkit(
+        code, out, err = rerun(
             capsys,
-            "run",
-            TINY,
-            f"output_dir={run_copy}",
-            "--only",
+            run_copy,
             "sft",
-            "--force",
             "~eval",
             f"stages.sft.full_logits={setting}",
         )
@@ -152,14 +148,10 @@ def test_every_stage_of_a_run_saves_gpt2_with_the_one_kernel_gelu_and_its_dropou
 
 
 def test_model_fused_gelu_false_keeps_the_models_own_activation(run_copy, capsys):
-    code, out, err = alignkit(
+    code, out, err = rerun(
         capsys,
-        "run",
-        TINY,
-        f"output_dir={run_copy}",
-        "--only",
+        run_copy,
         "pretrain",
-        "--force",
         "~eval",
         "model.fused_gelu=false",
         "stages.pretrain.trainer.max_steps=2",
@@ -169,14 +161,10 @@ def test_model_fused_gelu_false_keeps_the_models_own_activation(run_copy, capsys
 
 
 def _pretrain(capsys, out, *overrides):
-    code, _, err = alignkit(
+    code, _, err = rerun(
         capsys,
-        "run",
-        TINY,
-        f"output_dir={out}",
-        "--only",
+        out,
         "pretrain",
-        "--force",
         "~eval",
         "stages.pretrain.trainer.max_steps=3",
         *overrides,

@@ -5,7 +5,7 @@ each demonstration once, on the device the stage trained on."""
 import json
 
 import torch
-from conftest import REPO, TINY, alignkit
+from conftest import REPO, TINY, alignkit, rerun
 
 LONG = " ".join(["The capital of Zorbia is Quell and its river runs north."] * 30)  # hundreds of tokens
 
@@ -34,14 +34,10 @@ def test_normalisation_cuts_an_overlong_demonstration_after_the_reward_model_tra
         return normalize(*args, **kwargs)
 
     monkeypatch.setattr(reward, "normalize", spy)
-    code, out, err = alignkit(
+    code, out, err = rerun(
         capsys,
-        "run",
-        TINY,
-        f"output_dir={run_copy}",
-        "--only",
+        run_copy,
         "reward",
-        "--force",
         "~eval",
         f"stages.reward.normalize_dataset.path={demos}",
     )

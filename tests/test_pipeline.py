@@ -3,7 +3,7 @@
 import json
 
 import torch
-from conftest import FAST, TINY, alignkit, summary
+from conftest import FAST, TINY, alignkit, rerun, summary
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from alignkit.models import DEFAULT_CHAT_TEMPLATE
@@ -261,7 +261,7 @@ def test_quantization_needs_lora_and_bf16(capsys):
 
 
 def test_force_retrains_only_the_chosen_stage(run_copy, capsys):
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "reward", "--force")
+    code, out, err = rerun(capsys, run_copy, "reward", *FAST)
     assert code == 0
     assert summary(out) == {"reward": "trained"}
     assert "reward: training (forced)" in err

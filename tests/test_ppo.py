@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, TINY, alignkit, summary, unwrap
+from conftest import REPO, TINY, alignkit, rerun, summary, unwrap
 from safetensors.torch import load_file
 
 from alignkit.stages.ppo_trainer import AdaptiveKL, clipped_losses, gae, masked_whiten, per_token_rewards
@@ -226,14 +226,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_ppo_in_bf16_on_a_gpu(run_copy, capsys):
-    code, out, err = alignkit(
+    code, out, err = rerun(
         capsys,
-        "run",
-        TINY,
-        f"output_dir={run_copy}",
-        "--only",
+        run_copy,
         "ppo",
-        "--force",
         "stages.ppo.trainer.bf16=true",
         "stages.ppo.trainer.total_episodes=64",
     )
@@ -244,14 +240,10 @@ def test_ppo_in_bf16_on_a_gpu(run_copy, capsys):
 
 @needs_cuda
 def test_qlora_ppo_on_a_gpu(run_copy, capsys):
-    code, out, err = alignkit(
+    code, out, err = rerun(
         capsys,
-        "run",
-        TINY,
-        f"output_dir={run_copy}",
-        "--only",
+        run_copy,
         "ppo",
-        "--force",
         "lora.r=4",
         "lora.lora_alpha=8",
         "quantization.load_in_4bit=true",
@@ -387,14 +379,10 @@ def test_the_first_update_has_ratios_of_one_under_bf16_and_checkpointing(run_cop
     """The rollout's log-probabilities come from the update's own kind of forward: under bf16 autocast and gradient
     checkpointing (the real recipes' settings) the first mini-batch's ratios are 1, and the sampled answers' KL to
     the reference (the same model then) is 0; the checks' figures are logged."""
-    code, out, err = alignkit(
+    code, out, err = rerun(
         capsys,
-        "run",
-        TINY,
-        f"output_dir={run_copy}",
-        "--only",
+        run_copy,
         "ppo",
-        "--force",
         "~eval",
         "stages.ppo.trainer.total_episodes=16",
         "stages.ppo.trainer.num_ppo_epochs=1",

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, alignkit
+from conftest import REPO, TINY, alignkit, rerun
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -260,15 +260,11 @@ def test_lora_targets_that_only_loading_finds_wrong_are_a_message(run_copy, caps
         raise OSError("not reachable")
 
     monkeypatch.setattr(lora_targets, "layer_names", unknown)
-    code, out, err = alignkit(
+    code, out, err = rerun(
         capsys,
-        "run",
-        TINY,
-        f"output_dir={run_copy}",
-        *FAST,
-        "--only",
+        run_copy,
         "sft",
-        "--force",
+        *FAST,
         "~eval",
         "lora.r=4",
         "lora.target_modules=[q_proj,v_proj]",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST, REPO, TINY, alignkit, summary
+from conftest import FAST, REPO, TINY, alignkit, rerun, summary
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 STAGES = ["pretrain", "sft", "reward", "ppo"]
@@ -169,7 +169,7 @@ def test_lora_trains_adapters_only_and_the_value_model_gets_one(run_copy, capsys
 def test_ppo_refuses_to_run_sharded(run_copy, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # as `accelerate launch` with zero3.yaml sets it
     before = (run_copy / "ppo" / "model.safetensors").read_bytes()
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "ppo", "--force")
+    code, out, err = rerun(capsys, run_copy, "ppo", *FAST)
     assert code == 2 and "cannot run sharded (ZeRO-3 or FSDP)" in err and "zero2.yaml" in err
     assert (run_copy / "ppo" / "model.safetensors").read_bytes() == before  # the old output is whole
 
@@ -181,15 +181,11 @@ def test_a_separate_reference_copy_trains_the_same_lora_policy(run_copy, capsys)
 
     adapters = {}
     for separate in ("false", "true"):
-        code, out, err = alignkit(
+        code, out, err = rerun(
             capsys,
-            "run",
-            TINY,
-            f"output_dir={run_copy}",
-            *FAST,
-            "--only",
+            run_copy,
             "ppo",
-            "--force",
+            *FAST,
             "--accept-upstream",  # the shared sft was trained without LoRA; only ppo gets an adapter here
             "lora.r=4",
             "lora.lora_alpha=8",

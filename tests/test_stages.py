@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, TINY, alignkit, summary
+from conftest import REPO, TINY, alignkit, rerun, summary
 from safetensors.torch import load_file
 
 # DPO on the tiny world: the reward stage's comparisons, a few epochs
@@ -91,14 +91,10 @@ def test_docs_defaults_lists_every_departure_from_trls_defaults_as_the_stages_de
 
 
 def test_each_default_is_logged_where_a_stage_starts_with_it(run_copy, capsys):
-    code, out, err = alignkit(
+    code, out, err = rerun(
         capsys,
-        "run",
-        TINY,
-        f"output_dir={run_copy}",
-        "--only",
+        run_copy,
         "ppo",
-        "--force",
         "stages.ppo.trainer.total_episodes=16",
     )
     assert code == 0, err
@@ -355,14 +351,10 @@ def test_a_shared_prefix_gives_the_plain_forwards_scores_and_gradients():
 def test_the_reward_stage_with_a_shared_prefix_trains_as_without(run_copy, capsys):
     weights = []
     for setting in ("false", "true"):
-        code, _, err = alignkit(
+        code, _, err = rerun(
             capsys,
-            "run",
-            TINY,
-            f"output_dir={run_copy}",
-            "--only",
+            run_copy,
             "reward",
-            "--force",
             "~eval",
             "stages.reward.trainer.max_steps=4",
             f"stages.reward.shared_prefix={setting}",
