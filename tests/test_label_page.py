@@ -200,9 +200,11 @@ def test_two_labellers_at_once_each_get_their_own_prompt_and_order(browser, tmp_
         for p in pages.values():
             p.wait_for_selector("#finished:not([hidden])")
             assert "You: 2 done, 0 left" in p.locator("#counter").inner_text()
-        pages["ann"].reload()
-        pages["ann"].wait_for_selector("#finished:not([hidden])")
-        assert "All: 2 of 2 prompts done (2 labellers each)" in pages["ann"].locator("#counter").inner_text()
+        for p in pages.values():  # each page learns of the other's last submit by itself (it looks every 5 s)
+            p.wait_for_function(
+                "document.querySelector('#counter').innerText.includes('All: 2 of 2 prompts done (2 labellers each)')",
+                timeout=12_000,
+            )
         assert seen["ann"].keys() == seen["bob"].keys()  # each prompt to each, once
         assert any(seen["ann"][k] != seen["bob"][k] for k in seen["ann"])  # each their own order
         rows = stored(batch)

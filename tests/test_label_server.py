@@ -130,6 +130,8 @@ def test_labellers_at_the_same_instant_each_prompt_until_min_labels(tmp_path):
         assert sorted(seen["ann"]) == sorted(seen["bob"]) == [0, 1]  # each prompt to each, none twice
         last = next_("ann")
         assert last["view"] is None and last["counters"]["complete"] == 2 and last["counters"]["labels"] == 4
+        status, polled = request(base, "GET", "/api/counters?labeller=bob", token=token)
+        assert status == 200 and polled["counters"]["done"] == 2 and polled["counters"]["complete"] == 2
     store = Store(db_path_for(batch))  # the counts kept beside each action agree with where everyone stands
     try:
         kept = store.db.execute("SELECT item, done, claims FROM counts ORDER BY item").fetchall()

@@ -148,6 +148,10 @@ class Labelling:
         view = self.store.open(who, item)
         return JSONResponse({"view": view, "counters": self.store.counters(who)})
 
+    async def counters(self, request: Request) -> Response:
+        self.check(request, posting=False)
+        return JSONResponse({"counters": self.store.counters(self.labeller_of(request.query_params.get("labeller")))})
+
     async def history(self, request: Request) -> Response:
         self.check(request, posting=False)
         who = self.labeller_of(request.query_params.get("labeller"))
@@ -258,6 +262,7 @@ def app(labelling: Labelling) -> Starlette:
         Route("/favicon.ico", lambda request: Response(status_code=204)),
         Route("/api/next", labelling.next),
         Route("/api/history", labelling.history),
+        Route("/api/counters", labelling.counters),
         Route("/api/status", labelling.status_json),
         Route("/api/action", labelling.act, methods=["POST"]),
         Route("/api/undo", labelling.undo, methods=["POST"]),

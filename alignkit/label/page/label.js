@@ -355,6 +355,13 @@ $("guide-toggle").addEventListener("click", toggleGuidelines);
 $("history-toggle").addEventListener("click", () => toggleHistory().catch((e) => say(e.message)));
 window.addEventListener("pagehide", () => { if (typing) flushText(); });
 
+// others' work moves the overall counter: look every few seconds (a read, nothing stored)
+const POLL_MS = 5000;
+setInterval(() => {
+  if (!labeller || document.hidden) return;
+  call("GET", `/api/counters?labeller=${encodeURIComponent(labeller)}`).then((r) => counters(r.counters), () => {});
+}, POLL_MS);
+
 function start(name) {
   labeller = name.trim();
   const url = new URL(location.href);
