@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help=VERBOSE)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name, handler, summary, description, epilog, recipe_help="the recipe YAML file"):
+    def subcommand(name, handler, summary, description, epilog):
+        """A command: its help, its examples, and the function that runs it (cmd_NAME)."""
         sub = commands.add_parser(
             name,
             help=summary,
@@ -129,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.set_defaults(handler=handler)
+        return sub
+
+    def command(name, handler, summary, description, epilog, recipe_help="the recipe YAML file"):
+        """A command on one recipe, with KEY=VALUE overrides."""
+        sub = subcommand(name, handler, summary, description, epilog)
         sub.add_argument("recipe", help=recipe_help)
         sub.add_argument(
             "overrides", nargs="*", metavar="KEY=VALUE", help="set a recipe key by its dotted path; ~KEY removes one"
@@ -162,14 +168,13 @@ def _parser() -> argparse.ArgumentParser:
         help="train data-parallel in N processes on this machine (torchrun: one per GPU, or CPU "
         "processes over gloo); for DeepSpeed, FSDP or several machines use accelerate launch",
     )
-    validate = commands.add_parser(
+    validate = subcommand(
         "validate",
-        help="check recipes and their data without training",
-        description="Check recipes as `run` would, without loading any model.",
-        epilog=VALIDATE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        cmd_validate,
+        "check recipes and their data without training",
+        "Check recipes as `run` would, without loading any model.",
+        VALIDATE_EXAMPLES,
     )
-    validate.set_defaults(handler=cmd_validate)
     validate.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files")
     validate.add_argument(
         "overrides",
@@ -187,14 +192,13 @@ def _parser() -> argparse.ArgumentParser:
         recipe_help="the recipe YAML file (its output_dir holds the run)",
     )
 
-    push = commands.add_parser(
+    push = subcommand(
         "push",
-        help="push a run's models to the Hugging Face Hub",
-        description="Push stages of a finished run to the Hub, each with a model card.",
-        epilog=PUSH_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        cmd_push,
+        "push a run's models to the Hugging Face Hub",
+        "Push stages of a finished run to the Hub, each with a model card.",
+        PUSH_EXAMPLES,
     )
-    push.set_defaults(handler=cmd_push)
     push.add_argument("run_dir", help="a run's output_dir")
     push.add_argument("--repo-id", help="owner/name on the Hub (default: the run recipe's hub.repo_id)")
     push.add_argument(
@@ -214,14 +218,13 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", default=None, help="create the repo private")
     push.add_argument("--adapter", action="store_true", help="push the LoRA adapter instead of merged weights")
 
-    chat = commands.add_parser(
+    chat = subcommand(
         "chat",
-        help="talk to a model in the terminal",
-        description="Talk to a stage of a run, or to any causal LM, through its chat template.",
-        epilog=CHAT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        cmd_chat,
+        "talk to a model in the terminal",
+        "Talk to a stage of a run, or to any causal LM, through its chat template.",
+        CHAT_EXAMPLES,
     )
-    chat.set_defaults(handler=cmd_chat)
     chat.add_argument("model", help="a run's output_dir, a stage folder, a model folder or a Hub id")
     chat.add_argument("--stage", choices=POLICIES, help="which stage of a run (default: the last policy stage)")
     chat.add_argument(
@@ -242,14 +245,13 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     chat.add_argument("--greedy", action="store_true", help="always take the most likely token")
 
-    sample = commands.add_parser(
+    sample = subcommand(
         "sample",
-        help="draw K answers per prompt from a run's policy stages, to rank",
-        description="Draw K answers per prompt from a run's stages (or a model folder): unranked rankings to rank.",
-        epilog=SAMPLE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        cmd_sample,
+        "draw K answers per prompt from a run's policy stages, to rank",
+        "Draw K answers per prompt from a run's stages (or a model folder): unranked rankings to rank.",
+        SAMPLE_EXAMPLES,
     )
-    sample.set_defaults(handler=cmd_sample)
     sample.add_argument("model", help="a run's output_dir, a stage folder or a model folder")
     sample.add_argument(
         "--stage",
@@ -298,14 +300,13 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse prompts that this recipe's eval data holds (held-out prompts never enter training)",
     )
 
-    rank = commands.add_parser(
+    rank = subcommand(
         "rank",
-        help="rank each prompt's answers with a program (a judge)",
-        description="Rank the answers of every row of a rankings file with a judge function; ties allowed.",
-        epilog=RANK_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        cmd_rank,
+        "rank each prompt's answers with a program (a judge)",
+        "Rank the answers of every row of a rankings file with a judge function; ties allowed.",
+        RANK_EXAMPLES,
     )
-    rank.set_defaults(handler=cmd_rank)
     rank.add_argument("file", help="a rankings file, as alignkit sample writes it (.jsonl)")
     rank.add_argument(
         "--by",
@@ -314,14 +315,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the judge: a Python file (path/to/judge.py:function) or module (package.module:function)",
     )
     rank.add_argument("--out", metavar="FILE", help="where to write the ranked rows (default: replace FILE)")
-    label = commands.add_parser(
+    label = subcommand(
         "label",
-        help="a local page where people rank, rate and write answers",
-        description="Serve a page to rank, rate and rewrite the answers of a batch alignkit sample wrote.",
-        epilog=LABEL_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        cmd_label,
+        "a local page where people rank, rate and write answers",
+        "Serve a page to rank, rate and rewrite the answers of a batch alignkit sample wrote.",
+        LABEL_EXAMPLES,
     )
-    label.set_defaults(handler=cmd_label)
     label.add_argument(
         "target", metavar="FILE_OR_RUN", help="a batch (.jsonl from alignkit sample), a round's folder or a run's"
     )
