@@ -37,10 +37,12 @@ def make_batch(path: Path, prompts: int = 3, k: int = 4, xss: bool = False) -> P
 
 
 @contextmanager
-def server(target: Path, *args: str, host: str = "127.0.0.1"):
-    """`alignkit label TARGET --port 0 ARGS`: yields (base URL, the URL it printed, the process); stopped after."""
+def server(target: Path, *args: str, host: str | None = None, port: str | None = "0"):
+    """`alignkit label TARGET --port 0 ARGS` (with `port=None`, and no host, as README writes it: the defaults):
+    yields (base URL, the URL it printed, the process); stopped after."""
+    where = (["--port", port] if port is not None else []) + (["--host", host] if host is not None else [])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "alignkit", "label", str(target), "--port", "0", "--host", host, *args],
+        [sys.executable, "-m", "alignkit", "label", str(target), *where, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -50,9 +50,8 @@ def key_of(page, text: str) -> str:
 
 
 def saved(page):
-    """Wait until every post the page made has been answered."""
-    page.wait_for_function("window.fetch && document.readyState === 'complete'")
-    page.evaluate("() => new Promise(r => setTimeout(r, 150))")
+    """Wait until every post the page made has been answered (no request for half a second)."""
+    page.wait_for_load_state("networkidle")
 
 
 def stored(batch: Path) -> list[dict]:
@@ -222,7 +221,8 @@ def test_two_labellers_at_once_each_get_their_own_prompt_and_order(browser, tmp_
 
 def test_model_and_labeller_text_is_shown_as_text_never_run(page, tmp_path):
     batch = make_batch(tmp_path / "batch.jsonl", prompts=1, xss=True)
-    with server(batch) as (base, url, proc):
+    with server(batch, port=None) as (base, url, proc):  # no --host, no --port: as README runs it
+        assert base == "http://127.0.0.1:8765"
         page.goto(url + "?labeller=cat")
         page.wait_for_selector("#answers li")
         assert XSS in texts(page)  # shown literally

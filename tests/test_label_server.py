@@ -177,6 +177,9 @@ def test_the_export_trains_as_it_is_and_says_how_far_labellers_agree(tmp_path, c
         # prompt 1: ann alone, none acceptable
         submit(base, token, "ann", 1, [3, 2, 1, 0], none=True)
     out = tmp_path / "export"
+    code, stdout, err = alignkit(capsys, "label", batch, "--export", out)  # without a judge: labellers alone
+    assert code == 0, err
+    assert "judge" not in json.loads((out / "agreement.json").read_text())
     code, stdout, err = alignkit(capsys, "label", batch, "--export", out, "--judge", f"{judge}:rank")
     assert code == 0, err
     assert "3 rankings.jsonl, 1 demonstrations.jsonl, 2 thumbs.jsonl" in stdout

@@ -32,7 +32,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is in use; give another with --port N (--port 0 picks a free one)")
+            raise UserError(
+                f"port {port} on {host} is in use; give another with --port N (--port 0 picks a free one)"
+            ) from e
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); give another --host or --port") from e
     sock.listen(128)
     sock.set_inheritable(True)

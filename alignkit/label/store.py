@@ -19,8 +19,7 @@ from ..errors import DataError
 from .batch import Item, fingerprint
 
 SCHEMA_VERSION = 1
-KINDS = ("edit", "skip", "submit")  # what a labeller posts; "open", "reopen" and "undo" the server writes itself
-UNDOABLE = KINDS
+KINDS = ("edit", "skip", "submit")  # what a labeller posts (and may undo); "open", "reopen", "undo": the server's
 MAX_TEXT = 20_000
 
 SCHEMA = """
@@ -265,8 +264,8 @@ class Store:
         with self._write():
             row = self.db.execute(
                 f"SELECT id, item, kind FROM actions WHERE labeller = ? AND undone = 0 AND kind IN "
-                f"({', '.join('?' * len(UNDOABLE))}) ORDER BY id DESC LIMIT 1",
-                (labeller, *UNDOABLE),
+                f"({', '.join('?' * len(KINDS))}) ORDER BY id DESC LIMIT 1",
+                (labeller, *KINDS),
             ).fetchone()
             if row is None:
                 return None

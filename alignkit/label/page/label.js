@@ -243,29 +243,21 @@ async function next(item) {
   show(r.view);
 }
 
-async function submit() {
+// leave the prompt (submitted, or skipped with its draft kept) and take the next
+async function leave(kind, done, failed) {
   if (!view) return;
   try {
     await flushText();
-    await save("submit");
-    say("Submitted.", true);
+    await save(kind);
+    say(done, true);
     await next();
   } catch (e) {
-    say(`Not submitted: ${e.message}`);
+    say(`${failed}: ${e.message}`);
   }
 }
 
-async function skip() {
-  if (!view) return;
-  try {
-    await flushText();
-    await save("skip");
-    say("Skipped: your draft is kept (h opens it again).", true);
-    await next();
-  } catch (e) {
-    say(`Not skipped: ${e.message}`);
-  }
-}
+const submit = () => leave("submit", "Submitted.", "Not submitted");
+const skip = () => leave("skip", "Skipped: your draft is kept (h opens it again).", "Not skipped");
 
 async function undo() {
   try {
