@@ -99,8 +99,11 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         rankings[f"{ROUND_RANKINGS}{n}"] = str(ranked_file.relative_to(out))
         ranking_fps.append(ranked_fp)
 
-        # the reward model: from what the recipe's starts from, on its comparisons and every round's rankings
+        # the reward model: from what the recipe's starts from (or the last round's, rounds.reward_from), on its
+        # comparisons and every round's rankings
         ups = pipeline.upstream(later, reward)
+        if rounds.reward_from == "previous":  # on from the last round's reward model instead
+            ups["model"] = reward if n == 2 else f"round-{n - 1}/{reward}"
         parts = pipeline.fingerprint_parts(later, reward, {up: _fp(out, up) for up in ups.values() if up})
         reward_fp, summary[f"round-{n}/{reward}"] = pipeline.build(
             later, reward, here / reward, {**ups, **rankings}, {**parts, "rankings": list(ranking_fps)}, force, out

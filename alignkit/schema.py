@@ -179,6 +179,14 @@ class Rounds:
     redraws: int = field(
         default=3, metadata={"help": "times an empty or repeated answer is drawn again", "range": at_least(0)}
     )
+    reward_from: Literal["start", "previous"] = field(
+        default="start",
+        metadata={
+            "help": "what a later round's reward model trains from: 'start', what round 1's started from (the sft "
+            "model), afresh on every round's data, as Anthropic's and Llama 2's rounds do; or 'previous', the last "
+            "round's reward model, trained on (with rounds.stages.reward's settings, e.g. fewer epochs)"
+        },
+    )
     train_on_prompts: bool = field(
         default=True,
         metadata={

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST, TINY, alignkit, summary
 from safetensors.torch import load_file
 
@@ -78,6 +79,35 @@ def test_a_second_round_samples_ranks_and_goes_on_from_the_first(run_copy, tmp_p
     assert code == 0, err
     assert set(summary(out).values()) == {"reused"}
     assert "samples up to date" in err and "rankings up to date" in err
+
+
+def test_reward_from_previous_trains_each_round_reward_model_on_from_the_last(run_copy, tmp_path, capsys):
+    # rounds.reward_from: previous, with a learning rate so small that which weights each round loaded shows
+    settings = rounds(
+        tmp_path, "rounds.count=3", "rounds.reward_from=previous", "rounds.stages.reward.learning_rate=1e-12"
+    )
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert summary(out)["round-3/reward"] == "trained"
+    for n, previous in ((2, run_copy / "reward"), (3, run_copy / "round-2" / "reward")):
+        here = run_copy / f"round-{n}" / "reward"
+        manifest = json.loads((here / "alignkit_stage.json").read_text())
+        assert manifest["inputs"]["model"] == str(previous)
+        assert len(manifest["parts"]["rankings"]) == n - 1  # every round's rankings so far
+        new, last, sft = weights(here), weights(previous), weights(run_copy / "sft")
+        shared = [k for k in new if k in sft and not k.endswith("ln_f.bias")]  # ln_f.bias: normalisation's shift
+        moved = sum((new[k].float() - last[k].float()).abs().sum().item() for k in shared)
+        assert moved < 1e-3 * sum((new[k].float() - sft[k].float()).abs().sum().item() for k in shared)
+        # the score head carried over, not started afresh
+        assert torch.allclose(new["score.weight"], last["score.weight"], atol=1e-9)
+
+    # the default (start) trains round 2's from the sft model again: a changed input, so it retrains
+    settings = [item for item in settings if not item.startswith("rounds.reward_from")]
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert summary(out)["round-2/reward"] == "trained"
+    manifest = json.loads((run_copy / "round-2" / "reward" / "alignkit_stage.json").read_text())
+    assert manifest["inputs"]["model"] == str(run_copy / "sft")
 
 
 def test_a_round_ranked_by_people_waits_for_them_and_goes_on(run_copy, tmp_path, capsys):
