@@ -73,6 +73,8 @@ def test_a_second_round_samples_ranks_and_goes_on_from_the_first(run_copy, tmp_p
     assert f"policy from {run_copy / 'ppo'}, KL reference {run_copy / 'sft'}" in err
     new, first, sft = weights(here / "ppo"), weights(run_copy / "ppo"), weights(run_copy / "sft")
     assert distance(new, first) < 1e-3 * distance(new, sft)
+    mixed = [json.loads(line)["prompt"] for line in (run_copy / "round-prompts.jsonl").read_text().splitlines()]
+    assert len(mixed) == 2 * 42  # train_on_prompts (default): the stage's 42 prompts and the rounds' (the same file)
 
     # the same command again: every round's work is reused
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
@@ -108,6 +110,20 @@ def test_reward_from_previous_trains_each_round_reward_model_on_from_the_last(ru
     assert summary(out)["round-2/reward"] == "trained"
     manifest = json.loads((run_copy / "round-2" / "reward" / "alignkit_stage.json").read_text())
     assert manifest["inputs"]["model"] == str(run_copy / "sft")
+
+
+def test_train_on_prompts_false_keeps_the_policy_on_its_stage_prompts(run_copy, tmp_path, capsys):
+    # the default mixes the stage's prompts and the rounds' own (round-prompts.jsonl); false keeps the stage's alone
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *rounds(tmp_path, "rounds.train_on_prompts=false")
+    )
+    assert code == 0, err
+    assert summary(out)["round-2/ppo"] == "trained"
+    first = json.loads((run_copy / "ppo" / "alignkit_stage.json").read_text())["parts"]["data"]
+    later = json.loads((run_copy / "round-2" / "ppo" / "alignkit_stage.json").read_text())["parts"]["data"]
+    assert later == first and not (run_copy / "round-prompts.jsonl").exists()
+    text = (run_copy / "round-2" / "ppo" / "recipe.yaml").read_text()
+    assert "data/tiny/ppo.jsonl" in text and "round-prompts" not in text
 
 
 def test_a_round_ranked_by_people_waits_for_them_and_goes_on(run_copy, tmp_path, capsys):
