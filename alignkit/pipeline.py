@@ -233,7 +233,7 @@ def local_files_hash(path: str | None, recipe: Recipe) -> str | None:
 
 
 def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
-    spec = plain(recipe.stages[stage])
+    spec = _in_run(plain(recipe.stages[stage]), recipe)
     m = recipe.model
     template_file = m.chat_template if is_template_file(m.chat_template) else None
     files = [local_files_hash(p, recipe) for p in (m.name_or_path, m.tokenizer, template_file)]
@@ -253,6 +253,19 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
         "data": [own, *more] if more else own,  # a stage that reads only its own dataset: that one's hash
         "upstream": upstream_fps,
     }
+
+
+def _in_run(spec: dict, recipe: Recipe) -> dict:
+    """A dataset the run wrote itself (a later round's prompts) named by its place in the run's folder: a run moved or
+    copied elsewhere is still up to date (the data part holds its contents)."""
+    dataset = spec.get("dataset")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str):
+        return spec
+    try:
+        inside = Path(dataset["path"]).resolve().relative_to(Path(recipe.output_dir).resolve())
+    except ValueError:
+        return spec
+    return {**spec, "dataset": {**dataset, "path": f"{{output_dir}}/{inside.as_posix()}"}}
 
 
 def _why(old: dict | None, new: dict, folder: Path) -> str:

@@ -82,6 +82,13 @@ def test_a_second_round_samples_ranks_and_goes_on_from_the_first(run_copy, tmp_p
     assert set(summary(out).values()) == {"reused"}
     assert "samples up to date" in err and "rankings up to date" in err
 
+    # the run moved elsewhere: still up to date (the rounds' prompts file lies inside the run, named from there)
+    moved = tmp_path / "moved"
+    run_copy.rename(moved)
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={moved}", *FAST, *settings)
+    assert code == 0, err
+    assert set(summary(out).values()) == {"reused"}
+
 
 def test_reward_from_previous_trains_each_round_reward_model_on_from_the_last(run_copy, tmp_path, capsys):
     # rounds.reward_from: previous, with a learning rate so small that which weights each round loaded shows
