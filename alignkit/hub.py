@@ -163,6 +163,12 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
                 f"{folder} has no LoRA adapter (this stage trained every weight); push merged weights "
                 "(drop --adapter / hub.weights: adapter)"
             )
+        started = Path(((read_manifest(folder) or {}).get("inputs") or {}).get("model") or "")
+        if n > 1 and started.name != _model_stage(run_dir, stage, n):
+            raise UserError(
+                f"{stage} of round {n} trained its adapter on {started} (the last round's model, merged), which no "
+                "Hub repo holds: push merged weights (drop --adapter / hub.weights: adapter)"
+            )
         if base is None:
             up = _model_stage(run_dir, stage, n)
             raise UserError(

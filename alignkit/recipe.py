@@ -456,17 +456,6 @@ def _check_rounds_stages(recipe: Recipe, problems: list[Problem]) -> list[str]:
             )
         )
     retrained = [name for name in (reward, policy) if name]
-    for name in retrained:
-        if isinstance(recipe.stages[name], StageSettings):
-            lora, quantization = recipe.adapters(name)
-            if lora or quantization:
-                problems.append(
-                    Problem(
-                        "rounds",
-                        f"rounds with LoRA or quantization in the {name} stage are not supported yet (a later "
-                        "round would continue an adapter); train the stages in full, or remove rounds",
-                    )
-                )
     if policy and getattr(recipe.stages[policy], "reward_model", None):
         problems.append(
             Problem(

@@ -71,6 +71,11 @@ def run(recipe: Recipe, force: bool = False) -> dict:
             files.write_jsonl(mixed, rows)
         wait_for_everyone()
         more = [f"stages.{policy}.dataset={json.dumps({'path': str(mixed.resolve())})}"]
+    if recipe.adapters(policy)[0] and hasattr(recipe.stages[policy], "separate_reference"):
+        # LoRA: a later round's policy is the last round's (merged) with a new adapter, so disabling the adapter no
+        # longer gives the KL reference; the sft model is loaded as a second frozen copy (quantized like the policy)
+        more.append(f"stages.{policy}.separate_reference=true")
+        log("rounds", f"{policy} has LoRA: later rounds load its KL reference ({reference}) as a second frozen copy")
     later = round_recipe(recipe, more)
     sampling = Sampling(
         k=rounds.k,

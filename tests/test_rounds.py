@@ -3,11 +3,14 @@ model retrains on the recipe's comparisons plus the round's rankings, and ppo go
 sft model as its KL reference. Through the real entry point, on the tiny recipe's finished run."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, TINY, alignkit, summary
+from conftest import FAST, REPO, TINY, alignkit, summary
 from safetensors.torch import load_file
 
 JUDGE = '''
@@ -131,6 +134,66 @@ def test_train_on_prompts_false_keeps_the_policy_on_its_stage_prompts(run_copy, 
     assert later == first and not (run_copy / "round-prompts.jsonl").exists()
     text = (run_copy / "round-2" / "ppo" / "recipe.yaml").read_text()
     assert "data/tiny/ppo.jsonl" in text and "round-prompts" not in text
+
+
+def test_a_round_under_two_processes_samples_and_ranks_once_and_trains_on_both(run_copy, tmp_path):
+    """Two CPU processes over gloo: the main one samples and ranks, both train the round's stages."""
+    done = subprocess.run(
+        [sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={run_copy}", *FAST, *rounds(tmp_path)]
+        + ["--num-processes", "2"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary(done.stdout)["round-2/ppo"] == "trained"
+    assert done.stderr.count("round 2: sampled ") == 1 and done.stderr.count("ordered pairs ->") == 1
+    here = run_copy / "round-2"
+    samples = (here / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["responses"] for line in (here / "rankings.jsonl").read_text().splitlines()] == [
+        json.loads(line)["responses"] for line in samples
+    ]
+    for stage in ("reward", "ppo"):
+        manifest = json.loads((here / stage / "alignkit_stage.json").read_text())
+        assert manifest["status"] == "complete" and manifest["processes"] == 2
+    metrics = json.loads((here / "reward" / "metrics.json").read_text())
+    assert metrics["rankings"]["trained"] + metrics["rankings"]["all_ties"] == 42 + len(samples)
+    assert sorted(p.name for p in here.iterdir()) == ["ppo", "rankings.jsonl", "reward", "round.json", "samples.jsonl"]
+
+
+def test_rounds_with_qlora_continue_the_merged_policy_against_a_separate_sft_reference(
+    run_copy, tmp_path, capsys, monkeypatch
+):
+    """QLoRA in reward and ppo (sft in full): round 2's policy is round 1's merged one with a new
+    adapter, and its KL reference the sft model loaded as a second frozen copy (disabling the adapter would give
+    round 1's policy)."""
+    settings = ["lora.r=4", "lora.lora_alpha=8", "stages.sft.lora=false", "quantization.load_in_4bit=true"]
+    settings += ["stages.sft.quantization=false", "stages.reward.trainer.bf16=true", "stages.ppo.trainer.bf16=true"]
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings, *rounds(tmp_path))
+    assert code == 0, err
+    done = summary(out)
+    assert done["round-2/reward"] == done["round-2/ppo"] == "trained"
+    here = run_copy / "round-2"
+    assert "ppo has LoRA: later rounds load its KL reference" in err
+    assert f"policy from {run_copy / 'ppo'}, KL reference {run_copy / 'sft'}" in err
+    assert "reference: a second frozen copy" in err
+    params = json.loads((here / "ppo" / "metrics.json").read_text())["parameters"]
+    assert params["policy"]["trainable"] < 0.1 * params["policy"]["total"]  # an adapter, not the whole model
+    # the merged round-2 policy: round 1's merged weights plus the new adapter, which touches c_attn only
+    first, new = weights(run_copy / "ppo"), weights(here / "ppo")
+    frozen = [k for k in first if "c_attn" not in k and k in new]
+    assert frozen and all(torch.equal(first[k], new[k]) for k in frozen)
+    assert any(not torch.equal(first[k], new[k]) for k in first if k.endswith("c_attn.weight"))
+    assert (here / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
+
+    # its adapter sits on round 1's merged policy, which no Hub repo holds: only merged weights can be pushed (the
+    # refusal comes before any request; the token is a dummy)
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat", "--round", "2", "--adapter")
+    assert code == 2 and f"ppo of round 2 trained its adapter on {run_copy / 'ppo'}" in err, err
+    assert "push merged weights" in err
 
 
 def test_a_round_ranked_by_people_waits_for_them_and_goes_on(run_copy, tmp_path, capsys):
