@@ -183,8 +183,8 @@ class Rounds:
         default="start",
         metadata={
             "help": "what a later round's reward model trains from: 'start', what round 1's started from (the sft "
-            "model), afresh on every round's data, as Anthropic's and Llama 2's rounds do; or 'previous', the last "
-            "round's reward model, trained on (with rounds.stages.reward's settings, e.g. fewer epochs)"
+            "model), afresh on all the data so far; or 'previous', the last round's reward model, trained on with "
+            "the same data (and rounds.stages.reward's settings, e.g. fewer epochs)"
         },
     )
     train_on_prompts: bool = field(
