@@ -1,7 +1,7 @@
 """Do more rounds help? Runs recipes/chat-rounds.yaml with several seeds and prints, per seed and round, what the
 round's policy does on the 200 held-out prompts.
 
-    python benchmarks/rounds_seeds.py [--seeds 42 1 2 3] [--out runs/rounds] [KEY=VALUE ...]
+    python benchmarks/rounds_seeds.py [--seeds 42 1 2 3] [--out runs/rounds] [--set-aside N] [KEY=VALUE ...]
 
 Each seed is `alignkit run recipes/chat-rounds.yaml seed=N output_dir={out}/seedN` (a finished run is reused: with
 {out}/seedN holding a chat.yaml run of that seed, only the later rounds train). Then, for sft and every round's
@@ -46,12 +46,29 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3])
     parser.add_argument("--out", default="runs/rounds")
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "chat-rounds.yaml"))
+    parser.add_argument(
+        "--set-aside",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave every Nth round country's questions out of the rounds' prompts and count the policy's right "
+        "answers to them: countries no round asked about, as the held-out ones (settings chosen on these)",
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run")
     args = parser.parse_args()
     from alignkit.pipeline import ROUND_POLICY, stage_folder
 
     rows = [json.loads(line) for line in (REPO / "data" / "chat" / "eval.jsonl").read_text().splitlines()]
     round_rows = [json.loads(line) for line in (REPO / "data/chat/rounds/prompts.jsonl").read_text().splitlines()]
+    aside = []
+    if args.set_aside:  # two questions a country, in file order: every Nth country's pair is kept out of the rounds
+        pairs = [round_rows[i : i + 2] for i in range(0, len(round_rows), 2)]
+        aside = [row for i, pair in enumerate(pairs) if i % args.set_aside == args.set_aside - 1 for row in pair]
+        round_rows = [row for i, pair in enumerate(pairs) if i % args.set_aside != args.set_aside - 1 for row in pair]
+        (REPO / args.out).mkdir(parents=True, exist_ok=True)
+        kept = REPO / args.out / "round-prompts-kept.jsonl"
+        kept.write_text("".join(json.dumps(row) + "\n" for row in round_rows))
+        args.overrides = [f"rounds.prompts.path={kept}", *args.overrides]
     table, by_round = [], {}
     for seed in args.seeds:
         out = REPO / args.out / f"seed{seed}"
@@ -80,6 +97,7 @@ def main():
                 "rm": rounds.get(name, {}).get("reward_accuracy"),
                 **{c: counted.count(i + 1) for i, c in enumerate(CLASSES)},
                 "training correct": asked.count(1),
+                **({"set-aside correct": classes(folder, aside, 20).count(1)} if aside else {}),
             }
             table.append(entry)
             by_round.setdefault(entry["round"], []).append(entry)
@@ -108,7 +126,12 @@ def main():
             f"  {'sft' if n == 0 else f'round {n}'}: gold {spread([e['gold'] for e in entries])}, "
             f"reward model {spread([e['rm'] for e in entries])}, "
             f"off topic {spread([e['off topic'] for e in entries])}, "
-            f"round questions right of 80 (training) {spread([e['training correct'] for e in entries])}"
+            f"round questions right of {len(round_rows)} (training) {spread([e['training correct'] for e in entries])}"
+            + (
+                f", set aside right of {len(aside)} {spread([e['set-aside correct'] for e in entries])}"
+                if aside
+                else ""
+            )
         )
     first = {e["seed"]: e["gold"] for e in by_round.get(1, [])}
     for n in sorted(k for k in by_round if k > 1):
