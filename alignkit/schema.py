@@ -182,9 +182,9 @@ class Rounds:
     reward_from: Literal["start", "previous"] = field(
         default="start",
         metadata={
-            "help": "what a later round's reward model trains from: 'start', what round 1's started from (the sft "
-            "model), afresh on all the data so far; or 'previous', the last round's reward model, trained on with "
-            "the same data (and rounds.stages.reward's settings, e.g. fewer epochs)"
+            "help": "what a later round's reward model trains from: 'start', what round 1's started from, afresh on "
+            "all the data so far; or 'previous', the last round's reward model, trained on with the same data (and "
+            "the later rounds' trainer settings, e.g. fewer epochs)"
         },
     )
     train_on_prompts: bool = field(
