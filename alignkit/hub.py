@@ -121,6 +121,8 @@ def push(
         )
     stages = sorted(set(stages), key=NAMES.index)
     targets = {s: repo_id if s == stages[-1] else f"{repo_id}-{s}" for s in stages}
+    for stage in stages if adapter else []:  # every stage's refusal before any repo is made
+        check_adapter(run_dir, stage, targets, n)
     token = get_token()
     if not token:
         raise UserError("no Hugging Face token: set HF_TOKEN, or run `hf auth login`")
@@ -152,29 +154,37 @@ def push(
     return lines
 
 
+def check_adapter(run_dir: Path, stage: str, targets: dict, n: int = 1) -> None:
+    """Raise UserError where a stage of round n has no adapter the Hub could apply: none at all, one trained on a
+    model no Hub repo holds (a later round's, on the last round's merged model), or one on a model of this run that
+    is not pushed with it."""
+    folder = stage_folder(run_dir, stage, n)
+    if not (folder / "adapter").is_dir():
+        raise UserError(
+            f"{folder} has no LoRA adapter (this stage trained every weight); push merged weights "
+            "(drop --adapter / hub.weights: adapter)"
+        )
+    up = _model_stage(run_dir, stage, n)
+    started = Path(((read_manifest(folder) or {}).get("inputs") or {}).get("model") or "")
+    if n > 1 and started.name != up:
+        raise UserError(
+            f"{stage} of round {n} trained its adapter on {started} (the last round's model, merged), which no "
+            "Hub repo holds: push merged weights (drop --adapter / hub.weights: adapter)"
+        )
+    if hub_base(run_dir, stage, targets, n) is None:
+        raise UserError(
+            f"{stage}'s adapter sits on a model trained in this run ({up}), which the Hub cannot "
+            f"resolve: push {up} too (--stage {up} --stage {stage}), or push merged weights"
+        )
+
+
 def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets: dict, n: int = 1) -> str | None:
     """Copy what the Hub repo holds of a stage of round n into `staged`; return the Hub id of the stage's base model
     (None if local)."""
     folder = stage_folder(run_dir, stage, n)
     base = hub_base(run_dir, stage, targets, n)
     if adapter:
-        if not (folder / "adapter").is_dir():
-            raise UserError(
-                f"{folder} has no LoRA adapter (this stage trained every weight); push merged weights "
-                "(drop --adapter / hub.weights: adapter)"
-            )
-        started = Path(((read_manifest(folder) or {}).get("inputs") or {}).get("model") or "")
-        if n > 1 and started.name != _model_stage(run_dir, stage, n):
-            raise UserError(
-                f"{stage} of round {n} trained its adapter on {started} (the last round's model, merged), which no "
-                "Hub repo holds: push merged weights (drop --adapter / hub.weights: adapter)"
-            )
-        if base is None:
-            up = _model_stage(run_dir, stage, n)
-            raise UserError(
-                f"{stage}'s adapter sits on a model trained in this run ({up}), which the Hub cannot "
-                f"resolve: push {up} too (--stage {up} --stage {stage}), or push merged weights"
-            )
+        check_adapter(run_dir, stage, targets, n)
         shutil.copytree(folder / "adapter", staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SKIP))
         config = json.loads((staged / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = base  # a Hub id, not this machine's path

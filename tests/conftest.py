@@ -3,6 +3,8 @@ whole pipeline run through the real `alignkit` entry point that several tests in
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
 # The tiny recipe, a little shorter where the tests only need the mechanics.
 FAST = ["stages.ppo.trainer.total_episodes=48"]
+
+
+def launched(*args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m alignkit ARGS` as a process of its own, from the repository (what --num-processes needs: torchrun
+    starts its workers from a real command line); stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "alignkit", *map(str, args)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(autouse=True)

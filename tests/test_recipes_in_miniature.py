@@ -7,14 +7,11 @@ second test runs each recipe with `--num-processes 2` (NCCL). CI has no GPU: `py
 tests/test_recipes_in_miniature.py` is the one command for the first machine that has one."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, alignkit
+from conftest import REPO, alignkit, launched
 from miniature import miniature
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -77,14 +74,7 @@ def test_the_recipe_runs_in_miniature(recipe, tmp_path, capsys):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_the_recipe_runs_in_miniature_on_two_gpus(recipe, tmp_path):
     mini, shipped = _miniature(recipe, tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "alignkit", "run", str(mini), "--num-processes", "2"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    done = launched("run", mini, "--num-processes", "2", timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     _check_outputs(shipped, tmp_path / "run")
     for stage in shipped["stages"]:

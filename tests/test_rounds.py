@@ -3,14 +3,11 @@ model retrains on the recipe's comparisons plus the round's rankings, and ppo go
 sft model as its KL reference. Through the real entry point, on the tiny recipe's finished run."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, TINY, alignkit, summary
+from conftest import FAST, TINY, alignkit, launched, summary
 from safetensors.torch import load_file
 
 JUDGE = '''
@@ -138,15 +135,7 @@ def test_train_on_prompts_false_keeps_the_policy_on_its_stage_prompts(run_copy, 
 
 def test_a_round_under_two_processes_samples_and_ranks_once_and_trains_on_both(run_copy, tmp_path):
     """Two CPU processes over gloo: the main one samples and ranks, both train the round's stages."""
-    done = subprocess.run(
-        [sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={run_copy}", *FAST, *rounds(tmp_path)]
-        + ["--num-processes", "2"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = launched("run", TINY, f"output_dir={run_copy}", *FAST, *rounds(tmp_path), "--num-processes", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary(done.stdout)["round-2/ppo"] == "trained"
     assert done.stderr.count("round 2: sampled ") == 1 and done.stderr.count("ordered pairs ->") == 1
@@ -188,9 +177,9 @@ def test_rounds_with_qlora_continue_the_merged_policy_against_a_separate_sft_ref
     assert any(not torch.equal(first[k], new[k]) for k in first if k.endswith("c_attn.weight"))
     assert (here / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
 
-    # its adapter sits on round 1's merged policy, which no Hub repo holds: only merged weights can be pushed (the
-    # refusal comes before any request; the token is a dummy)
-    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    # its adapter sits on round 1's merged policy, which no Hub repo holds: only merged weights can be pushed (refused
+    # before a token is asked for, so before any request)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "bob/chat", "--round", "2", "--adapter")
     assert code == 2 and f"ppo of round 2 trained its adapter on {run_copy / 'ppo'}" in err, err
     assert "push merged weights" in err

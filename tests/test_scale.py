@@ -2,14 +2,11 @@
 reference."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAST, REPO, TINY, alignkit, rerun, summary
+from conftest import FAST, TINY, alignkit, launched, rerun, summary
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 STAGES = ["pretrain", "sft", "reward", "ppo"]
@@ -23,15 +20,7 @@ def _last_step(run, stage):
 def test_two_processes_train_the_pipeline_and_only_the_main_one_writes(run_dir, tmp_path):
     """Two CPU processes over gloo are a real distributed run: each trains half of every epoch's batches."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "alignkit", "run", str(TINY), f"output_dir={out}", *FAST, "--num-processes", "2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = launched("run", TINY, f"output_dir={out}", *FAST, "--num-processes", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary(done.stdout) == dict.fromkeys(STAGES, "trained")  # printed once, by the main process
     assert done.stderr.count("[alignkit] sft: done") == 1  # one process speaks for all
@@ -54,30 +43,20 @@ def test_two_processes_train_the_pipeline_and_only_the_main_one_writes(run_dir, 
 
 def test_a_failing_process_ends_the_run_with_its_message_and_no_launcher_traceback(run_copy):
     """A child's error reaches the user as alignkit's own message and exit status, not torchrun's failure table."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = json.loads((run_copy / "ppo" / "alignkit_stage.json").read_text())
     # a reward model folder whose weights are gone: its config passes validation, loading it fails in each process
     broken = run_copy.parent / "reward-without-weights"
     shutil.copytree(run_copy / "reward", broken)
     (broken / "model.safetensors").unlink()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignkit",
-            "run",
-            str(TINY),
-            f"output_dir={run_copy}",
-            "--only",
-            "ppo",
-            f"stages.ppo.reward_model={broken}",
-            "--num-processes",
-            "2",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    done = launched(
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        "--only",
+        "ppo",
+        f"stages.ppo.reward_model={broken}",
+        "--num-processes",
+        "2",
         timeout=300,
     )
     assert done.returncode == 2, done.stderr[-3000:]  # the child's status: bad input
@@ -91,26 +70,7 @@ def test_a_failing_process_ends_the_run_with_its_message_and_no_launcher_traceba
 
 def test_a_missing_upstream_stage_is_named_once_before_any_process_starts(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignkit",
-            "run",
-            str(TINY),
-            f"output_dir={out}",
-            "--only",
-            "reward",
-            "--num-processes",
-            "2",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = launched("run", TINY, f"output_dir={out}", "--only", "reward", "--num-processes", "2", timeout=300)
     assert done.returncode == 2
     assert done.stderr.count(f"reward needs the sft stage's output, but {out / 'sft'} is missing") == 1
     assert "[alignkit]" not in done.stderr  # no process got as far as loading anything
