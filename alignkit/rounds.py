@@ -91,15 +91,23 @@ def run(recipe: Recipe, force: bool = False) -> dict:
     ranking_fps: list[str] = []
     previous = policy_folder(recipe, 1)
     previous_fp = _fp(out, previous)
+    before = reference  # with compare_previous, the policy before the newest: round 2 compares with its start
     for n in range(2, rounds.count + 1):
         here = pipeline.round_folder(out, n)
-        log(f"round {n}", f"of {rounds.count}: sampling from {out / previous}, ranked by {rounds.rank_by}")
+        compared = [(before, _fp(out, before) if before else None)] if rounds.compare_previous else []
+        log(
+            f"round {n}",
+            f"of {rounds.count}: sampling from {out / previous}"
+            + (f" and, blind beside it, {_model_path(recipe, before)}" if compared else "")
+            + f", ranked by {rounds.rank_by}",
+        )
         if is_main():
             here.mkdir(parents=True, exist_ok=True)
             for stage in (reward, policy):
                 pipeline.recover(here / stage)
         wait_for_everyone()
-        drawn = _samples(recipe, here, n, out / previous, previous_fp, prompts, locate, sampling, force)
+        sources = [(previous, previous_fp), *compared]
+        drawn = _samples(recipe, here, n, sources, prompts, locate, sampling, force)
         ranked_file, ranked_fp = _rankings(recipe, here, n, drawn)
         rankings[f"{ROUND_RANKINGS}{n}"] = str(ranked_file.relative_to(out))
         ranking_fps.append(ranked_fp)
@@ -124,8 +132,13 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         previous_fp, summary[f"round-{n}/{policy}"] = pipeline.build(
             later, policy, here / policy, roles, pipeline.fingerprint_parts(later, policy, ups), force, out
         )
-        previous = policy_folder(recipe, n)
+        before, previous = previous, policy_folder(recipe, n)
     return summary
+
+
+def _model_path(recipe: Recipe, stage: str | None) -> str:
+    """A model the rounds sample from: a stage's folder in the run, or (no stage) the recipe's base model."""
+    return str(Path(recipe.output_dir) / stage) if stage else recipe.model.name_or_path
 
 
 def _fp(out: Path, stage: str) -> str | None:
@@ -139,20 +152,34 @@ def _stamp(here: Path) -> dict:
         return {}
 
 
-def _samples(recipe, here: Path, n: int, policy: Path, policy_fp, prompts, locate, sampling: Sampling, force: bool):
-    """round-N/samples.jsonl: K answers per prompt from the last round's policy; drawn again only when the policy,
-    the prompts or the sampling settings changed. Returns the samples' fingerprint."""
+def _samples(recipe, here: Path, n: int, sources: list, prompts, locate, sampling: Sampling, force: bool):
+    """round-N/samples.jsonl: K answers per prompt from the last round's policy (and, with compare_previous, the one
+    before it: sources holds (stage folder, fingerprint) of each); drawn again only when a model, the prompts or the
+    sampling settings changed. Returns the samples' fingerprint."""
     sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + n, "round": n})  # each round its own draws
-    fp = pipeline.digest(
-        {"policy": policy_fp, "sampling": asdict(sampling), "prompts": data.fingerprint(recipe.rounds.prompts, recipe)}
-    )
+    policy_fp = sources[0][1]
+    fps = {
+        "policy": policy_fp,
+        "sampling": asdict(sampling),
+        "prompts": data.fingerprint(recipe.rounds.prompts, recipe),
+    }
+    if len(sources) > 1:
+        fps["compared"] = [fp or _model_path(recipe, stage) for stage, fp in sources[1:]]
+    fp = pipeline.digest(fps)
     path = here / "samples.jsonl"
     if not force and path.is_file() and _stamp(here).get("samples") == fp:
         log(f"round {n}", f"samples up to date, reusing {path}")
         return fp
     if is_main():
         t0 = time.time()
-        models = [{"stage": round_stages(recipe)[0], "model": str(policy), "fingerprint": policy_fp}]
+        models = [
+            {
+                "stage": stage.rpartition("/")[2] if stage else None,
+                "model": _model_path(recipe, stage),
+                "fingerprint": fp,
+            }
+            for stage, fp in sources
+        ]
         answers, counts = draw(prompts, models, sampling)
         rows = rows_for(prompts, locate, answers, models, sampling)
         files.write_jsonl(path, rows)

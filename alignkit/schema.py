@@ -187,6 +187,15 @@ class Rounds:
             "the later rounds' trainer settings, e.g. fewer epochs)"
         },
     )
+    compare_previous: bool = field(
+        default=False,
+        metadata={
+            "help": "half of each prompt's answers from the policy before the newest (in round 2, the model the "
+            "policy stage started from), shuffled in blind beside the newest's, as Llama 2 sampled two model "
+            "variants per prompt: whoever ranks compares the two, and a hedge or a right answer the newest lost "
+            "comes back to be ranked"
+        },
+    )
     train_on_prompts: bool = field(
         default=True,
         metadata={

@@ -119,6 +119,36 @@ def test_reward_from_previous_trains_each_round_reward_model_on_from_the_last(ru
     assert manifest["inputs"]["model"] == str(run_copy / "sft")
 
 
+def test_compare_previous_samples_the_newest_policy_and_the_one_before_it_blind(run_copy, tmp_path, capsys):
+    # rounds.compare_previous: half of each prompt's answers from the policy before the newest (round 2: sft)
+    settings = rounds(tmp_path, "rounds.count=3", "rounds.compare_previous=true")
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert summary(out)["round-3/ppo"] == "trained"
+    for n, newest, before in ((2, "ppo", "sft"), (3, "round-2/ppo", "ppo")):
+        rows = [json.loads(line) for line in (run_copy / f"round-{n}" / "samples.jsonl").read_text().splitlines()]
+        models = rows[0]["provenance"]["models"]
+        assert [m["model"] for m in models] == [str(run_copy / newest), str(run_copy / before)]
+        built = [
+            json.loads((run_copy / m / "alignkit_stage.json").read_text())["fingerprint"] for m in (newest, before)
+        ]
+        assert [m["fingerprint"] for m in models] == built
+        sources = [row["provenance"]["sources"] for row in rows]
+        assert all(s.count(0) <= 2 and s.count(1) <= 2 for s in sources)  # K 4: two answers from each
+        assert sum(s.count(1) for s in sources) > len(rows)  # the one before answers too, not only the newest
+        assert any(s not in ([0, 0, 1, 1], [0, 0, 1], [0, 1, 1], [0, 1]) for s in sources)  # shuffled in, blind
+        assert f"sampling from {run_copy / newest} and, blind beside it, {run_copy / before}" in err
+
+    # the same command again reuses every round; without compare_previous the samples are drawn again
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert set(summary(out).values()) == {"reused"}
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings[:-1])
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run_copy / "round-2" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows[0]["provenance"]["models"]) == 1 and summary(out)["round-2/reward"] == "trained"
+
+
 def test_train_on_prompts_false_keeps_the_policy_on_its_stage_prompts(run_copy, tmp_path, capsys):
     # the default mixes the stage's prompts and the rounds' own (round-prompts.jsonl); false keeps the stage's alone
     code, out, err = alignkit(
