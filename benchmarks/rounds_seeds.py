@@ -74,6 +74,7 @@ def main():
         out = REPO / args.out / f"seed{seed}"
         cmd = [sys.executable, "-m", "alignkit", "run", args.recipe, f"seed={seed}", f"output_dir={out}"]
         print("$", " ".join([*cmd, *args.overrides]), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(REPO / args.out / f"seed{seed}.log", "w") as log:
             done = subprocess.run([*cmd, *args.overrides], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode:
