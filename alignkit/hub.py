@@ -183,8 +183,7 @@ def stage_files(run_dir: Path, stage: str, staged: Path, adapter: bool, targets:
     (None if local)."""
     folder = stage_folder(run_dir, stage, n)
     base = hub_base(run_dir, stage, targets, n)
-    if adapter:
-        check_adapter(run_dir, stage, targets, n)
+    if adapter:  # push checked it can be (check_adapter), every stage before the first upload
         shutil.copytree(folder / "adapter", staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*SKIP))
         config = json.loads((staged / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = base  # a Hub id, not this machine's path

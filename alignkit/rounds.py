@@ -157,9 +157,8 @@ def _samples(recipe, here: Path, n: int, sources: list, prompts, locate, samplin
     before it: sources holds (stage folder, fingerprint) of each); drawn again only when a model, the prompts or the
     sampling settings changed. Returns the samples' fingerprint."""
     sampling = Sampling(**{**asdict(sampling), "seed": sampling.seed + n, "round": n})  # each round its own draws
-    policy_fp = sources[0][1]
     fps = {
-        "policy": policy_fp,
+        "policy": sources[0][1],
         "sampling": asdict(sampling),
         "prompts": data.fingerprint(recipe.rounds.prompts, recipe),
     }
