@@ -130,7 +130,7 @@ def shown(path: str, out: Path) -> str:
         return path
 
 
-def _device():
+def device():
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,7 +157,7 @@ def greedy_answers(folder: str | Path, rows, max_new_tokens: int, batch_size: in
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder).to(_device()).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder).to(device()).eval()
     prompts = [
         tokenizer(data.render(r, tokenizer, add_generation_prompt=True), add_special_tokens=False).input_ids
         for r in rows
@@ -235,7 +235,7 @@ def _logprobs(model, tokenizer, prompts: list[list[int]], responses: list[list[i
     return sums
 
 
-def _scores(reward_model, tokenizer, sequences: list[list[int]], batch_size: int) -> list[float]:
+def reward_scores(reward_model, tokenizer, sequences: list[list[int]], batch_size: int) -> list[float]:
     """The reward model's score of each token sequence, read at its last token, as in PPO."""
     import torch
 
@@ -296,21 +296,19 @@ def evaluate(recipe: Recipe) -> dict:
             f"model's context of {context} less eval.max_new_tokens {spec.max_new_tokens}) cut from the left",
         )
     references = rows["reference"]
-    device = _device()
+    where = device()
     reward_path = reward_model_path(recipe)
-    reward_model = models.load_reward_model(recipe, reward_path, tokenizer).to(device).eval() if reward_path else None
+    reward_model = models.load_reward_model(recipe, reward_path, tokenizer).to(where).eval() if reward_path else None
     if reward_path and rounds_done(recipe):
         log(
             "eval", f"reward_mean: every checkpoint scored by the last round's reward model, {shown(reward_path, out)}"
         )
-    reference = (
-        AutoModelForCausalLM.from_pretrained(found[REFERENCE]).to(device).eval() if REFERENCE in found else None
-    )
+    reference = AutoModelForCausalLM.from_pretrained(found[REFERENCE]).to(where).eval() if REFERENCE in found else None
 
     results, answers, scores_of, correct_of = {}, {}, {}, {}
     for name, path in found.items():
         t0 = time.time()
-        model = reference if name == REFERENCE else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        model = reference if name == REFERENCE else AutoModelForCausalLM.from_pretrained(path).to(where).eval()
         if name == BASE:  # a base model from the Hub lacks the pad token the stages added
             models.fit_to_tokenizer(model, tokenizer, recipe.model.fused_gelu)
         responses = generate(model, tokenizer, prompts, spec.max_new_tokens, spec.batch_size)
@@ -331,7 +329,7 @@ def evaluate(recipe: Recipe) -> dict:
                 ref = _logprobs(reference, tokenizer, prompts, samples, spec.batch_size)
                 kl = _mean(a - b for a, b in zip(own, ref))
         scores = (
-            _scores(reward_model, tokenizer, [p + r for p, r in zip(prompts, responses)], spec.batch_size)
+            reward_scores(reward_model, tokenizer, [p + r for p, r in zip(prompts, responses)], spec.batch_size)
             if reward_model is not None
             else []
         )
@@ -424,7 +422,7 @@ def rounds_block(recipe: Recipe, report: dict, judge: dict, tokenizer) -> list[d
             if path == reward_model_path(recipe):
                 row["reward_accuracy"] = report["reward_accuracy"]
             else:
-                model = models.load_reward_model(recipe, path, tokenizer).to(_device()).eval()
+                model = models.load_reward_model(recipe, path, tokenizer).to(device()).eval()
                 row["reward_accuracy"] = reward_accuracy(recipe, model, tokenizer)
                 del model
         figures = ("gold_accuracy", WIN_RATE, "win_rate_vs_previous", "reward_accuracy")
@@ -457,7 +455,7 @@ def reward_accuracy(recipe: Recipe, reward_model, tokenizer) -> float:
         log(
             "eval", f"warning: {cut} of {len(encoded)} held-out answers longer than {context} tokens cut from the left"
         )
-    scores = _scores(reward_model, tokenizer, encoded, recipe.eval.batch_size)
+    scores = reward_scores(reward_model, tokenizer, encoded, recipe.eval.batch_size)
     return _mean(scores[c] > scores[r] for c, r in zip(*sides))
 
 

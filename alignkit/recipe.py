@@ -56,6 +56,17 @@ def round_stages(recipe: Recipe) -> tuple[str | None, str | None]:
     return policy, (makers[-1] if makers else None)
 
 
+def best_of_k_stage(recipe: Recipe) -> str | None:
+    """The stage that fine-tunes a later round's policy on its best answers (rounds.rejection_sampling): the one the
+    policy stage starts from, where it trains on demonstrations; None where there is none."""
+
+    policy, _ = round_stages(recipe)
+    if policy is None:
+        return None
+    earlier = [s for s in REGISTRY[policy].model_from if s in (recipe.stages or {})]
+    return earlier[-1] if earlier and REGISTRY[earlier[-1]].data == "demonstrations" else None
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), check_trainers: bool = True) -> Recipe:
     """Read, override and check a recipe; raise RecipeError listing every problem found."""
     path = Path(path)
@@ -443,7 +454,8 @@ def _check_rounds(recipe: Recipe, rounds: Rounds, problems: list[Problem], check
 
 
 def _check_rounds_stages(recipe: Recipe, problems: list[Problem]) -> list[str]:
-    """A later round retrains a reward stage and the policy stage after it, in full. Returns them."""
+    """A later round retrains a reward stage and the policy stage after it, in full (and, with rejection_sampling, the
+    stage the policy starts from, on the round's best answers). Returns them."""
 
     policy, reward = round_stages(recipe)
     if policy is None or reward is None:
@@ -456,6 +468,22 @@ def _check_rounds_stages(recipe: Recipe, problems: list[Problem]) -> list[str]:
             )
         )
     retrained = [name for name in (reward, policy) if name]
+    if recipe.rounds.rejection_sampling is True:
+        tuned = best_of_k_stage(recipe)
+        if tuned is None:
+            wanted = [
+                s for s in (REGISTRY[policy].model_from if policy else ()) if REGISTRY[s].data == "demonstrations"
+            ]
+            problems.append(
+                Problem(
+                    "rounds.rejection_sampling",
+                    f"fine-tunes each later round's policy on its best answers as the stage it starts from trains on "
+                    f"demonstrations; {policy or 'the policy'} starts from no such stage here: add "
+                    f"{' or '.join(wanted) or 'one'}, or remove rejection_sampling",
+                )
+            )
+        else:
+            retrained.append(tuned)
     if policy and getattr(recipe.stages[policy], "reward_model", None):
         problems.append(
             Problem(
@@ -484,6 +512,10 @@ def _check_rounds_ranking(recipe: Recipe, rounds: Rounds, problems: list[Problem
             )
         elif module.endswith(".py") and resolve_path(module, base) is None:
             problems.append(Problem("rounds.rank_by", f"no such file {module} (relative to here or to the recipe)"))
+    if rounds.best_min_reward is not None and rounds.rejection_sampling is not True:
+        problems.append(
+            Problem("rounds.best_min_reward", "only with rejection_sampling: true (it picks what that trains on)")
+        )
     if rounds.min_ranked is not None and rounds.rank_by != "people":
         problems.append(Problem("rounds.min_ranked", "only with rank_by: people (a judge ranks every prompt)"))
     if rounds.guidelines is not None:

@@ -24,13 +24,14 @@ from . import data, files, pipeline
 from .distributed import is_main, wait_for_everyone
 from .errors import DataError, WaitingForRankings
 from .log import log
-from .recipe import Recipe, round_recipe, round_stages
+from .recipe import Recipe, best_of_k_stage, round_recipe, round_stages
 from .sample import Sampling, draw, refuse_held_out, rows_for
 from .stages import REGISTRY
 from .stages.reward import ROUND_RANKINGS
 
 PEOPLE = "people"
 STAMP = "round.json"
+BEST = "best-of-k"  # rejection sampling: round-N/best-of-k.jsonl, the answers, and round-N/best-of-k/, the model
 
 
 def policy_folder(recipe: Recipe, n: int) -> str:
@@ -60,6 +61,7 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         return {}
     out = Path(recipe.output_dir)
     policy, reward = round_stages(recipe)
+    tuned = best_of_k_stage(recipe) if rounds.rejection_sampling else None  # fine-tunes on the best answers
     reference = pipeline.upstream(recipe, policy)["model"]  # the KL reference in every round
     prompts, locate = data.load_located(rounds.prompts, "rounds.prompts", recipe, "prompts")
     more = []
@@ -103,8 +105,8 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         )
         if is_main():
             here.mkdir(parents=True, exist_ok=True)
-            for stage in (reward, policy):
-                pipeline.recover(here / stage)
+            for folder in (reward, policy, BEST):
+                pipeline.recover(here / folder)
         wait_for_everyone()
         sources = [(previous, previous_fp), *compared]
         drawn = _samples(recipe, here, n, sources, prompts, locate, sampling, force)
@@ -122,11 +124,19 @@ def run(recipe: Recipe, force: bool = False) -> dict:
             later, reward, here / reward, {**ups, **rankings}, {**parts, "rankings": list(ranking_fps)}, force, out
         )
 
+        start, start_fp = previous, previous_fp
+        if tuned:  # rejection sampling: the last round's policy fine-tuned on the best answers first
+            start, start_fp, entry = _best_of_k(
+                recipe, more, tuned, here, n, (ranked_file, ranked_fp), reward_fp, (previous, previous_fp), force
+            )
+            if entry:
+                summary[start] = entry
+
         # the policy: on from the last round's, against this round's reward model, its KL to the first reference
         # (its value model starts from this round's reward model, as round 1's does: one trained on the last round's
         # rewards would start off by what the reward model has learnt since)
-        roles = {"model": previous, "reference": reference, "reward_model": f"round-{n}/{reward}"}
-        ups = {previous: previous_fp, f"round-{n}/{reward}": reward_fp}
+        roles = {"model": start, "reference": reference, "reward_model": f"round-{n}/{reward}"}
+        ups = {start: start_fp, f"round-{n}/{reward}": reward_fp}
         if reference:
             ups[reference] = _fp(out, reference)
         previous_fp, summary[f"round-{n}/{policy}"] = pipeline.build(
@@ -134,6 +144,91 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         )
         before, previous = previous, policy_folder(recipe, n)
     return summary
+
+
+def _best_of_k(recipe, more, tuned: str, here: Path, n: int, ranked: tuple, reward_fp: str, previous: tuple, force):
+    """Rejection sampling (Llama 2): the last round's policy fine-tuned, as the `tuned` stage trains, on each prompt's
+    best answer (round-N/best-of-k.jsonl). `ranked` and `previous` are (folder or file, fingerprint). Returns (the
+    model PPO starts from, its fingerprint, its summary entry or None): the last round's policy itself where no answer
+    was good enough."""
+    out = Path(recipe.output_dir)
+    answers, _ = _best_answers(recipe, here, n, *ranked, here / round_stages(recipe)[1], reward_fp)
+    if answers is None:
+        return (*previous, None)
+    dataset = json.dumps({"path": str(answers.resolve())})
+    trains = round_recipe(recipe, [*more, f"stages.{tuned}.dataset={dataset}"])
+    folder = f"round-{n}/{BEST}"
+    parts = pipeline.fingerprint_parts(trains, tuned, dict([previous]))
+    fp, entry = pipeline.build(trains, tuned, out / folder, {"model": previous[0]}, parts, force, out)
+    return folder, fp, entry
+
+
+def _best_answers(recipe, here: Path, n: int, ranked: Path, ranked_fp: str, reward_dir: Path, reward_fp: str | None):
+    """round-N/best-of-k.jsonl: for each ranking, the answer ranked first (among ties, the one the round's reward model
+    scores highest), kept where that model scores it at least rounds.best_min_reward, as a demonstration. Returns the
+    file (None when none was kept) and its fingerprint."""
+    floor = recipe.rounds.best_min_reward if recipe.rounds.best_min_reward is not None else 0.0
+    fp = pipeline.digest({"rankings": ranked_fp, "reward_model": reward_fp, "floor": floor})
+    path = here / f"{BEST}.jsonl"
+    stamp = _stamp(here).get(BEST) or {}
+    if stamp.get("fingerprint") == fp and (path.is_file() or stamp.get("kept") == 0):
+        log(f"round {n}", f"best answers up to date ({stamp.get('kept')} kept), reusing them")
+        return (path if stamp.get("kept") else None), fp
+    if is_main():
+        rows = _pick_best(recipe, data.read_rows(ranked)[0], reward_dir, floor)
+        if rows:
+            files.write_jsonl(path, rows)
+        elif path.is_file():
+            path.unlink()
+        files.write_json(here / STAMP, {**_stamp(here), BEST: {"fingerprint": fp, "kept": len(rows)}})
+    wait_for_everyone()
+    kept = (_stamp(here).get(BEST) or {}).get("kept", 0)
+    log(
+        f"round {n}",
+        f"rejection sampling: {kept} best answers score at least {floor:g} by {reward_dir}"
+        + (f" -> {path}" if kept else "; the policy goes on to PPO as it is"),
+    )
+    return (path if kept else None), fp
+
+
+def _pick_best(recipe, rankings: list[dict], reward_dir: Path, floor: float) -> list[dict]:
+    """Each ranking's best answer by its ranks (ties: by the reward model's score), kept at or above `floor`, as a
+    demonstration row (the sft data's own shape: messages for a conversation, prompt and completion for text)."""
+    from . import models
+    from .evaluate import device, fit_prompts, reward_scores
+    from .stages.reward import scored_text
+
+    tokenizer = models.load_tokenizer(recipe, str(reward_dir))
+    model = models.load_reward_model(recipe, str(reward_dir), tokenizer).to(device()).eval()
+    firsts = []  # (row, answer) for every answer ranked first
+    for row in rankings:
+        top = min(row["ranks"])
+        firsts += [(row, answer) for answer, rank in zip(row["responses"], row["ranks"]) if rank == top]
+    texts = [scored_text(_demonstration(row["prompt"], answer), tokenizer) for row, answer in firsts]
+    encoded, _ = fit_prompts(
+        [tokenizer(t, add_special_tokens=False).input_ids for t in texts], models.context_length(model.config)
+    )
+    scores = reward_scores(model, tokenizer, encoded, recipe.rounds.batch_size)
+    del model
+    best: dict[int, tuple[float, str]] = {}
+    for (row, answer), score in zip(firsts, scores):
+        if id(row) not in best or score > best[id(row)][0]:
+            best[id(row)] = (score, answer)
+    return [
+        {
+            **_demonstration(row["prompt"], best[id(row)][1]),
+            "reward": round(best[id(row)][0], 4),
+            "provenance": row.get("provenance"),
+        }
+        for row in rankings
+        if best[id(row)][0] >= floor
+    ]
+
+
+def _demonstration(prompt, answer: str) -> dict:
+    if isinstance(prompt, list):
+        return {"messages": [*prompt, {"role": "assistant", "content": answer}]}
+    return {"prompt": prompt, "completion": answer}
 
 
 def _model_path(recipe: Recipe, stage: str | None) -> str:

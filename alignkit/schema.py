@@ -5,6 +5,7 @@ Imports nothing of alignkit: the stages, the checks and the loader stand on it."
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -196,6 +197,22 @@ class Rounds:
             "comes back to be ranked"
         },
     )
+    rejection_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "before PPO, a later round fine-tunes the last round's policy on each prompt's best sampled "
+            "answer (Llama 2's rejection sampling), as the stage the policy started from trains on demonstrations "
+            "(rounds.stages.<that stage> sets its trainer); PPO goes on from the result"
+        },
+    )
+    best_min_reward: float | None = field(
+        default=None,
+        metadata={
+            "help": "with rejection_sampling: the least score, by the round's reward model, of a best answer trained "
+            "on (default 0: the demonstrations' mean, where the reward stage normalises its scores)",
+            "range": Range("a finite number", math.isfinite),
+        },
+    )
     train_on_prompts: bool = field(
         default=True,
         metadata={
@@ -217,7 +234,7 @@ class Rounds:
     stages: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={
-            "help": "trainer settings that differ in rounds 2 and later, by stage (of the two a round retrains): "
+            "help": "trainer settings that differ in rounds 2 and later, by stage (of those a round retrains): "
             "{STAGE: {num_train_epochs: 4}}"
         },
     )

@@ -149,6 +149,76 @@ def test_compare_previous_samples_the_newest_policy_and_the_one_before_it_blind(
     assert len(rows[0]["provenance"]["models"]) == 1 and summary(out)["round-2/reward"] == "trained"
 
 
+def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_before_ppo(run_copy, tmp_path, capsys):
+    # rounds.rejection_sampling: round 1's policy is fine-tuned as sft trains on each ranking's best answer, then ppo
+    # goes on from that (a learning rate so small that which weights ppo loaded shows)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    settings = rounds(
+        tmp_path,
+        "rounds.rejection_sampling=true",
+        "rounds.best_min_reward=-1000",
+        "rounds.stages.sft.num_train_epochs=1",
+        "rounds.stages.ppo.learning_rate=1e-12",
+    )
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    done = summary(out)
+    assert done["round-2/best-of-k"] == "trained" and done["round-2/ppo"] == "trained"
+    here = run_copy / "round-2"
+    ranked = [json.loads(line) for line in (here / "rankings.jsonl").read_text().splitlines()]
+    best = [json.loads(line) for line in (here / "best-of-k.jsonl").read_text().splitlines()]
+    assert len(best) == len(ranked)  # a floor of -1000 keeps every ranking's best
+    assert f"rejection sampling: {len(best)} best answers score at least -1000" in err
+
+    # each is an answer ranked first, as sft's rows are (the prompt's messages and the answer); among tied firsts the
+    # one the round's reward model scores highest, scored here again by transformers itself
+    tokenizer = AutoTokenizer.from_pretrained(here / "reward")
+    scorer = AutoModelForSequenceClassification.from_pretrained(here / "reward").eval()
+
+    def score(messages) -> float:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        text = text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return scorer(input_ids=ids).logits[0, 0].item()
+
+    tied = 0
+    for row, pick in zip(ranked, best):
+        assert pick["messages"][:-1] == row["prompt"] and pick["messages"][-1]["role"] == "assistant"
+        firsts = [a for a, r in zip(row["responses"], row["ranks"]) if r == min(row["ranks"])]
+        assert pick["messages"][-1]["content"] in firsts
+        if len(firsts) > 1 and tied < 3:
+            tied += 1
+            scores = [score([*row["prompt"], {"role": "assistant", "content": a}]) for a in firsts]
+            assert firsts[scores.index(max(scores))] == pick["messages"][-1]["content"]
+            assert pick["reward"] == pytest.approx(max(scores), abs=1e-3)
+    assert tied  # the judge ties every capital sentence: ties were broken by the reward model
+
+    # the fine-tune starts from round 1's policy and moves it; ppo starts from the fine-tune, its reference still sft
+    tuned = json.loads((here / "best-of-k" / "alignkit_stage.json").read_text())
+    assert tuned["stage"] == "sft" and tuned["inputs"]["model"] == str(run_copy / "ppo")
+    assert distance(weights(here / "best-of-k"), weights(run_copy / "ppo")) > 0
+    manifest = json.loads((here / "ppo" / "alignkit_stage.json").read_text())
+    assert manifest["inputs"]["model"] == str(here / "best-of-k")
+    assert manifest["inputs"]["reference"] == str(run_copy / "sft")
+    new, start = weights(here / "ppo"), weights(here / "best-of-k")
+    assert distance(new, start) < 1e-3 * distance(start, weights(run_copy / "ppo"))
+
+    # again: reused; a floor above every score keeps none, and ppo starts from round 1's policy as without it
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert set(summary(out).values()) == {"reused"} and "best answers up to date" in err
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings, "rounds.best_min_reward=1000"
+    )
+    assert code == 0, err
+    assert "rejection sampling: 0 best answers score at least 1000" in err and "round-2/best-of-k" not in summary(out)
+    assert not (here / "best-of-k.jsonl").exists()
+    manifest = json.loads((here / "ppo" / "alignkit_stage.json").read_text())
+    assert summary(out)["round-2/ppo"] == "trained" and manifest["inputs"]["model"] == str(run_copy / "ppo")
+
+
 def test_train_on_prompts_false_keeps_the_policy_on_its_stage_prompts(run_copy, tmp_path, capsys):
     # the default mixes the stage's prompts and the rounds' own (round-prompts.jsonl); false keeps the stage's alone
     code, out, err = alignkit(
@@ -280,6 +350,35 @@ def test_rounds_are_checked_before_anything_trains(tmp_path, capsys):
         capsys, "validate", TINY, f"output_dir={out}", *rounds(tmp_path, "rounds.stages.ppo.learing_rate=1e-5")
     )
     assert code == 2 and "rounds.stages.ppo.learing_rate" in err and "learning_rate" in err
+
+    # rejection sampling's keys: its floor only with it, sft's trainer settings only with it, and a stage to train as
+    code, _, err = alignkit(
+        capsys,
+        "validate",
+        TINY,
+        f"output_dir={out}",
+        *rounds(tmp_path, "rounds.best_min_reward=0.5", "rounds.stages.sft.num_train_epochs=1"),
+    )
+    assert code == 2
+    assert "rounds.best_min_reward: only with rejection_sampling: true" in err
+    assert "rounds.stages.sft: later rounds retrain reward and ppo only" in err
+    code, _, err = alignkit(
+        capsys,
+        "validate",
+        TINY,
+        f"output_dir={out}",
+        *rounds(tmp_path, "rounds.rejection_sampling=true", "~stages.sft"),
+    )
+    assert code == 2 and "rounds.rejection_sampling: fine-tunes each later round's policy" in err
+    assert "ppo starts from no such stage here: add sft" in err
+    code, _, err = alignkit(
+        capsys,
+        "validate",
+        TINY,
+        f"output_dir={out}",
+        *rounds(tmp_path, "rounds.rejection_sampling=true", "rounds.stages.sft.num_train_epochs=1"),
+    )
+    assert code == 0, err
 
     # held-out prompts never enter a round: refused before any stage trains
     code, _, err = alignkit(
