@@ -164,10 +164,10 @@ def _best_of_k(recipe, more, tuned: str, here: Path, n: int, ranked: tuple, rewa
 
 
 def _best_answers(recipe, here: Path, n: int, ranked: Path, ranked_fp: str, reward_dir: Path, reward_fp: str | None):
-    """round-N/best-of-k.jsonl: for each ranking, the answer ranked first (among ties, the one the round's reward model
-    scores highest), kept where that model scores it at least rounds.best_min_reward, as a demonstration. Returns the
-    file (None when none was kept) and its fingerprint."""
-    floor = recipe.rounds.best_min_reward if recipe.rounds.best_min_reward is not None else 0.0
+    """round-N/best-of-k.jsonl: for each ranking, an answer ranked 1 (among several, the one the round's reward model
+    scores highest), as a demonstration; with rounds.best_min_reward, only where that model scores it at least that.
+    Returns the file (None when none was kept) and its fingerprint."""
+    floor = recipe.rounds.best_min_reward
     fp = pipeline.digest({"rankings": ranked_fp, "reward_model": reward_fp, "floor": floor})
     path = here / f"{BEST}.jsonl"
     stamp = _stamp(here).get(BEST) or {}
@@ -175,53 +175,60 @@ def _best_answers(recipe, here: Path, n: int, ranked: Path, ranked_fp: str, rewa
         log(f"round {n}", f"best answers up to date ({stamp.get('kept')} kept), reusing them")
         return (path if stamp.get("kept") else None), fp
     if is_main():
-        rows = _pick_best(recipe, data.read_rows(ranked)[0], reward_dir, floor)
+        rankings = data.read_rows(ranked)[0]
+        rows = _pick_best(recipe, rankings, reward_dir, floor)
         if rows:
             files.write_jsonl(path, rows)
         elif path.is_file():
             path.unlink()
         files.write_json(here / STAMP, {**_stamp(here), BEST: {"fingerprint": fp, "kept": len(rows)}})
+        log(
+            f"round {n}",
+            f"rejection sampling: {len(rows)} of {len(rankings)} rankings have an answer ranked 1"
+            + (f" that {reward_dir} scores at least {floor:g}" if floor is not None else "")
+            + (f" -> {path}" if rows else "; the policy goes on to PPO as it is"),
+        )
     wait_for_everyone()
     kept = (_stamp(here).get(BEST) or {}).get("kept", 0)
-    log(
-        f"round {n}",
-        f"rejection sampling: {kept} best answers score at least {floor:g} by {reward_dir}"
-        + (f" -> {path}" if kept else "; the policy goes on to PPO as it is"),
-    )
     return (path if kept else None), fp
 
 
-def _pick_best(recipe, rankings: list[dict], reward_dir: Path, floor: float) -> list[dict]:
-    """Each ranking's best answer by its ranks (ties: by the reward model's score), kept at or above `floor`, as a
-    demonstration row (the sft data's own shape: messages for a conversation, prompt and completion for text)."""
+def _pick_best(recipe, rankings: list[dict], reward_dir: Path, floor: float | None) -> list[dict]:
+    """Each ranking's answer ranked 1, the reward model's best where several are (a judge whose ranks are a scale may
+    rank none 1: that ranking gives none), at or above `floor` where one is given, as a demonstration row (the sft
+    data's own shape: messages for a conversation, prompt and completion for text)."""
     from . import models
     from .evaluate import device, fit_prompts, reward_scores
     from .stages.reward import scored_text
 
+    firsts = [
+        (index, answer)
+        for index, row in enumerate(rankings)
+        for answer, rank in zip(row["responses"], row["ranks"])
+        if rank == 1
+    ]
+    if not firsts:
+        return []
     tokenizer = models.load_tokenizer(recipe, str(reward_dir))
     model = models.load_reward_model(recipe, str(reward_dir), tokenizer).to(device()).eval()
-    firsts = []  # (row, answer) for every answer ranked first
-    for row in rankings:
-        top = min(row["ranks"])
-        firsts += [(row, answer) for answer, rank in zip(row["responses"], row["ranks"]) if rank == top]
-    texts = [scored_text(_demonstration(row["prompt"], answer), tokenizer) for row, answer in firsts]
+    texts = [scored_text(_demonstration(rankings[index]["prompt"], answer), tokenizer) for index, answer in firsts]
     encoded, _ = fit_prompts(
         [tokenizer(t, add_special_tokens=False).input_ids for t in texts], models.context_length(model.config)
     )
     scores = reward_scores(model, tokenizer, encoded, recipe.rounds.batch_size)
     del model
     best: dict[int, tuple[float, str]] = {}
-    for (row, answer), score in zip(firsts, scores):
-        if id(row) not in best or score > best[id(row)][0]:
-            best[id(row)] = (score, answer)
+    for (index, answer), score in zip(firsts, scores):
+        if index not in best or score > best[index][0]:
+            best[index] = (score, answer)
     return [
         {
-            **_demonstration(row["prompt"], best[id(row)][1]),
-            "reward": round(best[id(row)][0], 4),
-            "provenance": row.get("provenance"),
+            **_demonstration(rankings[index]["prompt"], answer),
+            "reward": round(score, 4),
+            "provenance": rankings[index].get("provenance"),
         }
-        for row in rankings
-        if best[id(row)][0] >= floor
+        for index, (score, answer) in sorted(best.items())
+        if floor is None or score >= floor
     ]
 
 

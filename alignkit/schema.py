@@ -201,15 +201,17 @@ class Rounds:
         default=False,
         metadata={
             "help": "before PPO, a later round fine-tunes the last round's policy on each prompt's best sampled "
-            "answer (Llama 2's rejection sampling), as the stage the policy started from trains on demonstrations "
-            "(rounds.stages.<that stage> sets its trainer); PPO goes on from the result"
+            "answer (Llama 2's rejection sampling): one ranked 1 (among several, the round's reward model's best), "
+            "trained on as the stage the policy started from trains on demonstrations (rounds.stages.<that stage> "
+            "sets its trainer); PPO goes on from the result"
         },
     )
     best_min_reward: float | None = field(
         default=None,
         metadata={
             "help": "with rejection_sampling: the least score, by the round's reward model, of a best answer trained "
-            "on (default 0: the demonstrations' mean, where the reward stage normalises its scores)",
+            "on (default: none; 0 is the demonstrations' mean where the reward stage normalises its scores, but a "
+            "ranking loss leaves each prompt's level free, so a floor across prompts is only as good as the model)",
             "range": Range("a finite number", math.isfinite),
         },
     )

@@ -157,7 +157,6 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
     settings = rounds(
         tmp_path,
         "rounds.rejection_sampling=true",
-        "rounds.best_min_reward=-1000",
         "rounds.stages.sft.num_train_epochs=1",
         "rounds.stages.ppo.learning_rate=1e-12",
     )
@@ -168,8 +167,9 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
     here = run_copy / "round-2"
     ranked = [json.loads(line) for line in (here / "rankings.jsonl").read_text().splitlines()]
     best = [json.loads(line) for line in (here / "best-of-k.jsonl").read_text().splitlines()]
-    assert len(best) == len(ranked)  # a floor of -1000 keeps every ranking's best
-    assert f"rejection sampling: {len(best)} best answers score at least -1000" in err
+    with_a_first = [row for row in ranked if 1 in row["ranks"]]  # the judge's 2s only: none ranked 1, none taken
+    assert 0 < len(best) == len(with_a_first) < len(ranked)
+    assert f"rejection sampling: {len(best)} of {len(ranked)} rankings have an answer ranked 1 -> " in err
 
     # each is an answer ranked first, as sft's rows are (the prompt's messages and the answer); among tied firsts the
     # one the round's reward model scores highest, scored here again by transformers itself
@@ -184,9 +184,9 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
             return scorer(input_ids=ids).logits[0, 0].item()
 
     tied = 0
-    for row, pick in zip(ranked, best):
+    for row, pick in zip(with_a_first, best):
         assert pick["messages"][:-1] == row["prompt"] and pick["messages"][-1]["role"] == "assistant"
-        firsts = [a for a, r in zip(row["responses"], row["ranks"]) if r == min(row["ranks"])]
+        firsts = [a for a, r in zip(row["responses"], row["ranks"]) if r == 1]
         assert pick["messages"][-1]["content"] in firsts
         if len(firsts) > 1 and tied < 3:
             tied += 1
@@ -205,7 +205,7 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
     new, start = weights(here / "ppo"), weights(here / "best-of-k")
     assert distance(new, start) < 1e-3 * distance(start, weights(run_copy / "ppo"))
 
-    # again: reused; a floor above every score keeps none, and ppo starts from round 1's policy as without it
+    # again: reused; a floor (best_min_reward) above every score keeps none, and ppo starts from round 1's policy
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
     assert code == 0, err
     assert set(summary(out).values()) == {"reused"} and "best answers up to date" in err
@@ -213,7 +213,8 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
         capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings, "rounds.best_min_reward=1000"
     )
     assert code == 0, err
-    assert "rejection sampling: 0 best answers score at least 1000" in err and "round-2/best-of-k" not in summary(out)
+    assert f"0 of {len(ranked)} rankings have an answer ranked 1 that {here / 'reward'} scores at least 1000" in err
+    assert "round-2/best-of-k" not in summary(out)
     assert not (here / "best-of-k.jsonl").exists()
     manifest = json.loads((here / "ppo" / "alignkit_stage.json").read_text())
     assert summary(out)["round-2/ppo"] == "trained" and manifest["inputs"]["model"] == str(run_copy / "ppo")
