@@ -168,8 +168,8 @@ def check_adapter(run_dir: Path, stage: str, targets: dict, n: int = 1) -> None:
     started = Path(((read_manifest(folder) or {}).get("inputs") or {}).get("model") or "")
     if n > 1 and started.name != up:
         raise UserError(
-            f"{stage} of round {n} trained its adapter on {started} (the last round's model, merged), which no "
-            "Hub repo holds: push merged weights (drop --adapter / hub.weights: adapter)"
+            f"{stage} of round {n} trained its adapter on {started} (a model this run made in its rounds, merged), "
+            "which no Hub repo holds: push merged weights (drop --adapter / hub.weights: adapter)"
         )
     if hub_base(run_dir, stage, targets, n) is None:
         raise UserError(

@@ -532,11 +532,17 @@ def _check_rounds_trainers(recipe: Recipe, rounds: Rounds, retrained: list[str],
     if isinstance(rounds.stages, dict):
         for name, settings in rounds.stages.items():
             if name not in retrained:
+                tuned = name == best_of_k_stage(recipe) and not rounds.rejection_sampling
                 problems.append(
                     Problem(
                         f"rounds.stages.{name}",
                         f"later rounds retrain {' and '.join(retrained) or 'no stage of this recipe'} only; give "
-                        "trainer settings of those",
+                        "trainer settings of those"
+                        + (
+                            f" ({name} too with rejection_sampling: true, which fine-tunes on the best answers)"
+                            if tuned
+                            else ""
+                        ),
                     )
                 )
             elif not isinstance(settings, dict):

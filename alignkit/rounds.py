@@ -152,7 +152,7 @@ def _best_of_k(recipe, more, tuned: str, here: Path, n: int, ranked: tuple, rewa
     model PPO starts from, its fingerprint, its summary entry or None): the last round's policy itself where no answer
     was good enough."""
     out = Path(recipe.output_dir)
-    answers, _ = _best_answers(recipe, here, n, *ranked, here / round_stages(recipe)[1], reward_fp)
+    answers, _ = _best_answers(recipe, here, n, *ranked, here / round_stages(recipe)[1], reward_fp, force)
     if answers is None:
         return (*previous, None)
     dataset = json.dumps({"path": str(answers.resolve())})
@@ -163,28 +163,32 @@ def _best_of_k(recipe, more, tuned: str, here: Path, n: int, ranked: tuple, rewa
     return folder, fp, entry
 
 
-def _best_answers(recipe, here: Path, n: int, ranked: Path, ranked_fp: str, reward_dir: Path, reward_fp: str | None):
-    """round-N/best-of-k.jsonl: for each ranking, an answer ranked 1 (among several, the one the round's reward model
+def _best_answers(
+    recipe, here: Path, n: int, ranked: Path, ranked_fp: str, reward_dir: Path, reward_fp: str | None, force: bool
+):
+    """round-N/best-of-k.jsonl: for each prompt, an answer ranked 1 (of several, the one the round's reward model
     scores highest), as a demonstration; with rounds.best_min_reward, only where that model scores it at least that.
     Returns the file (None when none was kept) and its fingerprint."""
     floor = recipe.rounds.best_min_reward
     fp = pipeline.digest({"rankings": ranked_fp, "reward_model": reward_fp, "floor": floor})
     path = here / f"{BEST}.jsonl"
     stamp = _stamp(here).get(BEST) or {}
-    if stamp.get("fingerprint") == fp and (path.is_file() or stamp.get("kept") == 0):
+    fresh = not force and stamp.get("fingerprint") == fp and (path.is_file() or stamp.get("kept") == 0)
+    wait_for_everyone()  # every process has read the stamp before the main one rewrites it
+    if fresh:
         log(f"round {n}", f"best answers up to date ({stamp.get('kept')} kept), reusing them")
-        return (path if stamp.get("kept") else None), fp
-    if is_main():
+    elif is_main():
         rankings = data.read_rows(ranked)[0]
-        rows = _pick_best(recipe, rankings, reward_dir, floor)
+        rows = _pick_best(recipe, rankings, reward_dir, floor, recipe.rounds.batch_size)
         if rows:
             files.write_jsonl(path, rows)
         elif path.is_file():
             path.unlink()
         files.write_json(here / STAMP, {**_stamp(here), BEST: {"fingerprint": fp, "kept": len(rows)}})
+        prompts = len({_key(row["prompt"]) for row in rankings})
         log(
             f"round {n}",
-            f"rejection sampling: {len(rows)} of {len(rankings)} rankings have an answer ranked 1"
+            f"rejection sampling: {len(rows)} of {prompts} prompts have an answer ranked 1"
             + (f" that {reward_dir} scores at least {floor:g}" if floor is not None else "")
             + (f" -> {path}" if rows else "; the policy goes on to PPO as it is"),
         )
@@ -193,43 +197,50 @@ def _best_answers(recipe, here: Path, n: int, ranked: Path, ranked_fp: str, rewa
     return (path if kept else None), fp
 
 
-def _pick_best(recipe, rankings: list[dict], reward_dir: Path, floor: float | None) -> list[dict]:
-    """Each ranking's answer ranked 1, the reward model's best where several are (a judge whose ranks are a scale may
-    rank none 1: that ranking gives none), at or above `floor` where one is given, as a demonstration row (the sft
-    data's own shape: messages for a conversation, prompt and completion for text)."""
+def _pick_best(recipe, rankings: list[dict], reward_dir: Path, floor: float | None, batch_size: int) -> list[dict]:
+    """Each prompt's answer ranked 1 (in any of its rankings: people may each rank it), the reward model's best
+    where there are several, at or above `floor` where one is given, as a demonstration row (the sft data's own
+    shape: messages for a conversation, prompt and completion for text). A judge whose ranks are a scale may rank
+    none 1; a ranking whose labeller found none acceptable and wrote nothing gives none."""
     from . import models
     from .evaluate import device, fit_prompts, reward_scores
     from .stages.reward import scored_text
 
-    firsts = [
-        (index, answer)
-        for index, row in enumerate(rankings)
-        for answer, rank in zip(row["responses"], row["ranks"])
-        if rank == 1
-    ]
-    if not firsts:
+    firsts: dict[str, dict] = {}  # prompt -> {"row": its first ranking, "answers": its answers ranked 1}
+    for row in rankings:
+        seen = row.get("provenance") or {}
+        if seen.get("none_acceptable") and not seen.get("written"):
+            continue
+        entry = firsts.setdefault(_key(row["prompt"]), {"row": row, "answers": []})
+        entry["answers"] += [a for a, r in zip(row["responses"], row["ranks"]) if r == 1 and a not in entry["answers"]]
+    pool = [(key, answer) for key, entry in firsts.items() for answer in entry["answers"]]
+    if not pool:
         return []
     tokenizer = models.load_tokenizer(recipe, str(reward_dir))
     model = models.load_reward_model(recipe, str(reward_dir), tokenizer).to(device()).eval()
-    texts = [scored_text(_demonstration(rankings[index]["prompt"], answer), tokenizer) for index, answer in firsts]
+    texts = [scored_text(_demonstration(firsts[key]["row"]["prompt"], answer), tokenizer) for key, answer in pool]
     encoded, _ = fit_prompts(
         [tokenizer(t, add_special_tokens=False).input_ids for t in texts], models.context_length(model.config)
     )
-    scores = reward_scores(model, tokenizer, encoded, recipe.rounds.batch_size)
+    scores = reward_scores(model, tokenizer, encoded, batch_size)
     del model
-    best: dict[int, tuple[float, str]] = {}
-    for (index, answer), score in zip(firsts, scores):
-        if index not in best or score > best[index][0]:
-            best[index] = (score, answer)
+    best: dict[str, tuple[float, str]] = {}
+    for (key, answer), score in zip(pool, scores):
+        if key not in best or score > best[key][0]:
+            best[key] = (score, answer)
     return [
         {
-            **_demonstration(rankings[index]["prompt"], answer),
-            "reward": round(score, 4),
-            "provenance": rankings[index].get("provenance"),
+            **_demonstration(firsts[key]["row"]["prompt"], answer),
+            "score": round(score, 4),
+            "provenance": firsts[key]["row"].get("provenance"),
         }
-        for index, (score, answer) in sorted(best.items())
+        for key, (score, answer) in best.items()
         if floor is None or score >= floor
     ]
+
+
+def _key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True)
 
 
 def _demonstration(prompt, answer: str) -> dict:

@@ -169,7 +169,7 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
     best = [json.loads(line) for line in (here / "best-of-k.jsonl").read_text().splitlines()]
     with_a_first = [row for row in ranked if 1 in row["ranks"]]  # the judge's 2s only: none ranked 1, none taken
     assert 0 < len(best) == len(with_a_first) < len(ranked)
-    assert f"rejection sampling: {len(best)} of {len(ranked)} rankings have an answer ranked 1 -> " in err
+    assert f"rejection sampling: {len(best)} of {len(ranked)} prompts have an answer ranked 1 -> " in err
 
     # each is an answer ranked first, as sft's rows are (the prompt's messages and the answer); among tied firsts the
     # one the round's reward model scores highest, scored here again by transformers itself
@@ -192,7 +192,7 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
             tied += 1
             scores = [score([*row["prompt"], {"role": "assistant", "content": a}]) for a in firsts]
             assert firsts[scores.index(max(scores))] == pick["messages"][-1]["content"]
-            assert pick["reward"] == pytest.approx(max(scores), abs=1e-3)
+            assert pick["score"] == pytest.approx(max(scores), abs=1e-3)
     assert tied  # the judge ties every capital sentence: ties were broken by the reward model
 
     # the fine-tune starts from round 1's policy and moves it; ppo starts from the fine-tune, its reference still sft
@@ -213,11 +213,43 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
         capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings, "rounds.best_min_reward=1000"
     )
     assert code == 0, err
-    assert f"0 of {len(ranked)} rankings have an answer ranked 1 that {here / 'reward'} scores at least 1000" in err
+    assert f"0 of {len(ranked)} prompts have an answer ranked 1 that {here / 'reward'} scores at least 1000" in err
     assert "round-2/best-of-k" not in summary(out)
     assert not (here / "best-of-k.jsonl").exists()
     manifest = json.loads((here / "ppo" / "alignkit_stage.json").read_text())
     assert summary(out)["round-2/ppo"] == "trained" and manifest["inputs"]["model"] == str(run_copy / "ppo")
+
+
+def test_rejection_sampling_takes_one_answer_a_prompt_from_every_labellers_firsts(run_dir):
+    # people: a row per labeller. Their answers ranked 1 are pooled by prompt and the reward model picks one; a
+    # labeller who found none acceptable and wrote nothing gives none; a prompt nobody ranked 1 gives none
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.recipe import load_recipe
+    from alignkit.rounds import _pick_best
+
+    recipe = load_recipe(TINY, [f"output_dir={run_dir}"])
+    ask = [[{"role": "user", "content": f"What is the capital of {c}?"}] for c in ("Zorbia", "Marnia", "Quillia")]
+    answers = ["The capital of Zorbia is Quell.", "The capital of Zorbia is Marn.", "Zorbia is a country."]
+    rows = [
+        {"prompt": ask[0], "responses": answers, "ranks": [1, 2, 3], "provenance": {"labeller": "ann"}},
+        {"prompt": ask[0], "responses": answers, "ranks": [2, 1, 3], "provenance": {"labeller": "bob"}},
+        {"prompt": ask[1], "responses": answers[:2], "ranks": [1, 2], "provenance": {"none_acceptable": True}},
+        {"prompt": ask[2], "responses": answers[:2], "ranks": [2, 2]},
+    ]
+    picked = _pick_best(recipe, rows, run_dir / "reward", None, 2)
+    assert [row["messages"][:-1] for row in picked] == [ask[0]]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "reward")
+    scorer = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward").eval()
+    scores = []
+    for answer in answers[:2]:
+        text = tokenizer.apply_chat_template([*ask[0], {"role": "assistant", "content": answer}], tokenize=False)
+        ids = tokenizer(text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token).input_ids
+        with torch.no_grad():
+            scores.append(scorer(input_ids=torch.tensor([ids])).logits[0, 0].item())
+    assert picked[0]["messages"][-1]["content"] == answers[scores.index(max(scores))]
+    assert picked[0]["score"] == pytest.approx(max(scores), abs=1e-3)
+    assert _pick_best(recipe, rows, run_dir / "reward", max(scores) + 1, 2) == []  # a floor above it: none
 
 
 def test_train_on_prompts_false_keeps_the_policy_on_its_stage_prompts(run_copy, tmp_path, capsys):
@@ -362,7 +394,10 @@ def test_rounds_are_checked_before_anything_trains(tmp_path, capsys):
     )
     assert code == 2
     assert "rounds.best_min_reward: only with rejection_sampling: true" in err
-    assert "rounds.stages.sft: later rounds retrain reward and ppo only" in err
+    assert (
+        "rounds.stages.sft: later rounds retrain reward and ppo only; give trainer settings of those (sft too with"
+        in err
+    )
     code, _, err = alignkit(
         capsys,
         "validate",
