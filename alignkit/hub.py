@@ -19,6 +19,7 @@ import yaml
 
 from .errors import UserError
 from .pipeline import (
+    BEST_OF_K,
     complete_stages,
     finish_moves,
     pick_round,
@@ -293,6 +294,9 @@ def model_card(
         manifest = read_manifest(stage_folder(run_dir, s, n)) or {}
         settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
         retrained = f" (round {n})" if n > 1 and s in ROUND_STAGES else ""
+        tuned = Path(manifest.get("inputs", {}).get("model") or "")
+        if n > 1 and tuned.name == BEST_OF_K and read_complete(tuned):  # rejection sampling: the policy's start
+            rows.append(_best_of_k_row(run_dir, tuned))
         rows.append(
             f"| {s}{retrained} | `{shorten(spec['dataset']['path'], run_dir)}` | {_inline(settings)} | "
             f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |"
@@ -362,6 +366,24 @@ def model_card(
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _best_of_k_row(run_dir: Path, folder: Path) -> str:
+    """The card's row for a round's rejection-sampling fine-tune (round-N/best-of-k/), which the round's policy
+    started from."""
+    manifest = read_manifest(folder) or {}
+    stage = manifest.get("stage")
+    try:
+        spec = (yaml.safe_load((folder / "recipe.yaml").read_text()) or {})["stages"][stage]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        spec = {}
+    settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
+    data = (spec.get("dataset") or {}).get("path") or f"{folder}.jsonl"
+    return (
+        f"| {stage} ({folder.parent.name}: each prompt's best answer, rejection sampling) | "
+        f"`{shorten(data, run_dir)}` | {_inline(settings)} | {manifest.get('processes', 1)} | "
+        f"{manifest.get('seconds', 0):.0f} s |"
+    )
 
 
 def _recipe(run_dir: Path, stage: str, n: int = 1) -> dict:

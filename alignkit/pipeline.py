@@ -100,6 +100,7 @@ def complete_stages(run_dir: Path) -> list[str]:
 
 
 ROUND_POLICY = next(s for s in ROUND_STAGES if REGISTRY[s].policy)  # a later round's policy, what it is judged by
+BEST_OF_K = "best-of-k"  # rejection sampling: round-N/best-of-k.jsonl, the answers, and round-N/best-of-k/, the model
 
 
 def round_folder(run_dir: Path, n: int) -> Path:

@@ -31,7 +31,7 @@ from .stages.reward import ROUND_RANKINGS
 
 PEOPLE = "people"
 STAMP = "round.json"
-BEST = "best-of-k"  # rejection sampling: round-N/best-of-k.jsonl, the answers, and round-N/best-of-k/, the model
+BEST = pipeline.BEST_OF_K
 
 
 def policy_folder(recipe: Recipe, n: int) -> str:

@@ -10,6 +10,8 @@ import torch
 from conftest import FAST, TINY, alignkit, launched, summary
 from safetensors.torch import load_file
 
+from alignkit.hub import model_card
+
 JUDGE = '''
 def rank(prompt, answers):
     """Whole sentences about a capital first, then the rest; equal answers of a kind tie."""
@@ -204,6 +206,13 @@ def test_rejection_sampling_fine_tunes_the_last_policy_on_its_best_answers_befor
     assert manifest["inputs"]["reference"] == str(run_copy / "sft")
     new, start = weights(here / "ppo"), weights(here / "best-of-k")
     assert distance(new, start) < 1e-3 * distance(start, weights(run_copy / "ppo"))
+    # and its Hub card says so, with the fine-tune's data and settings
+    card = str(model_card(run_copy, "ppo", "me/tiny", None, False, None, 2))
+    assert (
+        f"| sft (round-2: each prompt's best answer, rejection sampling) | "
+        f"`{run_copy.name}/round-2/best-of-k.jsonl` | " in card
+    )
+    assert "num_train_epochs: 1" in card.split("rejection sampling) |")[1].splitlines()[0]
 
     # again: reused; a floor (best_min_reward) above every score keeps none, and ppo starts from round 1's policy
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
