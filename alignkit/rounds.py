@@ -279,7 +279,9 @@ def _samples(recipe, here: Path, n: int, sources: list, prompts, locate, samplin
         fps["compared"] = [fp or _model_path(recipe, stage) for stage, fp in sources[1:]]
     fp = pipeline.digest(fps)
     path = here / "samples.jsonl"
-    if not force and path.is_file() and _stamp(here).get("samples") == fp:
+    fresh = not force and path.is_file() and _stamp(here).get("samples") == fp
+    wait_for_everyone()  # every process has read the stamp before the main one rewrites it: all meet the same barriers
+    if fresh:
         log(f"round {n}", f"samples up to date, reusing {path}")
         return fp
     if is_main():
@@ -337,7 +339,9 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path
     spec = _judge_spec(recipe)
     path = here / "rankings.jsonl"
     fp = pipeline.digest({"samples": samples_fp, "judge": recipe.rounds.rank_by, "source": _judge_source(spec)})
-    if path.is_file() and _stamp(here).get("rankings") == fp:
+    fresh = path.is_file() and _stamp(here).get("rankings") == fp
+    wait_for_everyone()  # as in _samples: no process reads the stamp the main one is writing
+    if fresh:
         log(f"round {n}", f"rankings up to date, reusing {path}")
         return path, fp
     if is_main():
