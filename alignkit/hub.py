@@ -292,15 +292,13 @@ def model_card(
     for s in stages:
         spec = recipe["stages"][s]
         manifest = read_manifest(stage_folder(run_dir, s, n)) or {}
-        settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
         retrained = f" (round {n})" if n > 1 and s in ROUND_STAGES else ""
         tuned = Path(manifest.get("inputs", {}).get("model") or "")
         if n > 1 and tuned.name == BEST_OF_K and read_complete(tuned):  # rejection sampling: the policy's start
-            rows.append(_best_of_k_row(run_dir, tuned))
-        rows.append(
-            f"| {s}{retrained} | `{shorten(spec['dataset']['path'], run_dir)}` | {_inline(settings)} | "
-            f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |"
-        )
+            by = read_manifest(tuned)
+            label = f"{by['stage']} ({tuned.parent.name}: each prompt's best answer, rejection sampling)"
+            rows.append(_row(run_dir, label, _recipe_in(tuned)["stages"][by["stage"]], by))
+        rows.append(_row(run_dir, f"{s}{retrained}", spec, manifest))
     lines = [
         f"# {repo_id}",
         "",
@@ -368,28 +366,24 @@ def model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def _best_of_k_row(run_dir: Path, folder: Path) -> str:
-    """The card's row for a round's rejection-sampling fine-tune (round-N/best-of-k/), which the round's policy
-    started from."""
-    manifest = read_manifest(folder) or {}
-    stage = manifest.get("stage")
-    try:
-        spec = (yaml.safe_load((folder / "recipe.yaml").read_text()) or {})["stages"][stage]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        spec = {}
+def _row(run_dir: Path, label: str, spec: dict, manifest: dict) -> str:
+    """A stage's row of the card's lineage table: its dataset, key settings, processes and time."""
     settings = {k: v for k, v in (spec.get("trainer") or {}).items() if k in KEY_SETTINGS}
-    data = (spec.get("dataset") or {}).get("path") or f"{folder}.jsonl"
     return (
-        f"| {stage} ({folder.parent.name}: each prompt's best answer, rejection sampling) | "
-        f"`{shorten(data, run_dir)}` | {_inline(settings)} | {manifest.get('processes', 1)} | "
-        f"{manifest.get('seconds', 0):.0f} s |"
+        f"| {label} | `{shorten(spec['dataset']['path'], run_dir)}` | {_inline(settings)} | "
+        f"{manifest.get('processes', 1)} | {manifest.get('seconds', 0):.0f} s |"
     )
 
 
 def _recipe(run_dir: Path, stage: str, n: int = 1) -> dict:
     """The recipe.yaml of a stage's output (of round n), as data; {} where there is none to read."""
+    return _recipe_in(stage_folder(run_dir, stage, n))
+
+
+def _recipe_in(folder: Path) -> dict:
+    """The recipe.yaml of a stage output folder, as data; {} where there is none to read."""
     try:
-        return yaml.safe_load((stage_folder(run_dir, stage, n) / "recipe.yaml").read_text()) or {}
+        return yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
 

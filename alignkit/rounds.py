@@ -24,6 +24,7 @@ from . import data, files, pipeline
 from .distributed import is_main, wait_for_everyone
 from .errors import DataError, WaitingForRankings
 from .log import log
+from .pipeline import BEST_OF_K
 from .recipe import Recipe, best_of_k_stage, round_recipe, round_stages
 from .sample import Sampling, draw, refuse_held_out, rows_for
 from .stages import REGISTRY
@@ -31,7 +32,6 @@ from .stages.reward import ROUND_RANKINGS
 
 PEOPLE = "people"
 STAMP = "round.json"
-BEST = pipeline.BEST_OF_K
 
 
 def policy_folder(recipe: Recipe, n: int) -> str:
@@ -105,7 +105,7 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         )
         if is_main():
             here.mkdir(parents=True, exist_ok=True)
-            for folder in (reward, policy, BEST):
+            for folder in (reward, policy, BEST_OF_K):
                 pipeline.recover(here / folder)
         wait_for_everyone()
         sources = [(previous, previous_fp), *compared]
@@ -157,7 +157,7 @@ def _best_of_k(recipe, more, tuned: str, here: Path, n: int, ranked: tuple, rewa
         return (*previous, None)
     dataset = json.dumps({"path": str(answers.resolve())})
     trains = round_recipe(recipe, [*more, f"stages.{tuned}.dataset={dataset}"])
-    folder = f"round-{n}/{BEST}"
+    folder = f"round-{n}/{BEST_OF_K}"
     parts = pipeline.fingerprint_parts(trains, tuned, dict([previous]))
     fp, entry = pipeline.build(trains, tuned, out / folder, {"model": previous[0]}, parts, force, out)
     return folder, fp, entry
@@ -171,8 +171,8 @@ def _best_answers(
     Returns the file (None when none was kept) and its fingerprint."""
     floor = recipe.rounds.best_min_reward
     fp = pipeline.digest({"rankings": ranked_fp, "reward_model": reward_fp, "floor": floor})
-    path = here / f"{BEST}.jsonl"
-    stamp = _stamp(here).get(BEST) or {}
+    path = here / f"{BEST_OF_K}.jsonl"
+    stamp = _stamp(here).get(BEST_OF_K) or {}
     fresh = not force and stamp.get("fingerprint") == fp and (path.is_file() or stamp.get("kept") == 0)
     wait_for_everyone()  # every process has read the stamp before the main one rewrites it
     if fresh:
@@ -184,7 +184,7 @@ def _best_answers(
             files.write_jsonl(path, rows)
         elif path.is_file():
             path.unlink()
-        files.write_json(here / STAMP, {**_stamp(here), BEST: {"fingerprint": fp, "kept": len(rows)}})
+        files.write_json(here / STAMP, {**_stamp(here), BEST_OF_K: {"fingerprint": fp, "kept": len(rows)}})
         prompts = len({_key(row["prompt"]) for row in rankings})
         log(
             f"round {n}",
@@ -193,7 +193,7 @@ def _best_answers(
             + (f" -> {path}" if rows else "; the policy goes on to PPO as it is"),
         )
     wait_for_everyone()
-    kept = (_stamp(here).get(BEST) or {}).get("kept", 0)
+    kept = (_stamp(here).get(BEST_OF_K) or {}).get("kept", 0)
     return (path if kept else None), fp
 
 

@@ -102,9 +102,16 @@ def _check_outputs(shipped: dict, run) -> None:
         assert first["check/first_kl"] < 1e-4  # policy and reference: one model, one kind of forward
         assert first["check/first_ratio"] < 1e-4  # the first mini-batch's ratios: 1
         assert first["check/first_sampler"] < FIRST_UPDATE_TOLERANCE["sampler"][1]
-    for n in range(2, (shipped.get("rounds") or {}).get("count", 1) + 1):  # each later round: its two stages
+    rounds = shipped.get("rounds") or {}
+    for n in range(2, rounds.get("count", 1) + 1):  # each later round: its two stages
         for stage in ("reward", "ppo"):
             assert json.loads((run / f"round-{n}" / stage / "alignkit_stage.json").read_text())["status"] == "complete"
+        if rounds.get("rejection_sampling"):  # ppo started from the fine-tune on the best answers, where any was kept
+            kept = json.loads((run / f"round-{n}" / "round.json").read_text())["best-of-k"]["kept"]
+            started = json.loads((run / f"round-{n}" / "ppo" / "alignkit_stage.json").read_text())["inputs"]["model"]
+            previous = run / "ppo" if n == 2 else run / f"round-{n - 1}" / "ppo"
+            assert started == str(run / f"round-{n}" / "best-of-k" if kept else previous), (n, kept, started)
+            print(f"round {n}: rejection sampling kept {kept}")
     if shipped.get("eval"):
         report = json.loads((run / "report.json").read_text())
         policies = [s for s in shipped["stages"] if REGISTRY[s].policy and s != "pretrain"]  # pretrain: "base"
