@@ -15,12 +15,21 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_DISABLED"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Under pytest-xdist (pyproject.toml's `-n auto`: a worker a core), one thread a worker, for torch and for the runs a
+# test launches: two workers at torch's default (a thread per core) oversubscribe the cores and ran one test 6x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # Libraries that give their loggers a handler on the sys.stderr of the moment they are first imported: imported at
 # collection, so that no handler keeps a test's captured stream, which is closed once that test ends.
 import datasets  # noqa: E402, F401
 import transformers  # noqa: E402, F401
 import trl  # noqa: E402, F401
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)  # in case a plugin imported torch before OMP_NUM_THREADS was set
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"

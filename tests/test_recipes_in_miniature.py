@@ -3,7 +3,7 @@ swapped for local stand-ins of the same kind, the counts scaled down, every othe
 later is covered without editing this file (as long as its model family and Hub datasets have stand-ins).
 
 On a machine with a CUDA GPU the same test trains on it (real bf16, QLoRA's 4-bit kernels on CUDA); with two GPUs, a
-second test runs each recipe with `--num-processes 2` (NCCL). CI has no GPU: `python3 -m pytest -q
+second test runs each recipe with `--num-processes 2` (NCCL). CI has no GPU: `python3 -m pytest -q -n 0
 tests/test_recipes_in_miniature.py` is the one command for the first machine that has one."""
 
 import json
