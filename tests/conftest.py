@@ -32,6 +32,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # in case a plugin imported torch before OMP_NUM_THREADS was set
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker a core this process may run on (its CPU affinity, and a cgroup's CPU quota where one is
+    set, which os.cpu_count() ignores), at most one a 3 GiB of memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cores = min(cores, max(1, memory // (3 << 30)))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return cores
+
+
 TINY = REPO / "recipes" / "tiny.yaml"
 # The tiny recipe, a little shorter where the tests only need the mechanics.
 FAST = ["stages.ppo.trainer.total_episodes=48"]
