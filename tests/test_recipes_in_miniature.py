@@ -85,6 +85,7 @@ def _check_outputs(shipped: dict, run) -> None:
     """Every stage complete and loading, the first PPO update's check passed with KL and ratios ~0, the report."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from alignkit.pipeline import BEST_OF_K
     from alignkit.stages import REGISTRY
     from alignkit.stages.ppo_trainer import FIRST_UPDATE_TOLERANCE
 
@@ -107,11 +108,10 @@ def _check_outputs(shipped: dict, run) -> None:
         for stage in ("reward", "ppo"):
             assert json.loads((run / f"round-{n}" / stage / "alignkit_stage.json").read_text())["status"] == "complete"
         if rounds.get("rejection_sampling"):  # ppo started from the fine-tune on the best answers, where any was kept
-            kept = json.loads((run / f"round-{n}" / "round.json").read_text())["best-of-k"]["kept"]
+            kept = json.loads((run / f"round-{n}" / "round.json").read_text())[BEST_OF_K]["kept"]
             started = json.loads((run / f"round-{n}" / "ppo" / "alignkit_stage.json").read_text())["inputs"]["model"]
             previous = run / "ppo" if n == 2 else run / f"round-{n - 1}" / "ppo"
-            assert started == str(run / f"round-{n}" / "best-of-k" if kept else previous), (n, kept, started)
-            print(f"round {n}: rejection sampling kept {kept}")
+            assert started == str(run / f"round-{n}" / BEST_OF_K if kept else previous), (n, kept, started)
     if shipped.get("eval"):
         report = json.loads((run / "report.json").read_text())
         policies = [s for s in shipped["stages"] if REGISTRY[s].policy and s != "pretrain"]  # pretrain: "base"
