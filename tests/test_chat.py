@@ -76,6 +76,33 @@ def test_the_rounds_ask_about_countries_known_only_from_their_pretraining_text()
     assert {r["text"] for r in _rows("pretrain.jsonl")} <= {r["text"] for r in _rows("rounds/pretrain.jsonl")}
 
 
+def test_the_judge_ranks_the_held_out_and_the_set_aside_rankings_in_their_order_of_kinds(tmp_path):
+    """benchmarks/reward_pairs.py reads a reward model's accuracy by kind of answer from the position of each answer in
+    a ranking: the held-out rankings', and with --aside the ones it makes for the round questions a set-aside run never
+    sampled. Both must list right, hedge, wrong fact, off topic, broken, rambling in that order, as the judge classes
+    them, and --aside must ask about exactly the questions left out."""
+    import importlib.util
+
+    judge = importlib.util.module_from_spec(spec := importlib.util.spec_from_file_location("judge", DATA / "judge.py"))
+    spec.loader.exec_module(judge)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import reward_pairs
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    kinds = list(range(1, len(reward_pairs.KINDS) + 1))
+    assert all(judge.rank(row["prompt"], row["responses"]) == kinds for row in _rows("eval_comparisons.jsonl"))
+    questions = _rows("rounds/prompts.jsonl")
+    kept = [row for i, row in enumerate(questions) if (i // 2) % 4 != 3]  # rounds_seeds.py --set-aside 4
+    (tmp_path / "kept.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    made = reward_pairs.aside_rankings(tmp_path / "kept.jsonl", draws=3)
+    asked = [row["prompt"] for row in made]
+    left_out = [r["prompt"] for r in questions if r not in kept]
+    assert len(left_out) == 20 and sorted(asked, key=str) == sorted(left_out * 3, key=str)
+    assert all(judge.rank(row["prompt"], row["responses"]) == kinds for row in made)
+    assert len({json.dumps(row) for row in made}) > len(made) // 2  # the draws differ (wrong facts, other countries)
+
+
 def test_comparisons_rank_several_answers():
     rows = _rows("comparisons.jsonl")
     assert all(len(r["responses"]) >= 2 for r in rows) and max(len(r["responses"]) for r in rows) == 6
