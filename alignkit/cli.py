@@ -23,8 +23,8 @@ RUN_EXAMPLES = """examples:
 A stage whose config, data and upstream stages are unchanged is reused; an interrupted stage resumes from its last
 checkpoint when the same command runs again (alignkit's ppo included). A recipe's rounds section runs its later rounds
 after the stages (not with --only or --from), each reused and resumed the same way; a round ranked by people stops
-with exit status 3 until people have ranked enough (`alignkit label RUN_DIR` opens the page). With an eval section
-the run ends by evaluating every policy checkpoint (each round's too) and writing {output_dir}/report.md (as
+with exit status 3 until people have ranked enough (`alignkit label RUN_DIR/round-N` opens the page). With an eval
+section the run ends by evaluating every policy checkpoint (each round's too) and writing {output_dir}/report.md (as
 `alignkit eval` does)."""
 
 VALIDATE_EXAMPLES = """examples:

@@ -525,6 +525,13 @@ def _check_rounds_ranking(recipe: Recipe, rounds: Rounds, problems: list[Problem
             problems.append(
                 Problem("rounds.guidelines", f"no such file {rounds.guidelines} (relative to here or to the recipe)")
             )
+        else:  # read now, not after round 1 has trained: the page shows it to labellers
+            try:
+                resolve_path(rounds.guidelines, base).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                problems.append(
+                    Problem("rounds.guidelines", f"cannot read {rounds.guidelines} ({e}); give a UTF-8 markdown file")
+                )
 
 
 def _check_rounds_trainers(recipe: Recipe, rounds: Rounds, retrained: list[str], problems, check_trainers: bool):

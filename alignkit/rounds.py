@@ -110,7 +110,7 @@ def run(recipe: Recipe, force: bool = False) -> dict:
         wait_for_everyone()
         sources = [(previous, previous_fp), *compared]
         drawn = _samples(recipe, here, n, sources, prompts, locate, sampling, force)
-        ranked_file, ranked_fp = _rankings(recipe, here, n, drawn)
+        ranked_file, ranked_fp = _rankings(recipe, here, n, drawn, force)
         rankings[f"{ROUND_RANKINGS}{n}"] = str(ranked_file.relative_to(out))
         ranking_fps.append(ranked_fp)
 
@@ -275,6 +275,9 @@ def _samples(recipe, here: Path, n: int, sources: list, prompts, locate, samplin
         "sampling": asdict(sampling),
         "prompts": data.fingerprint(recipe.rounds.prompts, recipe),
     }
+    chosen = _selection(recipe.rounds.prompts)
+    if chosen:  # (only when set, so that a run whose prompts file is read whole keeps its fingerprint)
+        fps["selection"] = chosen
     if len(sources) > 1:
         fps["compared"] = [fp or _model_path(recipe, stage) for stage, fp in sources[1:]]
     fp = pipeline.digest(fps)
@@ -294,7 +297,7 @@ def _samples(recipe, here: Path, n: int, sources: list, prompts, locate, samplin
             }
             for stage, fp in sources
         ]
-        answers, counts = draw(prompts, models, sampling)
+        answers, counts = draw(prompts, models, sampling, "rounds.max_new_tokens")
         rows = rows_for(prompts, locate, answers, models, sampling)
         files.write_jsonl(path, rows)
         files.write_json(here / STAMP, {**_stamp(here), "samples": fp})
@@ -314,6 +317,13 @@ def _samples(recipe, here: Path, n: int, sources: list, prompts, locate, samplin
     return fp
 
 
+def _selection(spec) -> dict:
+    """The settings of rounds.prompts that choose rows or columns of the file (format, columns, max_rows), where
+    they differ from their defaults: the file's hash alone does not see them."""
+    defaults = {"format": "auto", "columns": {}, "max_rows": None}
+    return {key: getattr(spec, key) for key, default in defaults.items() if getattr(spec, key, default) != default}
+
+
 def _judge_spec(recipe: Recipe) -> str:
     """rounds.rank_by with a judge file's path resolved as the recipe's paths are."""
     module, _, function = recipe.rounds.rank_by.rpartition(":")
@@ -321,17 +331,30 @@ def _judge_spec(recipe: Recipe) -> str:
 
 
 def _judge_source(spec: str) -> str:
-    """The judge's source file, so that a changed judge ranks again."""
+    """The judge's source file and the Python files beside it (a judge may read the world from a module next to it,
+    as data/chat/judge.py reads make.py), so that a changed judge ranks again."""
     module = spec.rpartition(":")[0]
     path = Path(module) if module.endswith(".py") else None
     if path is None:
         found = importlib.util.find_spec(module)
         path = Path(found.origin) if found is not None and found.origin else None
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path is not None and path.is_file() else spec
+    if path is None or not path.is_file():
+        return spec
+    h = hashlib.sha256()
+    for source in [path, *sorted(p for p in path.parent.glob("*.py") if p.name != path.name)]:
+        h.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
-def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, str]:
-    """The round's ranked answers: (the file the reward stage reads, its fingerprint)."""
+def _ranked_fp(rows: list[dict]) -> str:
+    """What the reward stage sees of a round's rankings, and so its fingerprint: each row's answers and ranks (not
+    who ranked or where: a judge named another way that ranks alike retrains nothing)."""
+    return pipeline.digest([row["responses"] + [row["ranks"]] for row in rows])
+
+
+def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str, force: bool = False) -> tuple[Path, str]:
+    """The round's ranked answers: (the file the reward stage reads, its fingerprint). A judge ranks again when the
+    samples, the judge or its source changed, or with --force; the fingerprint is the rankings' contents."""
     if recipe.rounds.rank_by == PEOPLE:
         return _people(recipe, here, n, samples_fp)
     from .rank import rank_rows
@@ -339,11 +362,11 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path
     spec = _judge_spec(recipe)
     path = here / "rankings.jsonl"
     fp = pipeline.digest({"samples": samples_fp, "judge": recipe.rounds.rank_by, "source": _judge_source(spec)})
-    fresh = path.is_file() and _stamp(here).get("rankings") == fp
+    fresh = not force and path.is_file() and _stamp(here).get("rankings") == fp
     wait_for_everyone()  # as in _samples: no process reads the stamp the main one is writing
     if fresh:
         log(f"round {n}", f"rankings up to date, reusing {path}")
-        return path, fp
+        return path, _ranked_fp([json.loads(line) for line in path.read_text().splitlines()])
     if is_main():
         rows = rank_rows(here / "samples.jsonl", spec)
         files.write_jsonl(path, rows)
@@ -351,10 +374,26 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path
         pairs = sum(len(data.strict_pairs(row["ranks"])) for row in rows)
         log(f"round {n}", f"{recipe.rounds.rank_by} ranked {len(rows)} prompts: {pairs} ordered pairs -> {path}")
     wait_for_everyone()
-    return path, fp
+    return path, _ranked_fp([json.loads(line) for line in path.read_text().splitlines()])
 
 
 GUIDELINES = "guidelines.md"
+
+
+def _aside(path: Path, tag: str) -> Path:
+    """rankings.jsonl -> rankings-TAG.jsonl; samples.labels.db -> samples-TAG.labels.db."""
+    stem, _, suffixes = path.name.partition(".")
+    return path.with_name(f"{stem}-{tag}.{suffixes}")
+
+
+def _free_tag(tag: str, paths: list[Path]) -> str:
+    """`tag`, or tag-2, tag-3, ... where an earlier set of rankings already holds the name (samples that changed back
+    and forth): people's work set aside is never replaced."""
+    n, free = 1, tag
+    while any(_aside(path, free).exists() for path in paths):
+        n += 1
+        free = f"{tag}-{n}"
+    return free
 
 
 def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, str]:
@@ -369,10 +408,12 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
     path, ranked, db = here / "rankings.jsonl", here / "ranked.jsonl", db_path_for(here / "samples.jsonl")
     stamp = _stamp(here)
     if is_main() and path.is_file() and stamp.get("offered") != samples_fp:
-        tag = (stamp.get("offered") or "older")[:8]
+        tag = _free_tag((stamp.get("offered") or "older")[:8], [path, db])
         for old in (path, db):
-            if old.is_file():
-                old.rename(old.with_name(f"{old.name.split('.')[0]}-{tag}.{old.name.split('.', 1)[1]}"))
+            for suffix in ("", "-wal", "-shm"):  # a labels database left by a server that was killed keeps its log
+                side = old.with_name(old.name + suffix)
+                if side.is_file():
+                    side.rename(_aside(old, tag).with_name(_aside(old, tag).name + suffix))
         log(f"round {n}", f"the samples changed since {path} was made from them: kept aside as rankings-{tag}.*")
     if is_main() and not path.is_file():
         files.write_text(path, (here / "samples.jsonl").read_text())
@@ -430,4 +471,4 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
         f"{len(prompts)} of {len(rows)} prompts ranked by people ({len(done)} rankings; {on_page} prompts on the "
         f"labelling page {db.name}, the rest in {path.name})",
     )
-    return ranked, pipeline.digest([row["responses"] + [row["ranks"]] for row in done])
+    return ranked, _ranked_fp(done)

@@ -107,8 +107,13 @@ def refuse_held_out(prompts, locate, recipe) -> None:
             continue
         rows, where = data.load_located(spec, f"eval.{key}", recipe, kind)
         for i, row in enumerate(rows):
-            if row.get("prompt") is not None:  # (a pair without a prompt holds none)
-                held.setdefault(prompt_key(row["prompt"]), where(i))
+            prompt = row.get("prompt")
+            if prompt is None and row.get("ranked"):  # the prompt inside the conversations (TRL's implicit prompt)
+                first = row["ranked"][0]
+                if isinstance(first, list) and first and first[-1].get("role") == "assistant":
+                    prompt = first[:-1]
+            if prompt:  # (a pair of plain texts holds no prompt of its own)
+                held.setdefault(prompt_key(prompt), where(i))
     keys = [prompt_key(row["prompt"]) for row in prompts]
     found = [(locate(i), held[key]) for i, key in enumerate(keys) if key in held]
     if found:
@@ -167,10 +172,13 @@ def _prompt_ids(rows, tokenizer, room: int, name: str) -> list[list[int]]:
     return ids
 
 
-def draw(prompts, models: list[dict], sampling: Sampling) -> tuple[list[list[tuple[str, int]]], dict]:
+def draw(
+    prompts, models: list[dict], sampling: Sampling, option: str = "--max-new-tokens"
+) -> tuple[list[list[tuple[str, int]]], dict]:
     """Every prompt's answers as [(text, model index)]. The models answer in turn, each loaded once; an answer that
     is empty or the same as an earlier one of its prompt (its own model's or an earlier model's) is drawn again up to
-    `sampling.redraws` times, then left out. Returns the answers and counts of what happened."""
+    `sampling.redraws` times, then left out. Returns the answers and counts of what happened. `option`: what the
+    user set max_new_tokens with, for the error that names it."""
     from transformers import set_seed
 
     from . import models as model_utils
@@ -191,7 +199,7 @@ def draw(prompts, models: list[dict], sampling: Sampling) -> tuple[list[list[tup
         context = model_utils.context_length(model.config)
         if context - sampling.max_new_tokens < 1:
             raise UserError(
-                f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt in the context of {name} "
+                f"{option} {sampling.max_new_tokens} leaves no room for a prompt in the context of {name} "
                 f"({context} tokens); lower it"
             )
         ids = _prompt_ids(prompts, tokenizer, context - sampling.max_new_tokens, name)

@@ -465,3 +465,117 @@ def test_a_round_killed_during_its_ppo_resumes_from_its_checkpoint(run_copy, tmp
     history = json.loads((here / "ppo" / "metrics.json").read_text())["log_history"]
     assert history[-1]["step"] == 2  # 16 episodes in rollouts of 8
     assert not (here / "ppo.partial").exists()
+
+
+JUDGE_BESIDE = '''
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("judge_order", Path(__file__).with_name("judge_order.py"))
+order = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(order)
+
+
+def rank(prompt, answers):
+    """Whole sentences first (or last: judge_order.py says), the rest tie."""
+    return [order.WHOLE if a.strip().endswith(".") else order.REST for a in answers]
+'''
+
+
+def test_a_judge_ranks_again_when_it_or_a_module_beside_it_changes_and_only_new_ranks_retrain(
+    run_copy, tmp_path, capsys
+):
+    from alignkit.recipe import load_recipe
+    from alignkit.rounds import _rankings, _stamp
+
+    (tmp_path / "judge_order.py").write_text("WHOLE, REST = 1, 2\n")
+    judge = tmp_path / "ranker.py"  # (rounds() writes judge.py)
+    judge.write_text(JUDGE_BESIDE)
+    settings = [*rounds(tmp_path)[:2], f"rounds.rank_by={judge}:rank", *rounds(tmp_path)[3:]]
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    here = run_copy / "round-2"
+    before = [json.loads(line)["ranks"] for line in (here / "rankings.jsonl").read_text().splitlines()]
+    assert {1, 2} <= {rank for ranks in before for rank in ranks}
+
+    # the judge's file edited, its ranks the same: ranked again, and nothing retrains on the same rankings
+    judge.write_text(JUDGE_BESIDE + "\n# a comment\n")
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    assert "rankings up to date" not in err and f"{judge}:rank ranked {len(before)} prompts" in err
+    assert set(summary(out).values()) == {"reused"}
+
+    # the module beside it changed (the judge's own file did not): ranked again, and the new ranks retrain round 2
+    (tmp_path / "judge_order.py").write_text("WHOLE, REST = 2, 1\n")
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+    assert code == 0, err
+    after = [json.loads(line)["ranks"] for line in (here / "rankings.jsonl").read_text().splitlines()]
+    assert after == [[3 - rank for rank in ranks] for ranks in before]
+    assert summary(out)["round-2/reward"] == "trained" and summary(out)["round-2/ppo"] == "trained"
+
+    # --force ranks again even when nothing changed
+    recipe = load_recipe(TINY, [f"output_dir={run_copy}", *FAST, *settings])
+    drawn = _stamp(here)["samples"]
+    capsys.readouterr()
+    _, kept = _rankings(recipe, here, 2, drawn)
+    assert "rankings up to date" in capsys.readouterr().err
+    _, again = _rankings(recipe, here, 2, drawn, force=True)
+    assert "ranked" in capsys.readouterr().err and again == kept  # the same ranks: the same fingerprint
+
+    # rows of the prompts file chosen by max_rows: drawn again from those rows only
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings, "rounds.prompts.max_rows=6"
+    )
+    assert code == 0, err
+    assert "samples up to date" not in err
+    assert len((here / "samples.jsonl").read_text().splitlines()) <= 6
+
+    # answers too long for the model's context: the error names the recipe's key, not alignkit sample's option
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings, "rounds.max_new_tokens=5000"
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "rounds.max_new_tokens 5000 leaves no room for a prompt in the context of ppo" in err
+
+
+def test_rankings_set_aside_when_the_samples_change_never_replace_earlier_ones(run_copy, tmp_path, capsys):
+    people = [*rounds(tmp_path)[:2], "rounds.rank_by=people", "rounds.min_ranked=4", *rounds(tmp_path)[3:]]
+    here = run_copy / "round-2"
+
+    def run(*more) -> str:
+        code, _, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *people, *more)
+        assert code == 3, err  # waiting for people each time
+        return err
+
+    run()
+    first = json.loads((here / "round.json").read_text())["offered"][:8]
+    path = here / "rankings.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["ranks"] = list(range(1, len(rows[0]["responses"]) + 1))  # someone's work
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (here / "samples.labels.db").write_bytes(b"labels")  # a labels database whose server was killed: its log beside it
+    (here / "samples.labels.db-wal").write_bytes(b"log")
+
+    err = run("rounds.temperature=0.5")  # other samples: the first rankings set aside, with the database and its log
+    assert f"kept aside as rankings-{first}.*" in err
+    assert json.loads((here / f"rankings-{first}.jsonl").read_text().splitlines()[0])["ranks"] == rows[0]["ranks"]
+    assert (here / f"samples-{first}.labels.db").read_bytes() == b"labels"
+    assert (here / f"samples-{first}.labels.db-wal").read_bytes() == b"log"
+    assert not (here / "samples.labels.db").exists() and not (here / "samples.labels.db-wal").exists()
+
+    run()  # back to the first samples: the second set aside in turn
+    err = run("rounds.temperature=0.5")  # and again: the first samples' fresh copy cannot take the first one's name
+    assert f"kept aside as rankings-{first}-2.*" in err
+    assert json.loads((here / f"rankings-{first}.jsonl").read_text().splitlines()[0])["ranks"] == rows[0]["ranks"]
+    assert all(
+        json.loads(line)["ranks"] is None for line in (here / f"rankings-{first}-2.jsonl").read_text().splitlines()
+    )
+
+
+def test_guidelines_that_cannot_be_read_are_refused_before_anything_trains(tmp_path, capsys):
+    guide = tmp_path / "guide.md"
+    guide.write_bytes("Rank the answers: caf\xe9 first.".encode("latin-1"))
+    people = [*rounds(tmp_path)[:2], "rounds.rank_by=people", f"rounds.guidelines={guide}", *rounds(tmp_path)[3:]]
+    code, _, err = alignkit(capsys, "validate", TINY, f"output_dir={tmp_path / 'run'}", *people)
+    assert code == 2 and "Traceback" not in err
+    assert f"rounds.guidelines: cannot read {guide}" in err and "give a UTF-8 markdown file" in err

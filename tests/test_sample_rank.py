@@ -371,3 +371,32 @@ def test_the_reward_stage_compares_only_strictly_ordered_pairs_and_counts_rankin
     assert loss == pytest.approx((tied + strict) / 2, abs=2e-4)
     as_if_best_first = (nll(a[0], a[1]) + nll(a[0], a[2]) + nll(a[1], a[2])) / 3  # what ignoring the tie would give
     assert abs(as_if_best_first - tied) > 1e-3
+
+
+def test_sample_refuses_prompts_held_out_inside_implicit_prompt_comparisons(run_dir, tmp_path, capsys):
+    """Eval comparisons in TRL's implicit-prompt form (the prompt as the first turns of `chosen` and `rejected`) hold
+    their prompts too."""
+    import yaml
+
+    question = [{"role": "user", "content": "Which river runs through Quell?"}]
+    pairs = tmp_path / "pairs.jsonl"
+    _write(
+        pairs,
+        [
+            {
+                "chosen": [*question, {"role": "assistant", "content": "The Tesk."}],
+                "rejected": [*question, {"role": "assistant", "content": "The Marn."}],
+            }
+        ],
+    )
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["eval"]["comparisons"] = {"path": str(pairs)}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    prompts = _write(tmp_path / "prompts.jsonl", [*_rows(PROMPTS)[:2], {"prompt": question}])
+    out = tmp_path / "out.jsonl"
+    code, _, err = alignkit(
+        capsys, "sample", run_dir, "--prompts", prompts, "--out", out, "--recipe", tmp_path / "recipe.yaml"
+    )
+    assert code == 2
+    assert "1 of 3 prompts are held out by" in err and f"{prompts}:3: also {pairs}:1" in err
+    assert not out.exists()
