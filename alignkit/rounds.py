@@ -299,6 +299,13 @@ def _samples(recipe, here: Path, n: int, sources: list, prompts, locate, samplin
         ]
         answers, counts = draw(prompts, models, sampling, "rounds.max_new_tokens")
         rows = rows_for(prompts, locate, answers, models, sampling)
+        if not rows:  # nothing to rank: say why here, not as an empty file that the ranking or the reward stage names
+            raise DataError(
+                f"round {n}: no prompt of {recipe.rounds.prompts.path} got two different answers from "
+                f"{models[0]['model']} ({counts['equal']} answers equal to another, {counts['empty']} empty, after "
+                f"{sampling.redraws} redraws each); sample more freely (raise rounds.temperature or rounds.top_p, or "
+                "rounds.max_new_tokens) or give other prompts"
+            )
         files.write_jsonl(path, rows)
         files.write_json(here / STAMP, {**_stamp(here), "samples": fp})
         left = counts["equal"] + counts["empty"]

@@ -537,6 +537,22 @@ def test_a_judge_ranks_again_when_it_or_a_module_beside_it_changes_and_only_new_
     assert code == 2 and "Traceback" not in err
     assert "rounds.max_new_tokens 5000 leaves no room for a prompt in the context of ppo" in err
 
+    # a policy that cannot vary its answers (near-greedy, one token): no ranking to make, said so, nothing written
+    (here / "samples.jsonl").unlink()
+    code, out, err = alignkit(
+        capsys,
+        "run",
+        TINY,
+        f"output_dir={run_copy}",
+        *FAST,
+        *settings,
+        "rounds.temperature=1e-6",
+        "rounds.max_new_tokens=1",
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "round 2: no prompt of data/tiny/ppo.jsonl got two different answers" in err
+    assert "raise rounds.temperature" in err and not (here / "samples.jsonl").exists()
+
 
 def test_rankings_set_aside_when_the_samples_change_never_replace_earlier_ones(run_copy, tmp_path, capsys):
     people = [*rounds(tmp_path)[:2], "rounds.rank_by=people", "rounds.min_ranked=4", *rounds(tmp_path)[3:]]
