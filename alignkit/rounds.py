@@ -463,6 +463,8 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
         prompts |= {row["provenance"]["batch_line"] - 1 for row in labelled}
     needed = min(recipe.rounds.min_ranked or len(rows), len(rows))
     if len(prompts) < needed:
+        if is_main():  # what `alignkit label RUN_DIR` opens: the round that waits, not the last one with samples
+            files.write_json(here / STAMP, {**_stamp(here), "waiting": samples_fp})
         raise WaitingForRankings(
             f"round {n} waits for people to rank its answers: {len(prompts)} of {len(rows)} prompts are ranked "
             f"({on_page} on the labelling page), it needs {needed} (rounds.min_ranked). Open the page with "
@@ -472,6 +474,7 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
         )
     if is_main():
         files.write_jsonl(ranked, done)
+        files.write_json(here / STAMP, {k: v for k, v in _stamp(here).items() if k != "waiting"})
     wait_for_everyone()
     log(
         f"round {n}",

@@ -351,6 +351,7 @@ def test_a_round_ranked_by_people_waits_for_them_and_goes_on(run_copy, tmp_path,
     code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
     assert code == 0, err
     assert f"4 of {len(rows)} prompts ranked by people" in err
+    assert "waiting" not in json.loads((here / "round.json").read_text())  # `alignkit label RUN_DIR`: none waits
     metrics = json.loads((here / "reward" / "metrics.json").read_text())
     assert metrics["rankings"] == {"trained": 42 + 3, "all_ties": 1, "too_long": 0}
     assert summary(out)["round-2/ppo"] == "trained"
@@ -564,7 +565,9 @@ def test_rankings_set_aside_when_the_samples_change_never_replace_earlier_ones(r
         return err
 
     run()
-    first = json.loads((here / "round.json").read_text())["offered"][:8]
+    stamp = json.loads((here / "round.json").read_text())
+    assert stamp["waiting"] == stamp["samples"] == stamp["offered"]  # what `alignkit label RUN_DIR` opens
+    first = stamp["offered"][:8]
     path = here / "rankings.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[0]["ranks"] = list(range(1, len(rows[0]["responses"]) + 1))  # someone's work
@@ -595,3 +598,19 @@ def test_guidelines_that_cannot_be_read_are_refused_before_anything_trains(tmp_p
     code, _, err = alignkit(capsys, "validate", TINY, f"output_dir={tmp_path / 'run'}", *people)
     assert code == 2 and "Traceback" not in err
     assert f"rounds.guidelines: cannot read {guide}" in err and "give a UTF-8 markdown file" in err
+
+
+def test_label_given_a_run_opens_the_round_that_waits_for_people(tmp_path):
+    """After a change of settings an earlier round can wait again while a later one has samples from before: the
+    run's folder opens the waiting round (round.json says which), else the last one with samples."""
+    from alignkit.label.batch import locate
+
+    run = tmp_path / "run"
+    for n, stamp in ((2, {"samples": "A", "offered": "A", "waiting": "A"}), (3, {"samples": "B", "offered": "B"})):
+        (run / f"round-{n}").mkdir(parents=True)
+        (run / f"round-{n}" / "samples.jsonl").write_text("{}\n")
+        (run / f"round-{n}" / "round.json").write_text(json.dumps(stamp))
+    assert locate(run) == run / "round-2" / "samples.jsonl"
+    (run / "round-2" / "round.json").write_text(json.dumps({"samples": "C", "waiting": "A"}))  # waited on older ones
+    assert locate(run) == run / "round-3" / "samples.jsonl"
+    assert locate(run / "round-2") == run / "round-2" / "samples.jsonl"  # a round's folder: that round

@@ -23,7 +23,7 @@ class Item:
 
 def locate(target: str | Path) -> Path:
     """The batch file `target` names: a .jsonl file, a round's folder (its samples.jsonl) or a run's output_dir (the
-    samples of its last round)."""
+    samples of the round that waits for people, else of its last round)."""
     path = Path(target)
     if path.is_file():
         return path
@@ -34,6 +34,9 @@ def locate(target: str | Path) -> Path:
             (p for p in path.glob("round-*") if p.name[6:].isdigit() and (p / SAMPLES).is_file()),
             key=lambda p: int(p.name[6:]),
         )
+        waiting = [p for p in rounds if _waits(p)]
+        if waiting:  # the earliest: a later round's samples are older than the work it waits for
+            return waiting[0] / SAMPLES
         if rounds:
             return rounds[-1] / SAMPLES
         raise DataError(
@@ -41,6 +44,17 @@ def locate(target: str | Path) -> Path:
             "wrote, or the output_dir of a run whose round waits for people"
         )
     raise DataError(f"{path}: no such file or folder; give the file `alignkit sample --out` wrote")
+
+
+def _waits(folder: Path) -> bool:
+    """Whether a run's round waits for people on these very samples (its round.json says so)."""
+    try:
+        stamp = json.loads((folder / "round.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(stamp, dict) and stamp.get("waiting") is not None and stamp.get("waiting") == stamp.get("samples")
+    )
 
 
 def read(path: Path) -> list[Item]:
