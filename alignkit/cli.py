@@ -323,7 +323,10 @@ def _parser() -> argparse.ArgumentParser:
         LABEL_EXAMPLES,
     )
     label.add_argument(
-        "target", metavar="FILE_OR_RUN", help="a batch (.jsonl from alignkit sample), a round's folder or a run's"
+        "target",
+        metavar="FILE_OR_RUN",
+        help="a batch (.jsonl from alignkit sample), a round's folder, or a run's output_dir (the round that waits "
+        "for people, else the last one with samples)",
     )
     label.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs the token)"
