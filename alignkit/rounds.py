@@ -170,7 +170,13 @@ def _best_answers(
     scores highest), as a demonstration; with rounds.best_min_reward, only where that model scores it at least that.
     Returns the file (None when none was kept) and its fingerprint."""
     floor = recipe.rounds.best_min_reward
-    fp = pipeline.digest({"rankings": ranked_fp, "reward_model": reward_fp, "floor": floor})
+    parts = {"rankings": ranked_fp, "reward_model": reward_fp, "floor": floor}
+    # the rankings' fingerprint is their answers and ranks (what the reward stage reads); which rows a labeller found
+    # none acceptable in (and wrote nothing) changes the best answers alone, so it joins here, where any are
+    refused = [i for i, row in enumerate(data.read_rows(ranked)[0]) if _refused(row)]
+    if refused:
+        parts["none_acceptable"] = refused
+    fp = pipeline.digest(parts)
     path = here / f"{BEST_OF_K}.jsonl"
     stamp = _stamp(here).get(BEST_OF_K) or {}
     fresh = not force and stamp.get("fingerprint") == fp and (path.is_file() or stamp.get("kept") == 0)
@@ -208,8 +214,7 @@ def _pick_best(recipe, rankings: list[dict], reward_dir: Path, floor: float | No
 
     firsts: dict[str, dict] = {}  # prompt -> {"row": its first ranking, "answers": its answers ranked 1}
     for row in rankings:
-        seen = row.get("provenance") or {}
-        if seen.get("none_acceptable") and not seen.get("written"):
+        if _refused(row):
             continue
         entry = firsts.setdefault(_key(row["prompt"]), {"row": row, "answers": []})
         entry["answers"] += [a for a, r in zip(row["responses"], row["ranks"]) if r == 1 and a not in entry["answers"]]
@@ -237,6 +242,12 @@ def _pick_best(recipe, rankings: list[dict], reward_dir: Path, floor: float | No
         for key, (score, answer) in best.items()
         if floor is None or score >= floor
     ]
+
+
+def _refused(row: dict) -> bool:
+    """A labeller found no answer acceptable and wrote none better: the row gives rejection sampling nothing."""
+    seen = row.get("provenance") or {}
+    return bool(seen.get("none_acceptable") and not seen.get("written"))
 
 
 def _key(prompt) -> str:

@@ -261,6 +261,33 @@ def test_rejection_sampling_takes_one_answer_a_prompt_from_every_labellers_first
     assert _pick_best(recipe, rows, run_dir / "reward", max(scores) + 1, 2) == []  # a floor above it: none
 
 
+def test_best_answers_are_picked_again_when_a_labeller_finds_none_acceptable_without_reranking(run_dir, tmp_path):
+    # the rankings' fingerprint is their answers and ranks; "none acceptable" changes neither, only the best answers
+    from alignkit.recipe import load_recipe
+    from alignkit.rounds import _best_answers, _ranked_fp
+
+    recipe = load_recipe(TINY, [f"output_dir={run_dir}", *rounds(tmp_path, "rounds.rejection_sampling=true")])
+    ask = [[{"role": "user", "content": f"What is the capital of {c}?"}] for c in ("Zorbia", "Marnia")]
+    rows = [
+        {"prompt": ask[0], "responses": ["The capital of Zorbia is Quell.", "Zorbia."], "ranks": [1, 2]},
+        {"prompt": ask[1], "responses": ["The capital of Marnia is Marn.", "Marnia."], "ranks": [1, 2]},
+    ]
+    here, ranked = tmp_path / "round-2", tmp_path / "round-2" / "ranked.jsonl"
+    here.mkdir()
+
+    def best(rows):
+        ranked.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path, _ = _best_answers(recipe, here, 2, ranked, _ranked_fp(rows), run_dir / "reward", "rm", False)
+        return [json.loads(line)["messages"][0] for line in path.read_text().splitlines()] if path else []
+
+    assert best(rows) == [ask[0][0], ask[1][0]]
+    rows[1]["provenance"] = {"none_acceptable": True, "written": False}
+    assert best(rows) == [ask[0][0]]  # picked again: the same ranks no longer give Marnia a best answer
+    rows[0]["provenance"] = {"none_acceptable": True, "written": False}
+    assert best(rows) == [] and not (here / "best-of-k.jsonl").exists()
+    assert json.loads((here / "round.json").read_text())["best-of-k"]["kept"] == 0
+
+
 def test_train_on_prompts_false_keeps_the_policy_on_its_stage_prompts(run_copy, tmp_path, capsys):
     # the default mixes the stage's prompts and the rounds' own (round-prompts.jsonl); false keeps the stage's alone
     code, out, err = alignkit(
