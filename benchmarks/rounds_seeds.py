@@ -12,7 +12,6 @@ country, kind or sum: the failure issue 24 set out to fix), broken, rambling.
 """
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,20 +24,14 @@ from chat_seeds import spread  # noqa: E402  (the same mean ± sd)
 CLASSES = ("correct", "hedge", "wrong fact", "off topic", "broken", "rambling")
 
 
-def judge_module():
-    spec = importlib.util.spec_from_file_location("chat_judge", REPO / "data" / "chat" / "judge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def classes(folder: Path, rows: list[dict], max_new_tokens: int) -> list[int]:
     """Greedy answers of the model in `folder` to the eval rows, as alignkit eval draws them, classed by the judge."""
     from alignkit.evaluate import greedy_answers
+    from alignkit.rank import load_judge
 
-    judge = judge_module()
+    judge = load_judge(f"{REPO / 'data' / 'chat' / 'judge.py'}:rank")
     answers = greedy_answers(folder, rows, max_new_tokens)
-    return [judge.rank(row["prompt"], [answer.strip()])[0] for row, answer in zip(rows, answers)]
+    return [judge(row["prompt"], [answer.strip()])[0] for row, answer in zip(rows, answers)]
 
 
 def main():

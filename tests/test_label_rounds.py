@@ -2,7 +2,6 @@
 ranking as the chat world's judge would), and the same `alignkit run` goes on, round 2's reward model training on
 the page's rankings. The chat world's round questions on the tiny recipe's finished run."""
 
-import importlib.util
 import json
 
 import pytest
@@ -10,15 +9,9 @@ from conftest import FAST, TINY, alignkit, summary
 from labelling import REPO, chromium, server
 
 from alignkit.label.store import db_path_for
+from alignkit.rank import load_judge
 
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
-
-
-def chat_judge():
-    spec = importlib.util.spec_from_file_location("chat_judge", REPO / "data" / "chat" / "judge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.rank
 
 
 def rank_on_the_page(page, samples: dict, judge) -> list[int]:
@@ -68,7 +61,7 @@ def test_people_rank_a_round_on_the_page_and_the_run_goes_on(run_copy, tmp_path,
     for line in (here / "samples.jsonl").read_text().splitlines():
         row = json.loads(line)
         samples.setdefault(row["prompt"][0]["content"], row)  # a question asked twice: its first row's answers
-    judge, given = chat_judge(), []
+    judge, given = load_judge(f"{REPO / 'data' / 'chat' / 'judge.py'}:rank"), []
     with server(run_copy, "--labeller", "ann") as (base, url, proc):  # the run's folder: its waiting round
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
