@@ -147,6 +147,13 @@ def _read(spec: DatasetSpec, recipe: Recipe | None):
             rows = [{k: row.get(k) for k in columns} for row in rows]
             try:
                 ds = datasets.Dataset.from_list(rows)
+            except OverflowError as e:  # a whole number beyond 64 bits, which no Arrow column holds
+                line = next((line for row, line in zip(rows, lines) if _huge(row)), None)
+                where = spec.path if line is None else f"{spec.path}:{line}"
+                raise DataError(
+                    f"{where}: a whole number too large to read ({e}); numbers here must lie within "
+                    f"±{2**63 - 1:,}: write it as text if it is an identifier"
+                ) from e
             except pyarrow.ArrowException as e:  # a column of mixed types, which one Arrow column cannot hold
                 raise DataError(
                     _mismatch(rows, lines, columns, spec.path)
@@ -204,6 +211,15 @@ def _mismatch(rows: list[dict], lines: list[int], columns: list[str], shown: str
     )
     fix = MESSAGES_FIX if column == "messages" else ONE_KIND
     return f"{shown}:{lines[i]}: column '{column}' {what}; {fix}"
+
+
+def _huge(value) -> bool:
+    """Whether `value` holds a whole number that 64 bits cannot."""
+    if isinstance(value, dict):
+        return any(_huge(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_huge(v) for v in value)
+    return isinstance(value, int) and not -(2**63) <= value < 2**63
 
 
 def _kind(value) -> str:
@@ -551,6 +567,9 @@ def check_unranked(row: dict) -> None:
     check_answers(row["responses"])
 
 
+MAX_RANK = 10**9  # a scale's ranks may leave gaps; none is this far down, and every reader's integers hold it
+
+
 def check_ranks(ranks, count: int, what: str = "'ranks'") -> None:
     """Ranks of `count` answers: a list of whole numbers from 1 (the best), one per answer, equal ones for ties."""
     if not isinstance(ranks, list):
@@ -558,9 +577,10 @@ def check_ranks(ranks, count: int, what: str = "'ranks'") -> None:
     if len(ranks) != count:
         raise DataError(f"{what} gives {len(ranks)} ranks for {count} answers; give one rank per answer")
     for n, r in enumerate(ranks):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RANK:
             raise DataError(
-                f"{what} has {r!r} for 'responses'[{n}]; a rank is a whole number, 1 for the best, equal ones for ties"
+                f"{what} has {r!r} for 'responses'[{n}]; a rank is a whole number from 1 (the best) to {MAX_RANK:,}, "
+                "equal ones for ties"
             )
 
 

@@ -10,6 +10,7 @@ kept.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import numbers
@@ -42,7 +43,13 @@ def load_judge(spec: str) -> Callable:
                 raise UserError(f"--by {spec}: no such file {module}")
             found = importlib.util.spec_from_file_location(f"alignkit_judge_{path.stem}", path)
             loaded = importlib.util.module_from_spec(found)
-            found.loader.exec_module(loaded)
+            # registered as an import would be: dataclasses, pickle and typing look a module up by its name
+            sys.modules[found.name] = loaded
+            try:
+                found.loader.exec_module(loaded)
+            except BaseException:
+                del sys.modules[found.name]
+                raise
         else:
             if os.getcwd() not in sys.path and "" not in sys.path:
                 sys.path.insert(0, os.getcwd())  # a judge beside the data, as `python -m` would find it
@@ -69,7 +76,7 @@ def judged(judge: Callable, spec: str, row: dict) -> list[int]:
     """The judge's ranks of one row's answers, checked: one whole number from 1 per answer. Raises DataError."""
     answers = [data.answer_text(r) for r in row["responses"]]
     try:
-        ranks = judge(row["prompt"], answers)
+        ranks = judge(copy.deepcopy(row["prompt"]), answers)  # a judge that edits its prompt edits no output
     except Exception as e:  # whatever the user's program raises is its verdict on this row: named, with its cause
         raise DataError(f"the judge {spec} raised {type(e).__name__}: {e}") from e
     if isinstance(ranks, tuple):
@@ -114,7 +121,11 @@ def rank_rows(path: Path, spec: str) -> list[dict]:
 
 def main(args) -> int:
     path = Path(args.file)
-    out = Path(args.out) if args.out else path
+    if not args.out and path.suffix != ".jsonl":
+        raise UserError(
+            f"{path}: rankings are written as JSON Lines, not over a {path.suffix} file; give --out FILE.jsonl"
+        )
+    out = files.output_jsonl("--out", args.out) if args.out else path
     rows = rank_rows(path, args.by)
     files.write_jsonl(out, rows)
     pairs = sum(len(data.strict_pairs(row["ranks"])) for row in rows)

@@ -51,6 +51,8 @@ def check(sampling: Sampling, models: int) -> None:
         raise UserError(f"--temperature {sampling.temperature}: give a number above 0 (1 samples the model as it is)")
     if not 0 < sampling.top_p <= 1:
         raise UserError(f"--top-p {sampling.top_p}: give a share of the probability mass, above 0 and at most 1")
+    if not 0 <= sampling.seed < 2**32:
+        raise UserError(f"--seed {sampling.seed}: give a whole number from 0 to {2**32 - 1}")
     for option, value, least in (
         ("--max-new-tokens", sampling.max_new_tokens, 1),
         ("--batch-size", sampling.batch_size, 1),
@@ -292,9 +294,7 @@ def main(args) -> int:
         round=args.round,
     )
     check(sampling, len(args.stages or [None]))
-    out = Path(args.out)
-    if out.suffix != ".jsonl":
-        raise UserError(f"--out {out}: write the rankings as JSON Lines, a .jsonl file")
+    out = files.output_jsonl("--out", args.out)
     prompts, locate = data.load_located(Dataset(path=args.prompts), "--prompts", None, "prompts")
     if args.recipe:
         refuse_held_out(prompts, locate, args.recipe)
@@ -302,8 +302,6 @@ def main(args) -> int:
     t0 = time.time()
     drawn, counts = draw(prompts, models, sampling)
     rows = rows_for(prompts, locate, drawn, models, sampling)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    files.write_jsonl(out, rows)
     answers = sum(len(r["responses"]) for r in rows)
     if counts["redrawn"]:
         stayed = counts["equal"] + counts["empty"]
@@ -325,6 +323,13 @@ def main(args) -> int:
             f"warning: {counts['prompts_dropped']} of {len(prompts)} prompts left with fewer than two different "
             "answers are not in the file (a ranking needs two)",
         )
+    if not rows:  # nothing to rank: said here, not as an empty file that `alignkit rank` then names
+        raise DataError(
+            f"--prompts {args.prompts}: no prompt got two different answers ({counts['equal']} answers equal to "
+            f"another, {counts['empty']} empty, after {sampling.redraws} redraws each); nothing was written. Sample "
+            "more freely (raise --temperature, --top-p or --max-new-tokens) or give other prompts"
+        )
+    files.write_jsonl(out, rows)
     log(
         "sample",
         f"wrote {len(rows)} prompts, {answers} answers from {', '.join(m['stage'] or m['model'] for m in models)} "

@@ -149,7 +149,7 @@ def test_answers_a_model_cannot_vary_are_drawn_again_then_left_out_and_long_prom
     out = tmp_path / "o.jsonl"
     options = ["--k", "3", "--temperature", "1e-4", "--redraws", "2", "--max-new-tokens", "120"]
     code, _, err = alignkit(capsys, "sample", run_dir, "--stage", "sft", "--prompts", prompts, "--out", out, *options)
-    assert code == 0, err
+    assert code == 2, err  # no prompt is left to rank: refused, and no empty file written
     assert (
         "sample: warning: sft: 3 of 3 prompts longer than 8 tokens (the model's context less --max-new-tokens)" in err
     )
@@ -158,16 +158,21 @@ def test_answers_a_model_cannot_vary_are_drawn_again_then_left_out_and_long_prom
     )
     assert redrawn and int(redrawn[1]) == 2 * 6 and int(redrawn[2]) + int(redrawn[3]) == 6, err
     assert "3 of 3 prompts left with fewer than two different answers are not in the file" in err
-    assert out.read_text() == ""
+    assert f"--prompts {prompts}: no prompt got two different answers" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_bad_sampling_settings_are_refused_naming_the_option(run_dir, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
+    (tmp_path / "d.jsonl").mkdir()
     for options, message in (
         (["--k", "1"], "--k 1: a ranking needs at least two answers"),
         (["--k", "2", "--stage", "ppo", "--stage", "sft", "--stage", "pretrain"], "cannot be shared among 3 models"),
         (["--temperature", "0"], "--temperature 0.0: give a number above 0"),
         (["--max-new-tokens", "128"], "--max-new-tokens 128 leaves no room for a prompt"),
+        (["--seed", "-1"], "--seed -1: give a whole number from 0 to 4294967295"),
+        (["--out", tmp_path / "o.csv"], f"--out {tmp_path / 'o.csv'}: write the rankings as JSON Lines"),
+        (["--out", tmp_path / "d.jsonl"], f"--out {tmp_path / 'd.jsonl'}: a folder; give a file's path"),
     ):
         code, _, err = alignkit(capsys, "sample", run_dir, "--prompts", PROMPTS, "--out", out, *options)
         assert code == 2 and message in err, (options, err)
@@ -194,6 +199,13 @@ def halves(prompt, answers):
 
 def zero(prompt, answers):
     return [0] * len(answers)
+
+def huge(prompt, answers):
+    return [1] + [10**20] * (len(answers) - 1)
+
+def edits(prompt, answers):  # a judge that tidies the prompt it is given, in place
+    prompt[0]["content"] = prompt[0]["content"].upper()
+    return list(range(1, len(answers) + 1))
 """
 
 
@@ -258,10 +270,20 @@ def test_rank_takes_a_module_importable_from_here_and_rewrites_in_place(judges, 
         ),
         ("halves", [{"prompt": "Q"}], ":1: the judge {judges}:halves returned [1.5, 1.5, 1.5], which has 1.5 for"),
         ("zero", [{"prompt": "Q"}], ":1: the judge {judges}:zero returned [0, 0, 0], which has 0 for 'responses'[0]"),
+        (
+            "huge",  # beyond what a reader's integers hold: refused here, not as an overflow when the stage reads it
+            [{"prompt": "Q"}],
+            ":1: the judge {judges}:huge returned [1, 100000000000000000000, 100000000000000000000], which has "
+            "100000000000000000000 for 'responses'[1]; a rank is a whole number from 1 (the best) to 1,000,000,000",
+        ),
         ("by_length", [{"prompt": "Q"}, {"responses": ["a", "b", "a"]}], ":2: 'responses'[2] repeats 'responses'[0]"),
         ("by_length", [{"responses": ["a", " ", "c"]}], ":1: 'responses'[1] is empty"),
         ("by_length", [{"responses": ["a"]}], ":1: 'responses' must list at least two answers"),
-        ("missing", [{"prompt": "Q"}], "has no function missing (it has: by_length, halves, one_short, raises, zero)"),
+        (
+            "missing",
+            [{"prompt": "Q"}],
+            "has no function missing (it has: by_length, edits, halves, huge, one_short, raises, zero)",
+        ),
     ],
 )
 def test_rank_refuses_bad_judges_and_bad_rows_naming_the_row_and_writes_nothing(
@@ -275,6 +297,44 @@ def test_rank_refuses_bad_judges_and_bad_rows_naming_the_row_and_writes_nothing(
     code, _, err = alignkit(capsys, "rank", path, "--by", f"{judges}:{judge}", "--out", out)
     assert code == 2 and message.format(judges=judges) in err, err
     assert not out.exists() and path.read_bytes() == before
+
+
+def test_rank_gives_the_judge_a_copy_loads_it_as_a_module_and_checks_where_it_writes(judges, tmp_path, capsys):
+    ask = [{"role": "user", "content": "What is the capital of Zorbia?"}]
+    path = _write(tmp_path / "s.jsonl", [{"prompt": ask, "responses": ["a", "bb"], "ranks": None}])
+    out = tmp_path / "new" / "folder" / "r.jsonl"  # made as it is written
+    code, _, err = alignkit(capsys, "rank", path, "--by", f"{judges}:edits", "--out", out)
+    assert code == 0, err
+    assert _rows(out)[0]["prompt"] == ask and _rows(out)[0]["ranks"] == [1, 2]  # the judge's edit stays its own
+    # a judge whose module needs its own name registered (a dataclass under postponed annotations) loads
+    typed = tmp_path / "typed.py"
+    typed.write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\nclass Verdict:\n"
+        "    rank: int\n\ndef rank(prompt, answers):\n    return [Verdict(len(a)).rank for a in answers]\n"
+    )
+    code, _, err = alignkit(capsys, "rank", path, "--by", f"{typed}:rank", "--out", out)
+    assert code == 0, err
+    assert _rows(out)[0]["ranks"] == [1, 2]
+    # where it cannot write JSON Lines: refused before the judge runs, nothing written
+    array = _write(tmp_path / "s.json", [])
+    array.write_text(json.dumps([{"prompt": "Q", "responses": ["a", "bb"], "ranks": None}]))
+    (tmp_path / "d.jsonl").mkdir()
+    for argv, message in (
+        ([array], f"{array}: rankings are written as JSON Lines, not over a .json file; give --out FILE.jsonl"),
+        ([path, "--out", tmp_path / "d.jsonl"], f"--out {tmp_path / 'd.jsonl'}: a folder; give a file's path"),
+        ([path, "--out", tmp_path / "r.csv"], f"--out {tmp_path / 'r.csv'}: write the rankings as JSON Lines"),
+    ):
+        before = argv[0].read_bytes()
+        code, _, err = alignkit(capsys, "rank", *argv, "--by", f"{judges}:by_length")
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert argv[0].read_bytes() == before and not (tmp_path / "r.csv").exists()
+
+
+def test_a_number_too_large_for_any_reader_is_named_by_file_and_line(tmp_path, capsys):
+    rows = [{"prompt": "Q", "responses": ["a", "b"], "ranks": [1, 2]}] * 2
+    path = _write(tmp_path / "r.jsonl", [rows[0], {**rows[1], "ranks": [1, 2**64]}])
+    code, _, err = alignkit(capsys, "validate", TINY, f"stages.reward.dataset.path={path}")
+    assert code == 2 and f"{path}:2: a whole number too large to read" in err and "Traceback" not in err, err
 
 
 def test_the_chat_judge_ranks_the_world_s_answers_by_its_facts(tmp_path, capsys):
