@@ -387,8 +387,12 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str, force: bool =
         return path, _ranked_fp([json.loads(line) for line in path.read_text().splitlines()])
     if is_main():
         rows = rank_rows(here / "samples.jsonl", spec)
+        stamp = _stamp(here)
+        if "offered" in stamp and path.is_file():  # the file people were given (rank_by was people): kept aside
+            _set_aside(n, [path], stamp["offered"])
         files.write_jsonl(path, rows)
-        files.write_json(here / STAMP, {**_stamp(here), "rankings": fp})
+        rest = {k: v for k, v in stamp.items() if k not in ("offered", "waiting")}  # no longer waits for people
+        files.write_json(here / STAMP, {**rest, "rankings": fp})
         pairs = sum(len(data.strict_pairs(row["ranks"])) for row in rows)
         log(f"round {n}", f"{recipe.rounds.rank_by} ranked {len(rows)} prompts: {pairs} ordered pairs -> {path}")
     wait_for_everyone()
@@ -414,6 +418,19 @@ def _free_tag(tag: str, paths: list[Path]) -> str:
     return free
 
 
+def _set_aside(n: int, paths: list[Path], offered: str | None) -> None:
+    """Rankings that no longer fit the round (its samples changed, or who ranks did) moved to rankings-TAG.jsonl
+    (and the labels database to samples-TAG.labels.db, with its log), TAG the fingerprint of the samples they were
+    made from: people's work is never deleted or replaced."""
+    tag = _free_tag((offered or "older")[:8], paths)
+    for old in paths:
+        for suffix in ("", "-wal", "-shm"):  # a labels database left by a server that was killed keeps its log
+            side = old.with_name(old.name + suffix)
+            if side.is_file():
+                side.rename(_aside(old, tag).with_name(_aside(old, tag).name + suffix))
+    log(f"round {n}", f"{paths[0]} no longer fits the round's samples or ranker: kept aside as rankings-{tag}.*")
+
+
 def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, str]:
     """Rankings by people: on the labelling page (`alignkit label`, whose database lies beside samples.jsonl: every
     labeller's ranking of a prompt is a row), or by hand in round-N/rankings.jsonl, which starts as the samples
@@ -426,29 +443,29 @@ def _people(recipe: Recipe, here: Path, n: int, samples_fp: str) -> tuple[Path, 
     path, ranked, db = here / "rankings.jsonl", here / "ranked.jsonl", db_path_for(here / "samples.jsonl")
     stamp = _stamp(here)
     if is_main() and path.is_file() and stamp.get("offered") != samples_fp:
-        tag = _free_tag((stamp.get("offered") or "older")[:8], [path, db])
-        for old in (path, db):
-            for suffix in ("", "-wal", "-shm"):  # a labels database left by a server that was killed keeps its log
-                side = old.with_name(old.name + suffix)
-                if side.is_file():
-                    side.rename(_aside(old, tag).with_name(_aside(old, tag).name + suffix))
-        log(f"round {n}", f"the samples changed since {path} was made from them: kept aside as rankings-{tag}.*")
+        # made from other samples, or by a judge (rank_by was a program): kept aside, and the samples offered anew
+        _set_aside(n, [path, db], stamp.get("offered"))
     if is_main() and not path.is_file():
         files.write_text(path, (here / "samples.jsonl").read_text())
-        files.write_json(here / STAMP, {**_stamp(here), "offered": samples_fp})
+        rest = {k: v for k, v in _stamp(here).items() if k != "rankings"}  # a judge set to rank later ranks again
+        files.write_json(here / STAMP, {**rest, "offered": samples_fp})
     if is_main() and recipe.rounds.guidelines:  # the page shows the guidelines.md beside the batch
         files.write_text(here / GUIDELINES, recipe.resolve(recipe.rounds.guidelines).read_text(encoding="utf-8"))
     wait_for_everyone()
     rows, lines = data.read_rows(path)
-    sampled = [json.loads(line)["responses"] for line in (here / "samples.jsonl").read_text().splitlines()]
+    sampled = [json.loads(line) for line in (here / "samples.jsonl").read_text().splitlines()]
     problems, done, prompts = [], [], set()
     if len(rows) != len(sampled):
         problems.append(f"{path}: {len(rows)} rows, but {len(sampled)} prompts were sampled; keep one row per prompt")
-    for index, (row, line, answers) in enumerate(zip(rows, lines, sampled)):
-        if sorted(map(str, row.get("responses") or [])) != sorted(map(str, answers)):
+    for index, (row, line, drawn) in enumerate(zip(rows, lines, sampled)):
+        answers = row.get("responses")
+        if not isinstance(answers, list) or sorted(map(str, answers)) != sorted(map(str, drawn["responses"])):
             problems.append(
                 f"{path}:{line}: the answers are not the ones sampled for this prompt; rank them, do not edit"
             )
+            continue
+        if row.get("prompt") != drawn["prompt"]:
+            problems.append(f"{path}:{line}: the prompt is not the one sampled on this line; rank, do not edit")
             continue
         if row.get("ranks") is None:
             continue

@@ -618,6 +618,50 @@ def test_rankings_set_aside_when_the_samples_change_never_replace_earlier_ones(r
     )
 
 
+def test_switching_between_people_and_a_judge_never_loses_or_mixes_their_rankings(run_copy, tmp_path, capsys):
+    judge = rounds(tmp_path)
+    people = [*judge[:2], "rounds.rank_by=people", "rounds.min_ranked=4", *judge[3:]]
+    here, path = run_copy / "round-2", run_copy / "round-2" / "rankings.jsonl"
+
+    def run(settings, status):
+        code, _, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *settings)
+        assert code == status, err
+        return err
+
+    run(people, 3)
+    first = json.loads((here / "round.json").read_text())["offered"][:8]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["ranks"] = list(range(len(rows[0]["responses"]), 0, -1))  # someone's work, by hand
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # a judge now ranks the round: the hand rankings are kept aside, not overwritten, and nothing waits any more
+    err = run(judge, 0)
+    assert f"kept aside as rankings-{first}.*" in err
+    assert json.loads((here / f"rankings-{first}.jsonl").read_text().splitlines()[0])["ranks"] == rows[0]["ranks"]
+    assert all(json.loads(line)["ranked_by"] == judge[2].split("=", 1)[1] for line in path.read_text().splitlines())
+    stamp = json.loads((here / "round.json").read_text())
+    assert "offered" not in stamp and "waiting" not in stamp
+
+    # back to people: they are given the samples afresh (the judge's ranks are not taken for theirs)
+    err = run(people, 3)
+    assert "kept aside as rankings-older.*" in err and "0 of" in err
+    assert all(json.loads(line)["ranks"] is None for line in path.read_text().splitlines())
+    assert json.loads((here / f"rankings-{first}.jsonl").read_text().splitlines()[0])["ranks"] == rows[0]["ranks"]
+    # and the judge, set again, ranks again rather than taking people's file for its own
+    run(judge, 0)
+    assert all(json.loads(line)["ranks"] is not None for line in path.read_text().splitlines())
+
+    # rows edited where they should only be ranked are named by line
+    run(people, 3)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["prompt"] = [{"role": "user", "content": "Another question?"}]
+    rows[2]["responses"] = 5
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    err = run(people, 2)
+    assert f"{path}:2: the prompt is not the one sampled on this line; rank, do not edit" in err
+    assert f"{path}:3: the answers are not the ones sampled for this prompt" in err and "Traceback" not in err
+
+
 def test_guidelines_that_cannot_be_read_are_refused_before_anything_trains(tmp_path, capsys):
     guide = tmp_path / "guide.md"
     guide.write_bytes("Rank the answers: caf\xe9 first.".encode("latin-1"))
