@@ -433,8 +433,13 @@ STAGE = Stage(
             "overfitting; TRL's RewardTrainer takes pairs only",
         ),
         Default(
+            "remove_unused_columns",
+            "`false`, whatever the recipe sets",
+            "the stage's collator reads each ranking's token ids, columns TRL's default would remove first",
+        ),
+        Default(
             "normalize",
-            "on when the recipe has an sft stage",
+            "on when the recipe has an sft stage or sets `normalize_dataset`",
             "InstructGPT: the demonstrations score 0, so PPO's rewards and its KL penalty are on a known scale",
         ),
     ),
