@@ -142,6 +142,11 @@ def _read(spec: DatasetSpec, recipe: Recipe | None):
                 # datasets' type inference takes time exponential in the nesting on some rows: 22 levels, seconds
                 if _depth(row) > MAX_DEPTH:
                     raise DataError(_too_deep(spec.path, line)) from None
+                if row.get("ranks") is not None and isinstance(row.get("responses"), list):
+                    try:  # here, as written: one float rank makes Arrow read every row's ranks as floats
+                        check_ranks(row["ranks"], len(row["responses"]))
+                    except DataError as e:
+                        raise DataError(f"{spec.path}:{line}: {e}") from None
             # datasets takes the columns from the first row alone, and drops the others' own keys
             columns = list(dict.fromkeys(k for row in rows for k in row))
             rows = [{k: row.get(k) for k in columns} for row in rows]

@@ -330,11 +330,16 @@ def test_rank_gives_the_judge_a_copy_loads_it_as_a_module_and_checks_where_it_wr
         assert argv[0].read_bytes() == before and not (tmp_path / "r.csv").exists()
 
 
-def test_a_number_too_large_for_any_reader_is_named_by_file_and_line(tmp_path, capsys):
-    rows = [{"prompt": "Q", "responses": ["a", "b"], "ranks": [1, 2]}] * 2
-    path = _write(tmp_path / "r.jsonl", [rows[0], {**rows[1], "ranks": [1, 2**64]}])
-    code, _, err = alignkit(capsys, "validate", TINY, f"stages.reward.dataset.path={path}")
-    assert code == 2 and f"{path}:2: a whole number too large to read" in err and "Traceback" not in err, err
+def test_bad_ranks_and_numbers_too_large_for_any_reader_are_named_by_their_own_line(tmp_path, capsys):
+    good = {"prompt": "Q", "responses": ["a", "b"], "ranks": [1, 2]}
+    for bad, message in (
+        ({"ranks": [1, 2.5]}, ":2: 'ranks' has 2.5 for 'responses'[1]"),  # not line 1's 1.0, as Arrow would make it
+        ({"ranks": [1, 2**64]}, f":2: 'ranks' has {2**64} for 'responses'[1]; a rank is a whole number from 1"),
+        ({"id": 2**64}, ":2: a whole number too large to read"),
+    ):
+        path = _write(tmp_path / "r.jsonl", [good, {**good, **bad}])
+        code, _, err = alignkit(capsys, "validate", TINY, f"stages.reward.dataset.path={path}")
+        assert code == 2 and f"{path}{message}" in err and "Traceback" not in err, err
 
 
 def test_the_chat_judge_ranks_the_world_s_answers_by_its_facts(tmp_path, capsys):
