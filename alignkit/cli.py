@@ -457,17 +457,37 @@ def cmd_chat(args) -> int:
     return chat.main(args)
 
 
+def output_jsonl(option: str, path) -> Path:
+    """A JSON Lines file a command is to write (`--out`), checked before any work: a .jsonl name, not a folder, in a
+    folder that exists or can be made. Raises UserError naming the option."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        raise UserError(f"{option} {path}: write the rankings as JSON Lines, a .jsonl file")
+    if path.is_dir():
+        raise UserError(f"{option} {path}: a folder; give a file's path, e.g. {path / 'rankings.jsonl'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"{option} {path}: cannot make its folder {path.parent} ({e.strerror or e}); give another path"
+        ) from None
+    return path
+
+
 def cmd_sample(args) -> int:
     from . import sample
 
     quiet.hide_progress_bars(args.verbose)
     args.folder = args.model
+    args.out = output_jsonl("--out", args.out)
     return sample.main(args)
 
 
 def cmd_rank(args) -> int:
     from . import rank
 
+    if args.out:
+        args.out = output_jsonl("--out", args.out)
     return rank.main(args)
 
 

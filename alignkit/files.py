@@ -6,8 +6,6 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
-
 
 def write_text(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path` (atomic)."""
@@ -31,23 +29,6 @@ def write_json(path: Path, obj) -> None:
 def write_jsonl(path: Path, rows) -> None:
     """Rows as JSON Lines (non-ASCII kept as it is), replacing `path` whole."""
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def output_jsonl(option: str, path) -> Path:
-    """A JSON Lines file a command is to write (`--out`), checked before any work: a .jsonl name, not a folder, in a
-    folder that exists or can be made. Raises UserError naming the option."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        raise UserError(f"{option} {path}: write the rankings as JSON Lines, a .jsonl file")
-    if path.is_dir():
-        raise UserError(f"{option} {path}: a folder; give a file's path, e.g. {path / 'rankings.jsonl'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"{option} {path}: cannot make its folder {path.parent} ({e.strerror or e}); give another path"
-        )
-    return path
 
 
 PICKLED = (".bin", ".pt", ".pth")

@@ -125,7 +125,7 @@ def main(args) -> int:
         raise UserError(
             f"{path}: rankings are written as JSON Lines, not over a {path.suffix} file; give --out FILE.jsonl"
         )
-    out = files.output_jsonl("--out", args.out) if args.out else path
+    out = Path(args.out) if args.out else path  # --out checked by the command line
     rows = rank_rows(path, args.by)
     files.write_jsonl(out, rows)
     pairs = sum(len(data.strict_pairs(row["ranks"])) for row in rows)

@@ -294,7 +294,7 @@ def main(args) -> int:
         round=args.round,
     )
     check(sampling, len(args.stages or [None]))
-    out = files.output_jsonl("--out", args.out)
+    out = Path(args.out)  # checked by the command line: a .jsonl file in a folder that exists
     prompts, locate = data.load_located(Dataset(path=args.prompts), "--prompts", None, "prompts")
     if args.recipe:
         refuse_held_out(prompts, locate, args.recipe)
