@@ -337,7 +337,7 @@ def _read_json(path: Path, shown: str) -> tuple[list[dict], list[int]]:
                 raise DataError(f"{shown}: element {i + 1} of the array is {type(row).__name__}, expected an object")
         return data, _array_lines(text, len(data))
     rows, lines = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -28,7 +28,15 @@ def write_json(path: Path, obj) -> None:
 
 def write_jsonl(path: Path, rows) -> None:
     """Rows as JSON Lines (non-ASCII kept as it is), replacing `path` whole."""
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(path, "".join(_line(row) for row in rows))
+
+
+# characters that str.splitlines (and so many readers) takes for line ends, which json.dumps leaves raw in strings
+_LINE_ENDS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def _line(row) -> str:
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_ENDS) + "\n"
 
 
 PICKLED = (".bin", ".pt", ".pth")

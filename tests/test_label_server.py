@@ -49,6 +49,13 @@ def test_a_bad_batch_or_place_is_refused_before_the_server_starts(tmp_path, caps
     assert code == 2 and "/proc/alignkit: not writable" in err and "--db FILE" in err
     code, out, err = alignkit(capsys, "label", tmp_path / "none.jsonl")
     assert code == 2 and "none.jsonl: no such file or folder" in err
+    code, out, err = alignkit(capsys, "label", batch, "--port", "70000")
+    assert code == 2 and "--port 70000: give a port from 1 to 65535" in err
+    code, out, err = alignkit(capsys, "label", batch, "--export", tmp_path / "cut.jsonl")
+    assert code == 2 and "a file, not a folder; give a folder" in err
+    code, out, err = alignkit(capsys, "label", batch, "--db", tmp_path / "latin.jsonl", "--export", tmp_path / "x")
+    assert code == 2 and f"{tmp_path / 'latin.jsonl'}: cannot open or create the labels database" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
 
     # labels of one batch are never read as labels of another
     assert not db_path_for(batch).exists()  # nothing above made a database
@@ -56,6 +63,47 @@ def test_a_bad_batch_or_place_is_refused_before_the_server_starts(tmp_path, caps
     make_batch(batch, prompts=4)
     code, out, err = alignkit(capsys, "label", batch, "--port", "0")
     assert code == 2 and "holds labels of other prompts or answers than" in err
+
+
+def test_an_empty_database_file_is_made_a_labels_database_and_line_separators_inside_answers_are_text(
+    tmp_path, capsys
+):
+    # an empty file (as a kill while the database was being made leaves it) is begun afresh; answers holding
+    # U+2028, U+2029 or U+0085, which str.splitlines takes for line ends, are read as the text they are
+    batch = make_batch(tmp_path / "batch.jsonl")
+    rows = [json.loads(line) for line in batch.read_text().splitlines()]
+    rows[0]["responses"][1] = "first\u2028second\u2029third\x85fourth"
+    batch.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert "\u2028" in batch.read_text(encoding="utf-8")  # raw, as other tools write them
+    (tmp_path / "empty.db").write_bytes(b"")
+    code, out, err = alignkit(capsys, "label", batch, "--db", tmp_path / "empty.db", "--export", tmp_path / "out")
+    assert code == 0, err
+    assert read(batch)[0].responses[1] == rows[0]["responses"][1]
+    # and what alignkit writes escapes them, so that any reader that splits lines so reads it whole
+    from alignkit import files
+
+    files.write_jsonl(tmp_path / "w.jsonl", rows)
+    text = (tmp_path / "w.jsonl").read_text(encoding="utf-8")
+    assert not {"\u2028", "\u2029", "\x85"} & set(text)
+    assert [json.loads(line) for line in text.splitlines()] == rows
+
+
+def test_a_write_that_times_out_on_a_locked_database_leaves_the_store_usable(tmp_path):
+    import sqlite3
+
+    batch = make_batch(tmp_path / "batch.jsonl")
+    store = Store(db_path_for(batch), read(batch), batch)
+    store.db.execute("PRAGMA busy_timeout = 100")
+    other = sqlite3.connect(db_path_for(batch), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock past the timeout
+    state = store.initial("ann", 0)
+    with pytest.raises(sqlite3.OperationalError):
+        store.act("ann", 0, "edit", state)
+    assert not store.lock.locked()  # before: held for good, and every later request waited on it forever
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.act("ann", 0, "edit", state) > 0
+    store.close()
 
 
 def test_every_request_is_checked_and_a_bad_one_gets_a_4xx(tmp_path):
@@ -87,11 +135,22 @@ def test_every_request_is_checked_and_a_bad_one_gets_a_4xx(tmp_path):
             ({**action, "kind": "delete"}, "unknown action 'delete'"),
             ({**action, "labeller": "<b>"}, "a labeller's name"),
             ({**action, "kind": "submit", "state": {**state, "text": "The capital of Land0 is City2."}}, "rank that"),
+            # states that the status page, the export and a round could not read back: refused, never stored
+            ({**action, "kind": "submit", "state": {**state, "order": [*state["order"], "x"]}}, "'state.order'"),
+            (
+                {**action, "state": {**state, "order": [True if o == 1 else o for o in state["order"]]}},
+                "'state.order'",
+            ),
+            ({**action, "state": {**state, "display": [*state["display"], None]}}, "'state.display'"),
+            ({**action, "state": {**state, "text": "\ud800"}}, "lone UTF-16 surrogate"),
+            (b"[" * 100_000, "JSON object"),  # nested past Python's limit
         ]
         for body, message in bad:
             status, answer = request(base, "POST", "/api/action", body, token=token)
             assert status == 400 and message in answer["error"], (body, answer)
-        assert request(base, "GET", "/api/next?labeller=ann&item=x", token=token)[0] == 400
+        for item in ("x", "%C2%B2", "9" * 5000):  # a superscript two is a digit to str.isdigit, not to int()
+            assert request(base, "GET", f"/api/next?labeller=ann&item={item}", token=token)[0] == 400
+        assert request(base, "GET", "/api/status", token=token)[0] == 200
         assert request(base, "GET", "/nowhere/../../etc/passwd", token=token)[0] == 404
         status, ok = request(base, "POST", "/api/action", action, token=token)
         assert status == 200 and ok["action"] > 0  # still serving, and a good request lands

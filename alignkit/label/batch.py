@@ -70,7 +70,7 @@ def read(path: Path) -> list[Item]:
     if not text.strip():
         raise DataError(f"{path}: empty; nothing to label (alignkit sample writes one row per prompt)")
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

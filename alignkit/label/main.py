@@ -57,6 +57,10 @@ def checked(args) -> tuple[Path, list, Path]:
 def main(args) -> int:
     if args.min_labels < 1:
         raise UserError(f"--min-labels {args.min_labels}: each prompt needs at least one labeller; give 1 or more")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: give a port from 1 to 65535 (0 picks a free one)")
+    if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+        raise UserError(f"--export {args.export}: a file, not a folder; give a folder to write the labels to")
     path, items, db = checked(args)
     guidelines = GUIDELINES
     given = args.guidelines or (path.parent / "guidelines.md" if (path.parent / "guidelines.md").is_file() else None)

@@ -142,7 +142,7 @@ class Labelling:
         who = self.labeller_of(request.query_params.get("labeller"))
         item = request.query_params.get("item")
         if item is not None:
-            if not item.isdigit():
+            if not (item.isascii() and item.isdigit() and len(item) <= 18):
                 raise HTTPException(400, "'item' is a prompt's number")
             item = int(item)
         view = self.store.open(who, item)
@@ -236,7 +236,7 @@ async def _json(request: Request) -> dict:
         raise HTTPException(413, "request too large")
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # (RecursionError: nested past Python's limit)
         raise HTTPException(400, "the request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise HTTPException(400, "the request body must be a JSON object")

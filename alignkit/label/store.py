@@ -53,6 +53,15 @@ def db_path_for(batch: Path) -> Path:
     return batch.with_name(batch.name.removesuffix(".jsonl") + ".labels.db")
 
 
+def _permutation(value, k: int) -> bool:
+    """`value` lists each of 0 .. k-1 once, as whole numbers (not true/false)."""
+    return (
+        isinstance(value, list)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and sorted(value) == list(range(k))
+    )
+
+
 class Store:
     def __init__(self, path: Path, items: list[Item] | None = None, batch: Path | None = None, min_labels: int = 1):
         """Open the labels at `path`, creating them for `items` (the batch read from `batch`) if new. With `items`
@@ -65,11 +74,20 @@ class Store:
             self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:  # not writable, or not a database at all
             raise DataError(
                 f"{self.path}: cannot open or create the labels database ({e}); make {self.path.parent} writable, "
-                "or give another place with --db"
+                "or give another place with --db (a file alignkit label made, or none yet)"
             ) from e
+        if not new:
+            try:
+                new = not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+            except sqlite3.DatabaseError as e:
+                raise DataError(
+                    f"{self.path}: not a labels database ({e}); give --db a file alignkit label made, or a new name"
+                ) from e
+            if new and items is None:
+                raise DataError(f"{self.path}: no labels in it (not a labels database alignkit label made)")
         self.lock = threading.Lock()
         if new:
             with self._write():
@@ -113,7 +131,11 @@ class Store:
 
         def __enter__(self):
             self.store.lock.acquire()
-            self.store.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.store.db.execute("BEGIN IMMEDIATE")
+            except BaseException:  # the database stayed locked by another process past the timeout: nothing begun
+                self.store.lock.release()
+                raise
 
         def __exit__(self, kind, value, tb):
             try:
@@ -142,7 +164,7 @@ class Store:
         if not isinstance(state, dict):
             raise BadAction("'state' must be an object")
         order, ties, thumbs = state.get("order"), state.get("ties"), state.get("thumbs", {})
-        if not isinstance(order, list) or sorted(o for o in order if isinstance(o, int)) != list(range(k)):
+        if not _permutation(order, k):
             raise BadAction(f"'state.order' must list each of the {k} answers once (0 to {k - 1}), best first")
         if not isinstance(ties, list) or len(ties) != k or not all(isinstance(t, bool) for t in ties) or ties[0]:
             raise BadAction(f"'state.ties' must be {k} true/false values, the first false")
@@ -153,10 +175,14 @@ class Store:
         text = state.get("text", "")
         if not isinstance(text, str) or len(text) > MAX_TEXT:
             raise BadAction(f"'state.text' must be text of at most {MAX_TEXT} characters")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no JSON answer or export file could hold it
+            raise BadAction("'state.text' must be text (it holds a lone UTF-16 surrogate)") from None
         if not isinstance(state.get("none", False), bool):
             raise BadAction("'state.none' must be true or false")
         display = state.get("display")
-        if not isinstance(display, list) or sorted(d for d in display if isinstance(d, int)) != list(range(k)):
+        if not _permutation(display, k):
             raise BadAction("'state.display' must be the order the answers were shown in")
         return {
             "order": order,
