@@ -127,6 +127,29 @@ def test_rank_by_keys_and_drag_tie_none_thumbs_and_a_better_answer(page, tmp_pat
         store.close()
 
 
+def test_a_tie_ends_when_its_answer_reaches_the_top_and_does_not_come_back(page, tmp_path):
+    batch = make_batch(tmp_path / "batch.jsonl", prompts=1, k=4)
+    with server(batch, "--labeller", "ann") as (base, url, proc):
+        page.goto(url)
+        page.wait_for_selector("#answers li")
+        a, b, c, d = texts(page)
+        page.keyboard.press(key_of(page, b[-6:]))
+        page.keyboard.press("t")  # B tied with A
+        assert ranks(page) == ["1", "=1", "3", "4"]
+        page.keyboard.press(key_of(page, a[-6:]))
+        page.keyboard.press("ArrowDown")  # A below B: B is first, with nothing to be tied with
+        assert texts(page) == [b, a, c, d] and ranks(page) == ["1", "2", "3", "4"]
+        page.keyboard.press(key_of(page, d[-6:]))
+        for _ in range(3):
+            page.keyboard.press("ArrowUp")  # D to the top: B is second again, and not tied with D
+        assert texts(page) == [d, b, a, c] and ranks(page) == ["1", "2", "3", "4"]
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('Submitted')")
+        saved(page)
+    (row,) = stored(batch)
+    assert [dict(zip(row["responses"], row["ranks"]))[t] for t in (d, b, a, c)] == [1, 2, 3, 4]
+
+
 def test_skip_keeps_the_draft_undo_and_a_reload_resumes(page, tmp_path):
     batch = make_batch(tmp_path / "batch.jsonl", prompts=3)
     with server(batch) as (base, url, proc):

@@ -181,6 +181,7 @@ function move(answer, to) {
   order.splice(from, 1);
   order.splice(to, 0, answer);
   delete tied[answer]; // a moved answer is judged anew
+  delete tied[order[0]]; // and the first has nothing above to be tied with: no tie comes back when one moves above it
   selected = answer;
   change();
 }
