@@ -86,6 +86,13 @@ def missing_files(folder: Path, manifest: dict) -> list[str]:
     ]
 
 
+def identity(manifest: dict | None) -> str | None:
+    """What the stages after a stage record of it: its output's identity. The fingerprint of its inputs, except for
+    an output trained again on the same inputs (--force, or a damaged one): then a new one, so that what was built
+    on the old output is not taken as built on this one."""
+    return (manifest or {}).get("identity") or (manifest or {}).get("fingerprint")
+
+
 def read_complete(folder: Path) -> dict | None:
     """The manifest of a complete stage output whose files are all there, else None."""
     manifest = read_manifest(folder)
@@ -248,6 +255,11 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
         "quantization": quantization,
         "seed": recipe.seed,
     }
+    given = getattr(recipe.stages[stage], "reward_model", None)
+    if (
+        given is not None
+    ):  # a reward model named by path (stages.ppo.reward_model): what its folder holds, not its name
+        model_settings["reward_model_files"] = local_files_hash(given, recipe)
     own, *more = [data.fingerprint(d, recipe) for _, d, _ in stage_datasets(REGISTRY[stage], recipe)]
     return {
         "config": digest([spec, model_settings]),
@@ -380,7 +392,7 @@ def run(
         folder = out / stage
         complete = read_complete(folder)
         if stage not in selected:
-            fingerprints[stage] = complete["fingerprint"] if complete else None
+            fingerprints[stage] = identity(complete)
             if complete and stage in needed:
                 _check_reused(recipe, stage, folder, complete, fingerprints, accept_upstream)
             continue
@@ -395,15 +407,19 @@ def build(
 ) -> tuple[str, dict]:
     """Reuse `folder` if it holds `stage` trained with these `parts`, else train it (resuming an interrupted run of the
     same parts). `roles` name the inputs as folders relative to `run_dir` (default: the folder's parent). Returns the
-    fingerprint and the summary entry."""
+    identity downstream stages record of it (see identity()) and the summary entry."""
     fp = digest(parts)
     complete, manifest = read_complete(folder), read_manifest(folder)
     resumable = (read_manifest(folder.with_name(folder.name + ".partial")) or {}).get("fingerprint") == fp
     if complete and complete["fingerprint"] == fp and not force and not resumable:
         log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
-        return fp, {"status": "reused", "seconds": complete.get("seconds", 0.0)}
+        return identity(complete), {"status": "reused", "seconds": complete.get("seconds", 0.0)}
     why = "an interrupted rerun" if resumable and not force else _why(complete or manifest, parts, folder)
-    return fp, _train(recipe, stage, folder, roles, fp, parts, why, force, run_dir or folder.parent)
+    # trained again on the inputs the output there had: a new identity, derived from the old one so that every
+    # process computes the same
+    same = manifest is not None and manifest.get("fingerprint") == fp
+    new = digest({"retrained": identity(manifest)}) if same else fp
+    return new, _train(recipe, stage, folder, roles, fp, parts, why, force, run_dir or folder.parent, new)
 
 
 def _built_on(recipe: Recipe, selected: list[str]) -> set[str]:
@@ -427,6 +443,9 @@ def _check_reused(recipe: Recipe, stage: str, folder: Path, manifest: dict, fing
         what += changed_settings(folder / "recipe.yaml", recipe, stage) or ["its model or stage settings"]
     if before.get("data") != now["data"]:
         what.append(f"its data changed ({recipe.stages[stage].dataset.path})")
+    redone = [up for up, fp in ups.items() if (before.get("upstream") or {}).get(up, fp) != fp]
+    if redone:
+        what.append(f"{' and '.join(redone)}, which it was built on, was trained again since")
     if not what:
         return
     shown = "; ".join(what[:6]) + (f"; and {len(what) - 6} more" if len(what) > 6 else "")
@@ -544,7 +563,16 @@ def _has_weights(checkpoint: Path) -> bool:
 
 
 def _train(
-    recipe: Recipe, stage: str, folder: Path, roles: dict, fp: str, parts: dict, why: str, force: bool, run_dir: Path
+    recipe: Recipe,
+    stage: str,
+    folder: Path,
+    roles: dict,
+    fp: str,
+    parts: dict,
+    why: str,
+    force: bool,
+    run_dir: Path,
+    new_identity: str,
 ) -> dict:
     partial = folder.with_name(folder.name + ".partial")
     started = read_manifest(partial)
@@ -592,7 +620,7 @@ def _train(
         metrics = declared.run(recipe, partial, inputs, resume, args)
         seconds = time.time() - t0
         wait_for_everyone()  # the model is saved before the stage is declared complete
-        _finish(stage, partial, folder, fp, parts, inputs, metrics, seconds)
+        _finish(stage, partial, folder, fp, new_identity, parts, inputs, metrics, seconds)
     except pickle.UnpicklingError as e:  # torch refused a file as unsafe: name it, load nothing more
         raise unsafe_file(stage, [resume, *(p for p in inputs.values() if p)]) from e
     except Exception as e:
@@ -615,7 +643,9 @@ def _train(
     return {"status": "trained", "seconds": seconds}
 
 
-def _finish(stage, partial: Path, folder: Path, fp: str, parts: dict, inputs: dict, metrics: dict, seconds: float):
+def _finish(
+    stage, partial: Path, folder: Path, fp: str, new_identity: str, parts: dict, inputs: dict, metrics: dict, seconds
+):
     """Mark the stage complete and put it in place (main process)."""
     if is_main():
         metrics["seconds"] = seconds
@@ -628,6 +658,7 @@ def _finish(stage, partial: Path, folder: Path, fp: str, parts: dict, inputs: di
                 "stage": stage,
                 "status": "complete",
                 "fingerprint": fp,
+                **({"identity": new_identity} if new_identity != fp else {}),
                 "parts": parts,
                 "inputs": inputs,
                 "seconds": seconds,

@@ -266,7 +266,7 @@ def _model_path(recipe: Recipe, stage: str | None) -> str:
 
 
 def _fp(out: Path, stage: str) -> str | None:
-    return (pipeline.read_complete(out / stage) or {}).get("fingerprint")
+    return pipeline.identity(pipeline.read_complete(out / stage))
 
 
 def _stamp(here: Path) -> dict:

@@ -66,7 +66,7 @@ def sources(target: str, stages: list[str] | None) -> list[dict]:
     """The models to sample, each {stage, model, fingerprint}: the named stages of a run folder (default its last
     policy stage), or a model folder; a stage's fingerprint comes from its alignkit_stage.json."""
     from .chat import resolve
-    from .pipeline import read_manifest
+    from .pipeline import identity, read_manifest
 
     if stages and len(set(stages)) < len(stages):
         raise UserError(f"--stage {' --stage '.join(stages)}: each stage once")
@@ -78,7 +78,7 @@ def sources(target: str, stages: list[str] | None) -> list[dict]:
             {
                 "stage": stage or (manifest or {}).get("stage"),
                 "model": folder,
-                "fingerprint": (manifest or {}).get("fingerprint"),
+                "fingerprint": identity(manifest),
             }
         )
     return out

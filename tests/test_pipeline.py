@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny GPT-2, through the real entry point: training, outputs, EOS, skip and rerun."""
 
 import json
+import shutil
 
 import torch
 from conftest import FAST, TINY, alignkit, rerun, summary
@@ -260,11 +261,50 @@ def test_quantization_needs_lora_and_bf16(capsys):
     assert "stages.pretrain.trainer.bf16" not in err  # pretraining from scratch trains in full, unquantized
 
 
-def test_force_retrains_only_the_chosen_stage(run_copy, capsys):
+def test_force_retrains_only_the_chosen_stage_and_what_was_built_on_it_follows_next_run(run_copy, capsys):
     code, out, err = rerun(capsys, run_copy, "reward", *FAST)
     assert code == 0
     assert summary(out) == {"reward": "trained"}
     assert "reward: training (forced)" in err
+    manifest = json.loads((run_copy / "reward" / "alignkit_stage.json").read_text())
+    assert manifest["identity"] != manifest["fingerprint"]  # the same inputs, another output
+    # ppo was built on the reward model that --force replaced: the next run trains it again
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST)
+    assert code == 0, err
+    assert summary(out) == {"pretrain": "reused", "sft": "reused", "reward": "reused", "ppo": "trained"}
+    assert "ppo: training (an upstream stage changed)" in err
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST)
+    assert set(summary(out).values()) == {"reused"}  # once, not on every run
+
+
+def test_a_stage_whose_upstream_was_retrained_since_is_refused_by_only(run_copy, capsys):
+    # sft's own settings are unchanged, but it was built on the pretrain model that --only pretrain just replaced
+    changed = "stages.pretrain.trainer.learning_rate=2e-3"
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, changed, "--only", "pretrain")
+    assert code == 0 and summary(out) == {"pretrain": "trained"}, err
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, changed, "--only", "ppo")
+    assert code == 2 and "Traceback" not in err
+    assert (
+        f"sft: {run_copy / 'sft'} was trained with other settings than this recipe gives: pretrain, which it was "
+        "built on, was trained again since" in err
+    )
+    assert "--from sft" in err and "--accept-upstream" in err
+
+
+def test_a_reward_model_given_by_path_is_known_by_what_its_folder_holds(run_copy, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    given = tmp_path / "rm"
+    shutil.copytree(run_copy / "reward", given)
+    ppo = ["--only", "ppo", f"stages.ppo.reward_model={given}", "stages.ppo.trainer.total_episodes=16"]
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *ppo)
+    assert code == 0 and summary(out) == {"ppo": "trained"}, err
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *ppo)
+    assert summary(out) == {"ppo": "reused"}
+    weights = load_file(given / "model.safetensors")  # the folder's model replaced: same name, other weights
+    save_file({k: v + 0.01 for k, v in weights.items()}, given / "model.safetensors", metadata={"format": "pt"})
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, *ppo)
+    assert code == 0 and summary(out) == {"ppo": "trained"} and "its config changed" in err, err
 
 
 def test_an_unreachable_hub_model_is_a_clear_error(tmp_path, capsys):
