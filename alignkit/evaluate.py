@@ -27,7 +27,7 @@ from typing import Callable
 
 from . import data, files
 from .log import keep, log
-from .pipeline import ROUND_POLICY, complete_stages, later_rounds, read_complete, stage_folder
+from .pipeline import ROUND_POLICY, complete_stages, later_rounds, read_complete, stage_folder, stale
 from .recipe import Recipe
 from .report import (
     BASE,
@@ -70,18 +70,43 @@ def checkpoints(recipe: Recipe) -> dict[str, str]:
     elif not scratch and recipe.model.name_or_path:
         found[BASE] = recipe.model.name_or_path
     for stage in ORDER:
-        if stage.policy and not stage.from_scratch and stage.name in done:
-            found[stage.name] = str(out / stage.name)
+        if stage.policy and not stage.from_scratch and stage.name in done and stage.name in recipe.stages:
+            if not stale(out, out / stage.name):
+                found[stage.name] = str(out / stage.name)
     for n in rounds_done(recipe):
         found[round_checkpoint(ROUND_POLICY, n)] = str(stage_folder(out, ROUND_POLICY, n))
     return found
+
+
+def left_out(recipe: Recipe) -> list[str]:
+    """The outputs in the run folder that the report leaves out, each with why: out of date (built on an output
+    trained again since), or of a stage the recipe no longer has."""
+    out, said = Path(recipe.output_dir), []
+    for stage in complete_stages(out):
+        if not REGISTRY[stage].policy or REGISTRY[stage].from_scratch:
+            continue
+        if stage not in recipe.stages:
+            said.append(f"{stage}: the recipe has no {stage} stage now")
+        elif why := stale(out, out / stage):
+            said.append(f"{stage}: {why}")
+    if recipe.rounds is not None:
+        for n in later_rounds(out):
+            if n <= recipe.rounds.count and (why := stale(out, stage_folder(out, ROUND_POLICY, n))):
+                said.append(f"round {n}: {why}")
+    return said
 
 
 def rounds_done(recipe: Recipe) -> list[int]:
     """The later rounds (N >= 2) to report: those the recipe's rounds section counts whose policy is complete."""
     if recipe.rounds is None:
         return []
-    return [n for n in later_rounds(Path(recipe.output_dir)) if n <= recipe.rounds.count]
+    out = Path(recipe.output_dir)
+    done = []
+    for n in later_rounds(out):  # in order, up to the first that is out of date: the later ones build on it
+        if n > recipe.rounds.count or stale(out, stage_folder(out, ROUND_POLICY, n)):
+            break
+        done.append(n)
+    return done
 
 
 def checkpoint_folder(out: Path, name: str) -> Path:
@@ -273,6 +298,8 @@ def evaluate(recipe: Recipe) -> dict:
     from . import models
 
     spec, out = recipe.eval, Path(recipe.output_dir)
+    for line in left_out(recipe):
+        log("eval", f"left out of the report: {line} (alignkit run {recipe.source} brings it up to date)")
     found = checkpoints(recipe)
     trained = [name for name in found if name != BASE]
     if not trained:

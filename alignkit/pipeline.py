@@ -93,6 +93,27 @@ def identity(manifest: dict | None) -> str | None:
     return (manifest or {}).get("identity") or (manifest or {}).get("fingerprint")
 
 
+def stale(run_dir: Path, folder: Path, _seen: dict | None = None) -> str | None:
+    """Why the complete output in `folder` no longer follows from the run's outputs it was built on (one of them was
+    trained again since, or is itself stale), else None: the report leaves such an output out."""
+    seen = {} if _seen is None else _seen
+    key = str(folder)
+    if key not in seen:
+        seen[key] = None  # (no output is built on itself; a cycle ends here)
+        recorded = ((read_complete(folder) or {}).get("parts") or {}).get("upstream") or {}
+        for up, was in recorded.items():
+            there = Path(run_dir) / up
+            if was is None or not there.is_dir():
+                continue
+            if identity(read_complete(there)) != was:
+                seen[key] = f"built on {up}, which was trained again since"
+            elif stale(run_dir, there, seen):
+                seen[key] = f"built on {up}, which is itself out of date"
+            if seen[key]:
+                break
+    return seen[key]
+
+
 def read_complete(folder: Path) -> dict | None:
     """The manifest of a complete stage output whose files are all there, else None."""
     manifest = read_manifest(folder)
@@ -410,15 +431,21 @@ def build(
     identity downstream stages record of it (see identity()) and the summary entry."""
     fp = digest(parts)
     complete, manifest = read_complete(folder), read_manifest(folder)
-    resumable = (read_manifest(folder.with_name(folder.name + ".partial")) or {}).get("fingerprint") == fp
+    started = read_manifest(folder.with_name(folder.name + ".partial")) or {}
+    resumable = started.get("fingerprint") == fp
     if complete and complete["fingerprint"] == fp and not force and not resumable:
         log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
         return identity(complete), {"status": "reused", "seconds": complete.get("seconds", 0.0)}
     why = "an interrupted rerun" if resumable and not force else _why(complete or manifest, parts, folder)
-    # trained again on the inputs the output there had: a new identity, derived from the old one so that every
-    # process computes the same
-    same = manifest is not None and manifest.get("fingerprint") == fp
-    new = digest({"retrained": identity(manifest)}) if same else fp
+    # --force on the inputs the output there had: a new identity, derived from the old one so that every process
+    # computes the same (a damaged output trained again on the same inputs keeps its identity: it is the same
+    # training, and the stages after it stay up to date); an interrupted forced run resumed keeps the one it began with
+    if resumable and not force:
+        new = started.get("identity") or fp
+    elif force and manifest is not None and manifest.get("fingerprint") == fp:
+        new = digest({"retrained": identity(manifest)})
+    else:
+        new = fp
     return new, _train(recipe, stage, folder, roles, fp, parts, why, force, run_dir or folder.parent, new)
 
 
@@ -581,6 +608,13 @@ def _train(
         resume, broken = last_checkpoint(partial / "checkpoints")
         for path in broken:
             log(stage, f"ignoring {path}: the run was stopped while it was being written")
+        was = started.get("processes", world_size())
+        if resume is not None and was != world_size():  # its data was split `was` ways, its schedule counted so
+            raise UserError(
+                f"{stage}: {partial} was stopped while training in {was} processes, and this run has "
+                f"{world_size()}; resuming would mix two batch sizes and skip the wrong data. Resume it with "
+                f"--num-processes {was}, or train it from the start with --force"
+            )
     wait_for_everyone()  # every process has decided before the main one changes the folder
     if is_main():
         if resume is not None:
@@ -589,7 +623,9 @@ def _train(
         if resume is None and partial.exists():
             shutil.rmtree(partial)  # an interrupted run of other inputs: nothing in it can be reused
         partial.mkdir(parents=True, exist_ok=True)
-        files.write_json(partial / MANIFEST, {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts})
+        running = {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts, "identity": new_identity}
+        running["processes"] = world_size()
+        files.write_json(partial / MANIFEST, running)
         files.write_text(partial / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     wait_for_everyone()
 

@@ -384,7 +384,7 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str, force: bool =
     wait_for_everyone()  # as in _samples: no process reads the stamp the main one is writing
     if fresh:
         log(f"round {n}", f"rankings up to date, reusing {path}")
-        return path, _ranked_fp([json.loads(line) for line in data.read_rows(path)[0]])
+        return path, _ranked_fp(data.read_rows(path)[0])
     if is_main():
         rows = rank_rows(here / "samples.jsonl", spec)
         stamp = _stamp(here)
@@ -396,7 +396,7 @@ def _rankings(recipe: Recipe, here: Path, n: int, samples_fp: str, force: bool =
         pairs = sum(len(data.strict_pairs(row["ranks"])) for row in rows)
         log(f"round {n}", f"{recipe.rounds.rank_by} ranked {len(rows)} prompts: {pairs} ordered pairs -> {path}")
     wait_for_everyone()
-    return path, _ranked_fp([json.loads(line) for line in data.read_rows(path)[0]])
+    return path, _ranked_fp(data.read_rows(path)[0])
 
 
 GUIDELINES = "guidelines.md"

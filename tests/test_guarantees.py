@@ -242,6 +242,36 @@ def test_a_signal_saves_a_checkpoint_at_the_step_boundary_and_the_rerun_resumes(
     loads(run, "pretrain", "sft")
 
 
+def test_a_stage_stopped_under_other_processes_is_not_resumed_under_these(tmp_path, capsys, monkeypatch):
+    from alignkit import guard
+
+    recipe, run = micro(tmp_path, max_steps=6), tmp_path / "run"
+    original = guard._Progress.on_log
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.global_step == 2 and self.stage == "pretrain":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(guard._Progress, "on_log", on_log)
+    code, out, err = alignkit(capsys, "run", recipe)
+    monkeypatch.undo()
+    assert code == 143, err
+    manifest = run / "pretrain.partial" / "alignkit_stage.json"
+    running = json.loads(manifest.read_text())
+    assert running["processes"] == 1
+    manifest.write_text(json.dumps({**running, "processes": 2}))  # as `--num-processes 2` would have left it
+    kept = sorted(p.name for p in (run / "pretrain.partial" / "checkpoints").iterdir())
+    code, out, err = alignkit(capsys, "run", recipe)
+    assert code == 2 and "Traceback" not in err
+    assert f"pretrain: {run / 'pretrain.partial'} was stopped while training in 2 processes, and this run has 1" in err
+    assert "--num-processes 2, or train it from the start with --force" in err
+    assert sorted(p.name for p in (run / "pretrain.partial" / "checkpoints").iterdir()) == kept  # nothing lost
+    manifest.write_text(json.dumps(running))
+    code, out, err = alignkit(capsys, "run", recipe)
+    assert code == 0 and "pretrain: resuming from" in err, err
+
+
 # --- non-finite values ---------------------------------------------------------------------------------------------
 
 

@@ -291,6 +291,21 @@ def test_a_stage_whose_upstream_was_retrained_since_is_refused_by_only(run_copy,
     assert "--from sft" in err and "--accept-upstream" in err
 
 
+def test_the_report_leaves_out_outputs_built_on_one_trained_again_and_stages_the_recipe_dropped(run_copy, capsys):
+    changed = "stages.sft.trainer.learning_rate=2e-3"
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, changed, "--only", "sft")
+    assert code == 0 and summary(out) == {"sft": "trained"}, err
+    shutil.copytree(run_copy / "ppo", run_copy / "dpo")  # a dpo output left from a recipe that had the stage
+    manifest = json.loads((run_copy / "dpo" / "alignkit_stage.json").read_text())
+    (run_copy / "dpo" / "alignkit_stage.json").write_text(json.dumps({**manifest, "stage": "dpo"}))
+    code, out, err = alignkit(capsys, "eval", TINY, f"output_dir={run_copy}", *FAST, changed)
+    assert code == 0, err
+    assert "eval: left out of the report: ppo: built on " in err and "alignkit run" in err
+    assert "eval: left out of the report: dpo: the recipe has no dpo stage now" in err
+    report = json.loads((run_copy / "report.json").read_text())
+    assert list(report["eval"]) == ["base", "sft"]  # the new sft alone: no ppo built on the old one
+
+
 def test_a_reward_model_given_by_path_is_known_by_what_its_folder_holds(run_copy, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
