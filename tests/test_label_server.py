@@ -106,6 +106,28 @@ def test_a_write_that_times_out_on_a_locked_database_leaves_the_store_usable(tmp
     store.close()
 
 
+def test_an_export_reads_one_snapshot_while_a_server_goes_on_writing(tmp_path, monkeypatch):
+    from alignkit.label import export
+
+    batch = make_batch(tmp_path / "batch.jsonl")
+    mine, server_side = (Store(db_path_for(batch), read(batch), batch) for _ in range(2))
+    first = server_side.initial("ann", 0)
+    server_side.act("ann", 0, "submit", {**first, "text": "A better answer."})
+    original = export.rankings
+
+    def rankings_then_a_submission(store):
+        rows = original(store)
+        state = server_side.initial("bob", 1)  # lands between the rankings and the demonstrations being read
+        server_side.act("bob", 1, "submit", {**state, "text": "Another better answer."})
+        return rows
+
+    monkeypatch.setattr(export, "rankings", rankings_then_a_submission)
+    made = export.write(mine, tmp_path / "out")
+    assert made["rankings.jsonl"] == made["demonstrations.jsonl"] == 1  # the same snapshot: ann's alone
+    mine.close()
+    server_side.close()
+
+
 def test_every_request_is_checked_and_a_bad_one_gets_a_4xx(tmp_path):
     batch = make_batch(tmp_path / "batch.jsonl")
     with server(batch) as (base, url, proc):

@@ -145,12 +145,18 @@ def write(store: Store, out: Path, judge=None) -> dict[str, int]:
     """The export folder: rankings.jsonl, demonstrations.jsonl, thumbs.jsonl and agreement.json, each replaced
     whole. Returns the rows written per file."""
     out.mkdir(parents=True, exist_ok=True)
-    made = {
-        "rankings.jsonl": rankings(store),
-        "demonstrations.jsonl": demonstrations(store),
-        "thumbs.jsonl": thumbs(store),
-    }
+    # one read transaction: every file from the same snapshot, though a server goes on writing to the database
+    store.db.execute("BEGIN")
+    try:
+        made = {
+            "rankings.jsonl": rankings(store),
+            "demonstrations.jsonl": demonstrations(store),
+            "thumbs.jsonl": thumbs(store),
+        }
+        agreed = agreement(store, judge)
+    finally:
+        store.db.execute("COMMIT")
     for name, rows in made.items():
         files.write_jsonl(out / name, rows)
-    files.write_json(out / "agreement.json", agreement(store, judge))
+    files.write_json(out / "agreement.json", agreed)
     return {name: len(rows) for name, rows in made.items()}
