@@ -409,10 +409,14 @@ def _run(recipe, args, t0: float) -> int:
             report = evaluate.evaluate(recipe)
             print(evaluate.write_report(recipe, report, summary, time.time() - t0))
             _print_verdict(report)
-        else:  # e.g. --only on a stage that trains from scratch: nothing that answers prompts yet
+        else:  # e.g. --only on a stage that trains from scratch: nothing that answers prompts yet, or none up to date
+            stale = evaluate.left_out(recipe)
+            for line in stale:
+                log("eval", f"left out: {line}")
             log(
                 "eval",
-                f"skipped: no {' or '.join(evaluate.answering_stages(recipe))} model in {recipe.output_dir} yet",
+                f"skipped: no {' or '.join(evaluate.answering_stages(recipe))} model in {recipe.output_dir} "
+                + (f"up to date; alignkit run {recipe.source} brings them up to date" if stale else "yet"),
             )
     if recipe.hub is not None:
         from . import hub

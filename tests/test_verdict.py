@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FAST, TINY, alignkit
+from conftest import FAST, TINY, alignkit, summary
 
 from alignkit.evaluate import RESAMPLES, outcomes, paired_bootstrap, verdict, win_rate
 from alignkit.report import verdict_lines
@@ -113,20 +113,20 @@ def test_verdict_lines_fit_in_100_columns():
 
 
 def test_the_run_ends_with_the_verdict_and_labels_figures_logged_before_the_last_step(run_copy, capsys):
-    """One run: pretrain again, logging every 7 of its 60 steps (its last figures then date from step 56), then the
-    evaluation of the run's checkpoints and the verdict on ppo; then the run without its sft stage, judged against
-    the earliest checkpoint."""
-    code, out, err = alignkit(
-        capsys,
-        "run",
-        TINY,
-        f"output_dir={run_copy}",
-        *FAST,
-        "--only",
-        "pretrain",
-        "stages.pretrain.trainer.logging_steps=7",
-    )
+    """One run: pretrain again, logging every 7 of its 60 steps (its last figures then date from step 56), and the
+    stages built on it, then the evaluation of the run's checkpoints and the verdict on ppo; then the run without its
+    sft stage, judged against the earliest checkpoint."""
+    logging = "stages.pretrain.trainer.logging_steps=7"
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "pretrain", logging)
     assert code == 0, err
+    # what was built on the old pretrain is out of date now: the report waits for it, saying so
+    assert "eval: left out: sft: built on pretrain, which was trained again since" in err
+    assert f"eval: skipped: no sft or ppo model in {run_copy} up to date; alignkit run" in err
+    pretrained = err
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, logging)
+    assert code == 0, err
+    assert summary(out) == {"pretrain": "reused", "sft": "trained", "reward": "trained", "ppo": "trained"}
+    err = pretrained + err
     history = json.loads((run_copy / "pretrain" / "metrics.json").read_text())["log_history"]
     last, logged = history[-1]["step"], [h["step"] for h in history if "loss" in h][-1]
     assert logged < last
