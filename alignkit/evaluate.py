@@ -83,6 +83,8 @@ def left_out(recipe: Recipe) -> list[str]:
     trained again since), or of a stage the recipe no longer has."""
     out, said = Path(recipe.output_dir), []
     for stage in complete_stages(out):
+        if REGISTRY[stage].writes == "reward_model" and stage in recipe.stages and (why := stale(out, out / stage)):
+            said.append(f"{stage}: {why}; no checkpoint is scored by it")
         if not REGISTRY[stage].policy or REGISTRY[stage].from_scratch:
             continue
         if stage not in recipe.stages:
@@ -137,7 +139,11 @@ def reward_models(recipe: Recipe) -> dict[int, str]:
     own (round-N/reward), for the rounds rounds_done() reports."""
     out, found = Path(recipe.output_dir), {}
     given = [s.reward_model for s in recipe.stages.values() if getattr(s, "reward_model", None)]
-    done = [s for s in complete_stages(out) if REGISTRY[s].writes == "reward_model"]
+    done = [
+        s
+        for s in complete_stages(out)
+        if REGISTRY[s].writes == "reward_model" and s in recipe.stages and not stale(out, out / s)
+    ]
     if given or done:
         found[1] = given[0] if given else str(out / done[-1])
     retrained = [s for s in ROUND_STAGES if REGISTRY[s].writes == "reward_model"]

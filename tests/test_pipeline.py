@@ -302,8 +302,10 @@ def test_the_report_leaves_out_outputs_built_on_one_trained_again_and_stages_the
     assert code == 0, err
     assert "eval: left out of the report: ppo: built on " in err and "alignkit run" in err
     assert "eval: left out of the report: dpo: the recipe has no dpo stage now" in err
+    assert "eval: left out of the report: reward: built on sft, which was trained again since" in err
     report = json.loads((run_copy / "report.json").read_text())
     assert list(report["eval"]) == ["base", "sft"]  # the new sft alone: no ppo built on the old one
+    assert report["reward_model"] is None  # nor scored by a reward model trained from the old sft
 
 
 def test_a_reward_model_given_by_path_is_known_by_what_its_folder_holds(run_copy, tmp_path, capsys):
