@@ -276,10 +276,9 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
         "quantization": quantization,
         "seed": recipe.seed,
     }
+    # a reward model named by path (stages.ppo.reward_model) is known by what its folder holds, not its name
     given = getattr(recipe.stages[stage], "reward_model", None)
-    if (
-        given is not None
-    ):  # a reward model named by path (stages.ppo.reward_model): what its folder holds, not its name
+    if given is not None:
         model_settings["reward_model_files"] = local_files_hash(given, recipe)
     own, *more = [data.fingerprint(d, recipe) for _, d, _ in stage_datasets(REGISTRY[stage], recipe)]
     return {
@@ -623,9 +622,8 @@ def _train(
         if resume is None and partial.exists():
             shutil.rmtree(partial)  # an interrupted run of other inputs: nothing in it can be reused
         partial.mkdir(parents=True, exist_ok=True)
-        running = {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts, "identity": new_identity}
-        running["processes"] = world_size()
-        files.write_json(partial / MANIFEST, running)
+        running = {"stage": stage, "status": "running", "fingerprint": fp, "parts": parts}
+        files.write_json(partial / MANIFEST, {**running, "identity": new_identity, "processes": world_size()})
         files.write_text(partial / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     wait_for_everyone()
 
