@@ -88,6 +88,42 @@ def test_an_empty_database_file_is_made_a_labels_database_and_line_separators_in
     assert [json.loads(line) for line in text.splitlines()] == rows
 
 
+def test_two_servers_started_at_once_on_a_new_database_both_open_it(tmp_path):
+    import sqlite3
+
+    # both find no labels database and wait for the write lock (held here by a third connection, as the first
+    # of two processes would hold it while it makes the tables); before, the second then failed with "table meta
+    # already exists"
+    batch = make_batch(tmp_path / "batch.jsonl")
+    items, path = read(batch), db_path_for(batch)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")  # as the first process sets it before it takes the lock
+    holder.execute("BEGIN IMMEDIATE")
+    opened, failed = [], []
+
+    def start():
+        try:
+            opened.append(Store(path, items, batch))
+        except Exception as e:  # noqa: BLE001 (what failed is the assert's message)
+            failed.append(repr(e))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # both have looked for the tables and wait on the lock (10 s timeout)
+    assert not opened and not failed
+    holder.execute("ROLLBACK")
+    holder.close()
+    for thread in threads:
+        thread.join()
+    assert not failed and len(opened) == 2
+    assert [s.items for s in opened] == [items, items]
+    assert opened[0].act("ann", 0, "edit", opened[0].initial("ann", 0)) > 0
+    assert opened[1].meta == opened[0].meta  # one database, made once
+    for store in opened:
+        store.close()
+
+
 def test_a_write_that_times_out_on_a_locked_database_leaves_the_store_usable(tmp_path):
     import sqlite3
 

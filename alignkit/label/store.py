@@ -91,23 +91,25 @@ class Store:
         self.lock = threading.Lock()
         if new:
             with self._write():
-                for statement in filter(str.strip, SCHEMA.split(";")):
-                    self.db.execute(statement)
-                meta = {
-                    "schema_version": str(SCHEMA_VERSION),
-                    "batch": str(batch),
-                    "batch_fingerprint": fingerprint(items),
-                    "created": str(time.time()),
-                }
-                self.db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-                self.db.executemany("INSERT INTO counts VALUES (?, 0, 0)", [(n,) for n in range(len(items))])
-                self.db.executemany(
-                    "INSERT INTO items VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (n, i.line, json.dumps(i.prompt), json.dumps(i.responses), json.dumps(i.provenance))
-                        for n, i in enumerate(items)
-                    ],
-                )
+                # made by another process while this one waited for the lock (two started at once): opened as is
+                if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+                    for statement in filter(str.strip, SCHEMA.split(";")):
+                        self.db.execute(statement)
+                    meta = {
+                        "schema_version": str(SCHEMA_VERSION),
+                        "batch": str(batch),
+                        "batch_fingerprint": fingerprint(items),
+                        "created": str(time.time()),
+                    }
+                    self.db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+                    self.db.executemany("INSERT INTO counts VALUES (?, 0, 0)", [(n,) for n in range(len(items))])
+                    self.db.executemany(
+                        "INSERT INTO items VALUES (?, ?, ?, ?, ?)",
+                        [
+                            (n, i.line, json.dumps(i.prompt), json.dumps(i.responses), json.dumps(i.provenance))
+                            for n, i in enumerate(items)
+                        ],
+                    )
         self.meta = dict(self.db.execute("SELECT key, value FROM meta"))
         if self.meta.get("schema_version") != str(SCHEMA_VERSION):
             raise DataError(
