@@ -282,3 +282,22 @@ def test_a_server_on_another_host_lets_in_only_the_url_with_its_token(page, tmp_
         page.reload()  # the cookie lets the page in again
         page.wait_for_selector("#finished:not([hidden])")
     assert [r["provenance"]["labeller"] for r in stored(batch)] == ["dan"]
+
+
+def test_text_typed_just_before_the_page_goes_is_kept(browser, tmp_path):
+    # the draft's save waits 0.4 s after the last key; a tab closed before then sends it as the page goes (its
+    # pagehide handler: without it, this fails at once)
+    batch = make_batch(tmp_path / "batch.jsonl", prompts=3)
+    with server(batch) as (base, url, proc):
+        context = browser.new_context(bypass_csp=True)
+        try:
+            for attempt in range(5):
+                page = context.new_page()
+                page.goto(url + "?labeller=eve")
+                page.wait_for_selector("#answers li")
+                assert page.locator("#write").input_value() == "".join(f" typed {n}" for n in range(attempt))
+                page.keyboard.press("w")
+                page.keyboard.type(f" typed {attempt}")
+                page.close(run_before_unload=True)
+        finally:
+            context.close()
