@@ -301,3 +301,17 @@ def test_text_typed_just_before_the_page_goes_is_kept(browser, tmp_path):
                 page.close(run_before_unload=True)
         finally:
             context.close()
+
+
+def test_a_submit_stored_then_a_next_prompt_that_fails_to_load_says_it_was_submitted(page, tmp_path):
+    batch = make_batch(tmp_path / "batch.jsonl", prompts=3)
+    with server(batch) as (base, url, proc):
+        page.goto(url + "?labeller=fay")
+        page.wait_for_selector("#answers li")
+        page.route("**/api/next*", lambda route: route.fulfill(status=503, body='{"error": "server busy"}'))
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#message').innerText.includes('did not load')")
+        message = page.locator("#message").inner_text()
+        assert message.startswith("Submitted.") and "server busy" in message and "reload the page" in message
+        assert "Not submitted" not in message  # before: it said so of a submit the server had stored
+        assert len(stored(batch)) == 1

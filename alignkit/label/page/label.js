@@ -250,10 +250,15 @@ async function leave(kind, done, failed) {
   try {
     await flushText();
     await save(kind);
-    say(done, true);
-    await next();
   } catch (e) {
     say(`${failed}: ${e.message}`);
+    return;
+  }
+  say(done, true);
+  try {
+    await next();
+  } catch (e) {  // stored all the same: say so, not that it failed
+    say(`${done} The next prompt did not load (${e.message}): reload the page.`);
   }
 }
 
