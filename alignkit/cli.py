@@ -418,6 +418,11 @@ def _run(recipe, args, t0: float) -> int:
                 f"skipped: no {' or '.join(evaluate.answering_stages(recipe))} model in {recipe.output_dir} "
                 + (f"up to date; alignkit run {recipe.source} brings them up to date" if stale else "yet"),
             )
+            if (Path(recipe.output_dir) / "report.md").is_file():
+                log(
+                    "eval",
+                    f"{Path(recipe.output_dir) / 'report.md'} is left as it was: a report of the outputs before",
+                )
     if recipe.hub is not None:
         from . import hub
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 from . import data, files
 from .log import keep, log
-from .pipeline import ROUND_POLICY, complete_stages, later_rounds, read_complete, stage_folder, stale
+from .pipeline import ROUND_POLICY, complete_stages, identities, later_rounds, read_complete, stage_folder, stale
 from .recipe import Recipe
 from .report import (
     BASE,
@@ -576,6 +576,7 @@ def write_report(recipe: Recipe, report: dict, stages: dict, wall_seconds: float
     """report.json, report.md and the plots, in {output_dir}."""
     out = Path(recipe.output_dir)
     report = {"wall_seconds": wall_seconds, "stages": _with_figures(out, stages), **report}
+    report["outputs"] = identities(out)  # what was evaluated: the Hub's card leaves out a report of older outputs
     plots = _plots(out, report["eval"])
     if report.get("rounds"):
         plots.append(_rounds_plot(out, report["rounds"]))

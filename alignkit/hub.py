@@ -22,6 +22,7 @@ from .pipeline import (
     BEST_OF_K,
     complete_stages,
     finish_moves,
+    identities,
     pick_round,
     read_complete,
     read_manifest,
@@ -128,8 +129,14 @@ def push(
     if not token:
         raise UserError("no Hugging Face token: set HF_TOKEN, or run `hf auth login`")
     api = HfApi(token=token)
-    report = _json(run_dir / "report.json")
-    lines = []
+    report, lines = _json(run_dir / "report.json"), []
+    if report and (older := outdated(run_dir, report)):
+        lines.append(
+            f"the model cards leave out {run_dir / 'report.json'}: it evaluated older outputs than the run holds now "
+            f"({', '.join(older)} trained again since); `alignkit eval` on the run's recipe writes a report of these, "
+            "then push again for a card with it"
+        )
+        report = None
     for stage in stages:
         with tempfile.TemporaryDirectory(prefix="alignkit-push-") as tmp:
             staged = Path(tmp)
@@ -153,6 +160,13 @@ def push(
             + (f"  (round {n}: {stage_folder(run_dir, stage, n)})" if n > 1 else "")
         )
     return lines
+
+
+def outdated(run_dir: Path, report: dict) -> list[str]:
+    """The outputs a report evaluated that the run no longer holds as they were (trained again since, or gone); none
+    for a report from before reports recorded them."""
+    now = identities(run_dir)
+    return [path for path, was in (report.get("outputs") or {}).items() if now.get(path) != was]
 
 
 def check_adapter(run_dir: Path, stage: str, targets: dict, n: int = 1) -> None:

@@ -152,6 +152,20 @@ def later_rounds(run_dir: Path) -> list[int]:
     return sorted(found)
 
 
+def identities(run_dir: Path) -> dict[str, str]:
+    """Every complete output of a run folder (each round's too) by its path in the folder, with its identity: what a
+    report records of the outputs it evaluated, to tell later whether they are still the run's."""
+    run_dir = Path(run_dir)
+    folders = [run_dir / s for s in NAMES]
+    for n in sorted(int(f.name[6:]) for f in run_dir.glob("round-*") if f.name[6:].isdigit()):
+        folders += [round_folder(run_dir, n) / s for s in (*ROUND_STAGES, BEST_OF_K)]
+    return {
+        folder.relative_to(run_dir).as_posix(): identity(manifest)
+        for folder in folders
+        if (manifest := read_complete(folder))
+    }
+
+
 def stages_in_round(n: int) -> tuple[str, ...]:
     """The stages round n holds: every one in round 1; in a later round those it retrains (ROUND_STAGES) and the
     earlier ones it builds on (pretrain, sft), not a stage after them (dpo)."""

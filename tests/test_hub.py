@@ -93,6 +93,31 @@ def test_hub_section_pushes_merged_models_with_tokenizer_and_card(run_copy, hub,
     assert TOKEN not in out + err
 
 
+def test_a_card_leaves_out_a_report_of_outputs_trained_again_since(run_copy, hub, capsys):
+    # pretrain trained again: sft and ppo are out of date, so the eval is skipped and report.json still describes
+    # the models before; the card must not give those figures as the pushed model's
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "pretrain", "--force")
+    assert code == 0, err
+    assert "report.md is left as it was: a report of the outputs before" in err
+    assert json.loads((run_copy / "report.json").read_text())["outputs"]["pretrain"] != json.loads(
+        (run_copy / "pretrain" / "alignkit_stage.json").read_text()
+    ).get("identity")
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "carol/tiny", "--stage", "ppo")
+    assert code == 0, err
+    assert "leave out" in out and "pretrain trained again since" in out and "alignkit eval" in out
+    assert "## Evaluation" not in ModelCard.load(hub["uploads"]["carol/tiny"] / "README.md").text
+
+    # evaluated again (what the message asks), the card has the new report's figures
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST)
+    assert code == 0, err
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "carol/tiny-again", "--stage", "ppo")
+    assert code == 0 and "leave out" not in out, err
+    report = json.loads((run_copy / "report.json").read_text())
+    assert set(report["outputs"]) == {"pretrain", "sft", "reward", "ppo"}
+    text = ModelCard.load(hub["uploads"]["carol/tiny-again"] / "README.md").text
+    assert "## Evaluation" in text and f"| ppo | {report['eval']['ppo']['gold_accuracy']:.3f} |" in text
+
+
 def test_push_command_sends_lora_adapters_pointing_at_the_hub(run_copy, hub, capsys):
     code, out, err = alignkit(
         capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--from", "sft", "lora.r=4", "lora.lora_alpha=8"
