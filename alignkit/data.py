@@ -455,6 +455,12 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
 
     A ranking, `responses` best first, gives comparisons every pair of it: K answers make K(K-1)/2 pairs.
     """
+    if row.get("ranked") is not None and row.get("responses") is None:  # before: taken unchecked
+        raise DataError(
+            "'ranked' is the column alignkit makes of 'responses' (its ranks checked); give the answers as "
+            "'responses' (best first, or with 'ranks', 1 = best), or rename the column with dataset.columns: "
+            "{responses: ranked}"
+        )
     has = {k for k, v in row.items() if v is not None}
     for key in ("prompt", "completion", "messages", "chosen", "rejected"):
         if key in has:

@@ -212,6 +212,15 @@ def test_rankings_expand_to_every_pair_best_first(tmp_path):
     assert [(r["chosen"], r["rejected"]) for r in plain] == [("a", "b"), ("a", "c"), ("b", "c")]
     with pytest.raises(DataError, match=r"d.jsonl:1: 'responses' must list at least two answers"):
         _load(tmp_path, [{"prompt": "Q", "responses": ["a"]}], "dpo")
+    # 'ranked' is the column alignkit makes: a file's own went unchecked (ranks of another length, a text taken
+    # letter by letter as answers)
+    for stage in ("reward", "dpo"):
+        for bad in ({"prompt": "Q", "ranked": "ab"}, {"prompt": "Q", "ranked": ["a", "b"], "ranks": [1, 1, 1]}):
+            with pytest.raises(DataError, match=r"d.jsonl:1: 'ranked' is the column alignkit makes of 'responses'"):
+                _load(tmp_path, [bad], stage)
+    row = {"prompt": "Q", "ranked": ["a", "b", "c"], "ranks": [2, 1, 2]}  # a file's own column, renamed: checked
+    pairs = _load(tmp_path, [row], "dpo", columns={"responses": "ranked"})
+    assert [(r["chosen"], r["rejected"]) for r in pairs] == [("b", "a"), ("b", "c")]
 
 
 def test_eval_rows_carry_their_reference(tmp_path):
