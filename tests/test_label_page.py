@@ -1,6 +1,7 @@
 """The labelling page in a real browser (Debian's chromium through Playwright), through the real `alignkit label`
 server: rank by keys and by drag, a tie, none acceptable, thumbs, a better answer written; skip and come back, undo,
-reload; two labellers at once; model text shown as text; the token on another host."""
+reload; text typed just before the tab closes; a next prompt that fails to load after a stored submit; two labellers
+at once; model text shown as text; the token on another host."""
 
 import os
 import shutil
