@@ -38,6 +38,20 @@ from .stages import NAMES, REGISTRY, ROUND_STAGES
 from .stages.spec import stage_datasets
 
 MANIFEST = "alignkit_stage.json"
+# trainer keys that change how a stage logs and how often it saves a checkpoint, never its weights: an output trained
+# with other values of them is the same training (reused, and resumed when interrupted), though they stay in the
+# fingerprint as written (taking them out would change every existing output's)
+QUIET_KEYS = (
+    "logging_steps",
+    "logging_first_step",
+    "logging_strategy",
+    "save_steps",
+    "save_strategy",
+    "save_total_limit",
+    "report_to",
+    "run_name",
+    "disable_tqdm",
+)
 
 
 def upstream(recipe: Recipe, stage: str) -> dict[str, str | None]:
@@ -276,6 +290,16 @@ def local_files_hash(path: str | None, recipe: Recipe) -> str | None:
 
 
 def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
+    own, *more = [data.fingerprint(d, recipe) for _, d, _ in stage_datasets(REGISTRY[stage], recipe)]
+    return {
+        "config": config_part(recipe, stage),
+        "data": [own, *more] if more else own,  # a stage that reads only its own dataset: that one's hash
+        "upstream": upstream_fps,
+    }
+
+
+def config_part(recipe: Recipe, stage: str) -> str:
+    """The fingerprint's part for a stage's settings: its section, the model and its local files, adapters, seed."""
     spec = _in_run(plain(recipe.stages[stage]), recipe)
     m = recipe.model
     template_file = m.chat_template if is_template_file(m.chat_template) else None
@@ -294,12 +318,7 @@ def fingerprint_parts(recipe: Recipe, stage: str, upstream_fps: dict) -> dict:
     given = getattr(recipe.stages[stage], "reward_model", None)
     if given is not None:
         model_settings["reward_model_files"] = local_files_hash(given, recipe)
-    own, *more = [data.fingerprint(d, recipe) for _, d, _ in stage_datasets(REGISTRY[stage], recipe)]
-    return {
-        "config": digest([spec, model_settings]),
-        "data": [own, *more] if more else own,  # a stage that reads only its own dataset: that one's hash
-        "upstream": upstream_fps,
-    }
+    return digest([spec, model_settings])
 
 
 def _in_run(spec: dict, recipe: Recipe) -> dict:
@@ -444,22 +463,41 @@ def build(
     identity downstream stages record of it (see identity()) and the summary entry."""
     fp = digest(parts)
     complete, manifest = read_complete(folder), read_manifest(folder)
-    started = read_manifest(folder.with_name(folder.name + ".partial")) or {}
-    resumable = started.get("fingerprint") == fp
-    if complete and complete["fingerprint"] == fp and not force and not resumable:
-        log(stage, f"up to date, reusing {folder} (config, data and upstream unchanged; --force reruns it)")
+    partial = folder.with_name(folder.name + ".partial")
+    started = read_manifest(partial) or {}
+    # trained (or begun) with other values of keys that change no weights, or local paths spelled otherwise: the same
+    resumable = bool(started) and started.get("fingerprint") in (fp, _as_trained(recipe, stage, partial, parts, fp))
+    same = bool(complete) and complete["fingerprint"] in (fp, _as_trained(recipe, stage, folder, parts, fp))
+    if same and not force and not resumable:
+        quiet = complete["fingerprint"] != fp and changed_settings(folder / "recipe.yaml", recipe, stage)
+        why = (
+            f"only {'; '.join(quiet)} differ, which change no weights"
+            if quiet
+            else "config, data and upstream unchanged"
+        )
+        log(stage, f"up to date, reusing {folder} ({why}; --force reruns it)")
         return identity(complete), {"status": "reused", "seconds": complete.get("seconds", 0.0)}
     why = "an interrupted rerun" if resumable and not force else _why(complete or manifest, parts, folder)
     # --force on the inputs the output there had: a new identity, derived from the old one so that every process
     # computes the same (a damaged output trained again on the same inputs keeps its identity: it is the same
     # training, and the stages after it stay up to date); an interrupted forced run resumed keeps the one it began with
     if resumable and not force:
-        new = started.get("identity") or fp
+        new = started.get("identity") or started["fingerprint"]
     elif force and manifest is not None and manifest.get("fingerprint") == fp:
         new = digest({"retrained": identity(manifest)})
     else:
         new = fp
-    return new, _train(recipe, stage, folder, roles, fp, parts, why, force, run_dir or folder.parent, new)
+    return new, _train(recipe, stage, folder, roles, fp, parts, why, force, run_dir or folder.parent, new, resumable)
+
+
+def _as_trained(recipe: Recipe, stage: str, folder: Path, parts: dict, fp: str) -> str | None:
+    """The fingerprint of `parts` with the recipe spelled as the one the output in `folder` was trained with (its
+    recipe.yaml): the same local files under other names, the same values of the keys that change no weights. None
+    where `folder` holds none, or one of these very parts (fingerprint `fp`)."""
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("fingerprint") == fp:
+        return None
+    return digest({**parts, "config": config_part(_spelled_as(recipe, folder / "recipe.yaml", stage), stage)})
 
 
 def _built_on(recipe: Recipe, selected: list[str]) -> set[str]:
@@ -514,12 +552,21 @@ def _spelled_as(recipe: Recipe, saved_recipe: Path, stage: str) -> Recipe:
         before, now = (old.get("model") or {}).get(key), getattr(recipe.model, key)
         if isinstance(before, str) and isinstance(now, str) and before != now and _same_place(recipe, before, now):
             setattr(respelled.model, key, before)
-    before = (((old.get("stages") or {}).get(stage) or {}).get("dataset") or {}).get("path")
+    saved = (old.get("stages") or {}).get(stage) or {}
+    before = (saved.get("dataset") or {}).get("path")
     spec = recipe.stages[stage]
     if isinstance(before, str) and before != spec.dataset.path and _same_place(recipe, before, spec.dataset.path):
         respelled.stages = {**recipe.stages, stage: copy.copy(spec)}
         respelled.stages[stage].dataset = copy.copy(spec.dataset)
         respelled.stages[stage].dataset.path = before
+    trainer, was = spec.trainer, saved.get("trainer") if isinstance(saved.get("trainer"), dict) else {}
+    quiet = {k: v for k, v in trainer.items() if k not in QUIET_KEYS} | {
+        k: v for k, v in was.items() if k in QUIET_KEYS
+    }
+    if quiet != trainer:  # the keys that change no weights as the stage was trained with them
+        if respelled.stages is recipe.stages:
+            respelled.stages = {**recipe.stages, stage: copy.copy(spec)}
+        respelled.stages[stage].trainer = quiet
     return respelled
 
 
@@ -613,11 +660,12 @@ def _train(
     force: bool,
     run_dir: Path,
     new_identity: str,
+    resumable: bool,
 ) -> dict:
     partial = folder.with_name(folder.name + ".partial")
     started = read_manifest(partial)
     resume = None
-    if started and started.get("fingerprint") == fp and not force:
+    if started and resumable and not force:
         resume, broken = last_checkpoint(partial / "checkpoints")
         for path in broken:
             log(stage, f"ignoring {path}: the run was stopped while it was being written")

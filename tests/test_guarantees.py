@@ -272,6 +272,55 @@ def test_a_stage_stopped_under_other_processes_is_not_resumed_under_these(tmp_pa
     assert code == 0 and "pretrain: resuming from" in err, err
 
 
+def test_keys_that_change_no_weights_neither_retrain_nor_lose_an_interrupted_stage(tmp_path, capsys, monkeypatch):
+    # logging and checkpoint cadence are in the fingerprint as written (old outputs keep theirs), but an output
+    # trained, or begun, with other values of them is the same training: before, each change retrained the stage and
+    # everything after it, and dropped an interrupted stage's checkpoints
+    from alignkit import guard
+
+    recipe, run = micro(tmp_path, max_steps=6), tmp_path / "run"
+    original = guard._Progress.on_log
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.global_step == 2 and self.stage == "pretrain":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(guard._Progress, "on_log", on_log)
+    code, out, err = alignkit(capsys, "run", recipe)
+    monkeypatch.undo()
+    assert code == 143, err
+    code, out, err = alignkit(capsys, "run", recipe, "stages.pretrain.trainer.logging_steps=2")
+    assert code == 0, err
+    assert f"pretrain: resuming from {run / 'pretrain.partial' / 'checkpoints' / 'checkpoint-'}" in err
+    assert summary(out) == {"pretrain": "trained", "sft": "trained"}
+    trained = {s: json.loads((run / s / "alignkit_stage.json").read_text()) for s in ("pretrain", "sft")}
+
+    quiet = [
+        "stages.pretrain.trainer.logging_steps=3",
+        "stages.sft.trainer.save_steps=50",
+        "stages.sft.trainer.report_to=[]",
+    ]
+    for settings in (quiet, [], ["stages.pretrain.trainer.save_total_limit=1"]):
+        code, out, err = alignkit(capsys, "run", recipe, *settings)
+        assert code == 0 and summary(out) == {"pretrain": "reused", "sft": "reused"}, err
+    said = " ".join(err.split())  # the log folds long lines
+    assert (  # pretrain was resumed, and so trained, with logging_steps 2
+        "(only stages.pretrain.trainer.logging_steps 2 -> 1; stages.pretrain.trainer.save_total_limit (unset) -> 1 "
+        "differ, which change no weights; --force reruns it)" in said
+    )
+    code, out, err = alignkit(
+        capsys, "run", recipe, "stages.pretrain.trainer.logging_steps=3", "--only", "sft", "--force"
+    )
+    assert code == 0 and summary(out) == {"sft": "trained"}, err  # pretrain, unselected, is not refused as changed
+    assert {s: json.loads((run / s / "alignkit_stage.json").read_text())["fingerprint"] for s in trained} == {
+        "pretrain": trained["pretrain"]["fingerprint"],  # as it was trained: the record downstream stages compare
+        "sft": trained["sft"]["fingerprint"],
+    }
+    code, out, err = alignkit(capsys, "run", recipe, "stages.pretrain.trainer.learning_rate=2e-3")
+    assert code == 0 and summary(out) == {"pretrain": "trained", "sft": "trained"}, err  # a key that does change them
+
+
 # --- non-finite values ---------------------------------------------------------------------------------------------
 
 
