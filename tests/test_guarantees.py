@@ -301,7 +301,8 @@ def test_keys_that_change_no_weights_neither_retrain_nor_lose_an_interrupted_sta
         "stages.sft.trainer.save_steps=50",
         "stages.sft.trainer.report_to=[]",
     ]
-    for settings in (quiet, [], ["stages.pretrain.trainer.save_total_limit=1"]):
+    respelled = [f"model.tokenizer={REPO / 'data' / 'tiny' / '..' / 'tiny' / 'tokenizer'}"]  # the same folder
+    for settings in (quiet, [], respelled, ["stages.pretrain.trainer.save_total_limit=1"]):
         code, out, err = alignkit(capsys, "run", recipe, *settings)
         assert code == 0 and summary(out) == {"pretrain": "reused", "sft": "reused"}, err
     said = " ".join(err.split())  # the log folds long lines
