@@ -455,7 +455,8 @@ def shape_for(kind: str, row: dict, who: str = "this dataset") -> list[dict]:
 
     A ranking, `responses` best first, gives comparisons every pair of it: K answers make K(K-1)/2 pairs.
     """
-    if row.get("ranked") is not None and row.get("responses") is None:  # before: taken unchecked
+    # before: taken unchecked by the readers of rankings (other readers never look at the column)
+    if kind in ("rankings", "comparisons") and row.get("ranked") is not None and row.get("responses") is None:
         raise DataError(
             "'ranked' is the column alignkit makes of 'responses' (its ranks checked); give the answers as "
             "'responses' (best first, or with 'ranks', 1 = best), or rename the column with dataset.columns: "

@@ -576,7 +576,11 @@ def write_report(recipe: Recipe, report: dict, stages: dict, wall_seconds: float
     """report.json, report.md and the plots, in {output_dir}."""
     out = Path(recipe.output_dir)
     report = {"wall_seconds": wall_seconds, "stages": _with_figures(out, stages), **report}
-    report["outputs"] = identities(out)  # what was evaluated: the Hub's card leaves out a report of older outputs
+    # what was evaluated, and by which reward models: a card leaves out a report of other outputs than it pushes
+    found = checkpoints(recipe)
+    scorers = [report.get("reward_model"), *(r.get("reward_model") for r in report.get("rounds") or [])]
+    folders = [Path(found[name]) for name in report["eval"] if name in found] + [out / s for s in scorers if s]
+    report["outputs"] = identities(out, folders)
     plots = _plots(out, report["eval"])
     if report.get("rounds"):
         plots.append(_rounds_plot(out, report["rounds"]))

@@ -130,11 +130,12 @@ def push(
         raise UserError("no Hugging Face token: set HF_TOKEN, or run `hf auth login`")
     api = HfApi(token=token)
     report, lines = _json(run_dir / "report.json"), []
-    if report and (older := outdated(run_dir, report)):
+    pushed = [stage_folder(run_dir, s, n).relative_to(run_dir).as_posix() for s in stages]
+    if report and (older := outdated(run_dir, report, pushed)):
         lines.append(
-            f"the model cards leave out {run_dir / 'report.json'}: it evaluated older outputs than the run holds now "
-            f"({', '.join(older)} trained again since); `alignkit eval` on the run's recipe writes a report of these, "
-            "then push again for a card with it"
+            f"the model cards leave out {run_dir / 'report.json'}: it evaluated other outputs than the run holds now "
+            f"({'; '.join(older)}); `alignkit eval` on the run's recipe writes a report of these, then push again "
+            "for a card with it"
         )
         report = None
     for stage in stages:
@@ -162,11 +163,17 @@ def push(
     return lines
 
 
-def outdated(run_dir: Path, report: dict) -> list[str]:
-    """The outputs a report evaluated that the run no longer holds as they were (trained again since, or gone); none
-    for a report from before reports recorded them."""
-    now = identities(run_dir)
-    return [path for path, was in (report.get("outputs") or {}).items() if now.get(path) != was]
+def outdated(run_dir: Path, report: dict, pushed: list[str]) -> list[str]:
+    """Why a report does not describe the outputs pushed (paths in the run folder): the outputs it evaluated that the
+    run no longer holds as they were, and those pushed that it did not evaluate. None for a report from before reports
+    recorded what they evaluated."""
+    if "outputs" not in report:
+        return []
+    recorded = report["outputs"]
+    now = identities(run_dir, [run_dir / path for path in {*recorded, *pushed}])
+    return [f"{path} trained again since" for path, was in recorded.items() if now.get(path) != was] + [
+        f"{path} not evaluated in it" for path in pushed if path not in recorded
+    ]
 
 
 def check_adapter(run_dir: Path, stage: str, targets: dict, n: int = 1) -> None:

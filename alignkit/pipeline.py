@@ -166,18 +166,19 @@ def later_rounds(run_dir: Path) -> list[int]:
     return sorted(found)
 
 
-def identities(run_dir: Path) -> dict[str, str]:
-    """Every complete output of a run folder (each round's too) by its path in the folder, with its identity: what a
+def identities(run_dir: Path, folders: list[Path]) -> dict[str, str]:
+    """The complete outputs among `folders` (of the run folder) by their path in it, with their identities: what a
     report records of the outputs it evaluated, to tell later whether they are still the run's."""
-    run_dir = Path(run_dir)
-    folders = [run_dir / s for s in NAMES]
-    for n in sorted(int(f.name[6:]) for f in run_dir.glob("round-*") if f.name[6:].isdigit()):
-        folders += [round_folder(run_dir, n) / s for s in (*ROUND_STAGES, BEST_OF_K)]
-    return {
-        folder.relative_to(run_dir).as_posix(): identity(manifest)
-        for folder in folders
-        if (manifest := read_complete(folder))
-    }
+    run_dir = Path(run_dir).resolve()
+    found = {}
+    for folder in folders:
+        try:
+            inside = Path(folder).resolve().relative_to(run_dir).as_posix()
+        except ValueError:
+            continue  # a model from elsewhere (the Hub's, a path)
+        if manifest := read_complete(Path(folder)):
+            found[inside] = identity(manifest)
+    return found
 
 
 def stages_in_round(n: int) -> tuple[str, ...]:
@@ -481,10 +482,16 @@ def build(
     # --force on the inputs the output there had: a new identity, derived from the old one so that every process
     # computes the same (a damaged output trained again on the same inputs keeps its identity: it is the same
     # training, and the stages after it stay up to date); an interrupted forced run resumed keeps the one it began with
+    equivalent = manifest is not None and manifest.get("fingerprint") in (
+        fp,
+        _as_trained(recipe, stage, folder, parts, fp),
+    )
     if resumable and not force:
         new = started.get("identity") or started["fingerprint"]
-    elif force and manifest is not None and manifest.get("fingerprint") == fp:
+    elif force and equivalent:
         new = digest({"retrained": identity(manifest)})
+    elif equivalent:  # a damaged output: the same training again
+        new = identity(manifest)
     else:
         new = fp
     return new, _train(recipe, stage, folder, roles, fp, parts, why, force, run_dir or folder.parent, new, resumable)

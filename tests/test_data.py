@@ -218,6 +218,8 @@ def test_rankings_expand_to_every_pair_best_first(tmp_path):
         for bad in ({"prompt": "Q", "ranked": "ab"}, {"prompt": "Q", "ranked": ["a", "b"], "ranks": [1, 1, 1]}):
             with pytest.raises(DataError, match=r"d.jsonl:1: 'ranked' is the column alignkit makes of 'responses'"):
                 _load(tmp_path, [bad], stage)
+    chat = {"messages": [user("Hi"), assistant("Hello")], "ranked": True}  # other readers never look at it
+    assert _load(tmp_path, [chat], "sft")[0] == {"messages": chat["messages"]}
     row = {"prompt": "Q", "ranked": ["a", "b", "c"], "ranks": [2, 1, 2]}  # a file's own column, renamed: checked
     pairs = _load(tmp_path, [row], "dpo", columns={"responses": "ranked"})
     assert [(r["chosen"], r["rejected"]) for r in pairs] == [("b", "a"), ("b", "c")]

@@ -318,6 +318,12 @@ def test_keys_that_change_no_weights_neither_retrain_nor_lose_an_interrupted_sta
         "pretrain": trained["pretrain"]["fingerprint"],  # as it was trained: the record downstream stages compare
         "sft": trained["sft"]["fingerprint"],
     }
+    # forced with the values it began with (not those it was resumed with): a new identity all the same, and what
+    # was built on it trains again (before, it took back the identity it had, and sft was reused on a new pretrain)
+    code, out, err = alignkit(capsys, "run", recipe, "--only", "pretrain", "--force")
+    assert code == 0 and summary(out) == {"pretrain": "trained"}, err
+    code, out, err = alignkit(capsys, "run", recipe)
+    assert code == 0 and summary(out) == {"pretrain": "reused", "sft": "trained"}, err
     code, out, err = alignkit(capsys, "run", recipe, "stages.pretrain.trainer.learning_rate=2e-3")
     assert code == 0 and summary(out) == {"pretrain": "trained", "sft": "trained"}, err  # a key that does change them
 

@@ -117,6 +117,13 @@ def test_a_card_leaves_out_a_report_of_outputs_trained_again_since(run_copy, hub
     text = ModelCard.load(hub["uploads"]["carol/tiny-again"] / "README.md").text
     assert "## Evaluation" in text and f"| ppo | {report['eval']['ppo']['gold_accuracy']:.3f} |" in text
 
+    # sft trained again: the eval that follows leaves ppo out (built on the old sft), so its report is no card's
+    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "sft", "--force")
+    assert code == 0 and "ppo" not in json.loads((run_copy / "report.json").read_text())["eval"], err
+    code, out, err = alignkit(capsys, "push", run_copy, "--repo-id", "carol/tiny-third", "--stage", "ppo")
+    assert code == 0 and "(ppo not evaluated in it)" in " ".join(out.split()), err
+    assert "## Evaluation" not in ModelCard.load(hub["uploads"]["carol/tiny-third"] / "README.md").text
+
 
 def test_push_command_sends_lora_adapters_pointing_at_the_hub(run_copy, hub, capsys):
     code, out, err = alignkit(
