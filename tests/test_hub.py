@@ -180,6 +180,7 @@ def test_push_command_sends_lora_adapters_pointing_at_the_hub(run_copy, hub, cap
 
 def test_pushed_recipes_carry_no_local_paths(run_copy, hub, tmp_path, capsys):
     # ppo trained again on datasets and a tokenizer named by absolute paths, as a recipe outside the repo names them
+    # (--force: the same files spelled otherwise leave it up to date)
     data = REPO / "data" / "tiny"
     code, out, err = alignkit(
         capsys,
@@ -189,6 +190,7 @@ def test_pushed_recipes_carry_no_local_paths(run_copy, hub, tmp_path, capsys):
         *FAST,
         "--only",
         "ppo",
+        "--force",
         f"stages.ppo.dataset.path={data / 'ppo.jsonl'}",
         f"model.tokenizer={data / 'tokenizer'}",
         f"eval.dataset.path={data / 'eval.jsonl'}",

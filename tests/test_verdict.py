@@ -117,7 +117,9 @@ def test_the_run_ends_with_the_verdict_and_labels_figures_logged_before_the_last
     stages built on it, then the evaluation of the run's checkpoints and the verdict on ppo; then the run without its
     sft stage, judged against the earliest checkpoint."""
     logging = "stages.pretrain.trainer.logging_steps=7"
-    code, out, err = alignkit(capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "pretrain", logging)
+    code, out, err = alignkit(
+        capsys, "run", TINY, f"output_dir={run_copy}", *FAST, "--only", "pretrain", "--force", logging
+    )  # (--force: logging_steps alone changes no weights, and would leave the stage as it is)
     assert code == 0, err
     # what was built on the old pretrain is out of date now: the report waits for it, saying so
     assert "eval: left out: sft: built on pretrain, which was trained again since" in err
