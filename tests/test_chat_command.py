@@ -225,3 +225,87 @@ def test_sampling_settings_out_of_range_are_clear_errors(run_dir, capsys):
         assert code == 2 and needle in err and "Traceback" not in err, err
     code, out, err = alignkit(capsys, "chat", run_dir / "nonexistent")
     assert code == 2 and "no such folder" in err
+
+
+def test_ctrl_c_at_the_prompt_and_during_an_answer_keeps_the_chat(run_dir, capsys, monkeypatch):
+    # before, Ctrl-C ended the chat with `alignkit run`'s "run the same command again to resume" (exit 130)
+    import builtins
+
+    from conftest import alignkit
+    from transformers import GenerationMixin
+
+    lines = iter([KeyboardInterrupt, "Hello", "/exit"])
+    seen = []
+
+    def typed(prompt=""):
+        line = next(lines)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    def generate(self, *args, **kwargs):  # Ctrl-C while the answer is being written
+        seen.append(kwargs["input_ids"].shape[1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "input", typed)
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    code, out, err = alignkit(capsys, "chat", run_dir)
+    assert code == 0, err
+    assert "(Ctrl-D or /exit quits)" in out and "(answer stopped; your message is forgotten)" in out
+    assert len(seen) == 1 and "resume" not in out + err
+
+
+def test_what_cannot_chat_is_refused_before_the_first_message(run_dir, tmp_path, capsys):
+    import shutil
+
+    from conftest import alignkit
+
+    # a reward model loads as a causal LM too (its head dropped) and answers nonsense: refused
+    code, out, err = alignkit(capsys, "chat", run_dir / "reward")
+    assert code == 2 and "a reward model (GPT2ForSequenceClassification) scores answers" in err, err
+    # a stage folder that did not finish
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir / "sft", cut)
+    (cut / "model.safetensors").unlink()
+    code, out, err = alignkit(capsys, "chat", cut)
+    assert code == 2 and "a stage output that did not finish (or lost files)" in err, err
+    # a chat template that refuses a system prompt (as Gemma's does): named, not a jinja2 traceback
+    nosys = tmp_path / "nosys"
+    shutil.copytree(run_dir / "sft", nosys)
+    (nosys / "alignkit_stage.json").unlink()  # a model folder now: its tokenizer is changed below
+    tok = AutoTokenizer.from_pretrained(nosys)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    )
+    tok.save_pretrained(nosys)
+    code, out, err = alignkit(capsys, "chat", nosys, "--system", "Be terse.")
+    assert code == 2 and "--system: this model's chat template refuses a system prompt" in err, err
+    assert "System role not supported" in err and "Traceback" not in err
+    # a system prompt longer than the context leaves room for
+    code, out, err = alignkit(capsys, "chat", run_dir, "--system", "word " * 500)
+    assert code == 2 and "--system: the system prompt leaves no room in the model's context" in err, err
+    # sampling settings: greedy uses neither; an infinite temperature samples uniformly at random
+    code, out, err = alignkit(capsys, "chat", run_dir, "--temperature", "inf")
+    assert code == 2 and "--temperature inf: give a number above 0" in err, err
+
+
+def test_a_run_chats_with_its_last_policy_that_is_up_to_date(run_copy, capsys, monkeypatch):
+    import builtins
+
+    from conftest import alignkit, rerun
+
+    from alignkit.chat import resolve
+
+    assert resolve(str(run_copy), None) == str(run_copy / "ppo")
+    code, out, err = rerun(capsys, run_copy, "sft")  # ppo is built on the sft before
+    assert code == 0, err
+    capsys.readouterr()
+    assert resolve(str(run_copy), None) == str(run_copy / "sft")
+    assert "left out: " in capsys.readouterr().err  # and says why
+    assert resolve(str(run_copy), "ppo") == str(run_copy / "ppo")  # asked for by name: used, with a warning
+    warned = " ".join(capsys.readouterr().err.split())
+    assert f"warning: {run_copy / 'ppo'} is out of date (built on sft, which was trained again since)" in warned
+    monkeypatch.setattr(builtins, "input", lambda prompt="": "/exit")
+    code, out, err = alignkit(capsys, "chat", run_copy, "--greedy", "--temperature", "0")  # greedy uses neither
+    assert code == 0 and f"chatting with {run_copy / 'sft'}" in out, err
