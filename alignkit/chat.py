@@ -1,9 +1,9 @@
 """`alignkit chat`: talk to a model in the terminal, multi-turn, through its chat template, tokens streamed as they
 come.
 
-Works on a run folder (its last policy stage, or --stage; of its last round, or --round, when it has rounds), a stage
-folder, any local model folder or a Hub id. A
-tokenizer without a chat template gets alignkit's default one, as the stages use. An answer may use what the model's
+Works on a run folder (its last policy stage up to date, or --stage; of its last round, or --round, when it has
+rounds), a stage folder, any local model folder or a Hub id. A tokenizer without a chat template gets alignkit's
+default one, as the stages use. An answer may use what the model's
 context leaves after the conversation, up to 256 tokens or --max-new-tokens; the oldest exchanges are dropped when
 that would be less than min(64, context / 4).
 """
