@@ -72,6 +72,7 @@ def load(target: str):
 
     from .models import DEFAULT_CHAT_TEMPLATE
     from .pipeline import MANIFEST, read_complete
+    from .stages import POLICIES
 
     folder = Path(target)
     if (folder / MANIFEST).is_file() and not read_complete(folder):
@@ -81,7 +82,7 @@ def load(target: str):
         if kinds and all(k.endswith("ForSequenceClassification") for k in kinds):
             raise UserError(
                 f"{target}: a reward model ({', '.join(kinds)}) scores answers and writes none; give a policy (a "
-                "run folder, or its sft, ppo or dpo stage) or another causal language model"
+                f"run folder, or one of its stages {', '.join(POLICIES)}) or another causal language model"
             )
         tokenizer = AutoTokenizer.from_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(target, dtype="auto")
