@@ -3,9 +3,8 @@ come.
 
 Works on a run folder (its last policy stage up to date, or --stage; of its last round, or --round, when it has
 rounds), a stage folder, any local model folder or a Hub id. A tokenizer without a chat template gets alignkit's
-default one, as the stages use. An answer may use what the model's
-context leaves after the conversation, up to 256 tokens or --max-new-tokens; the oldest exchanges are dropped when
-that would be less than min(64, context / 4).
+default one, as the stages use. An answer may use what the model's context leaves after the conversation, up to 256
+tokens or --max-new-tokens; the oldest exchanges are dropped when that would be less than min(64, context / 4).
 """
 
 from __future__ import annotations
@@ -49,9 +48,10 @@ def resolve(target: str, stage: str | None, round: int | None = None) -> str:
                 f"{target}: neither a model folder (no config.json) nor a run with a finished policy "
                 f"stage ({', '.join(POLICIES)})"
             )
-        fresh = [s for s in done if not stale(path, path / s)]  # the last one not built on an output trained since
+        why = {s: stale(path, path / s) for s in done}
+        fresh = [s for s in done if not why[s]]  # the last one not built on an output trained since
         for s in done[done.index(fresh[-1]) + 1 :] if fresh else done:
-            log("model", f"left out: {path / s} is out of date ({stale(path, path / s)})")
+            log("model", f"left out: {path / s} is out of date ({why[s]})")
         if not fresh:
             raise UserError(
                 f"{target}: every finished policy stage is out of date; alignkit run brings them up to date"

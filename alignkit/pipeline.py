@@ -468,7 +468,11 @@ def build(
     started = read_manifest(partial) or {}
     # trained (or begun) with other values of keys that change no weights, or local paths spelled otherwise: the same
     resumable = bool(started) and started.get("fingerprint") in (fp, _as_trained(recipe, stage, partial, parts, fp))
-    same = bool(complete) and complete["fingerprint"] in (fp, _as_trained(recipe, stage, folder, parts, fp))
+    equivalent = manifest is not None and manifest.get("fingerprint") in (
+        fp,
+        _as_trained(recipe, stage, folder, parts, fp),
+    )
+    same = complete is not None and equivalent  # (a complete output's manifest is `manifest`)
     if same and not force and not resumable:
         quiet = complete["fingerprint"] != fp and changed_settings(folder / "recipe.yaml", recipe, stage)
         why = (
@@ -482,10 +486,6 @@ def build(
     # --force on the inputs the output there had: a new identity, derived from the old one so that every process
     # computes the same (a damaged output trained again on the same inputs keeps its identity: it is the same
     # training, and the stages after it stay up to date); an interrupted forced run resumed keeps the one it began with
-    equivalent = manifest is not None and manifest.get("fingerprint") in (
-        fp,
-        _as_trained(recipe, stage, folder, parts, fp),
-    )
     if resumable and not force:
         new = started.get("identity") or started["fingerprint"]
     elif force and equivalent:
