@@ -242,7 +242,9 @@ def test_a_signal_saves_a_checkpoint_at_the_step_boundary_and_the_rerun_resumes(
     loads(run, "pretrain", "sft")
 
 
-def test_a_stage_stopped_under_other_processes_is_not_resumed_under_these(tmp_path, capsys, monkeypatch):
+def stopped_in_pretrain(tmp_path: Path, capsys, monkeypatch) -> tuple[Path, Path]:
+    """The micro recipe of 6 steps run until a SIGTERM during pretrain's step 2 stops it (exit 143), its checkpoints
+    kept in pretrain.partial: (recipe, run folder)."""
     from alignkit import guard
 
     recipe, run = micro(tmp_path, max_steps=6), tmp_path / "run"
@@ -257,6 +259,11 @@ def test_a_stage_stopped_under_other_processes_is_not_resumed_under_these(tmp_pa
     code, out, err = alignkit(capsys, "run", recipe)
     monkeypatch.undo()
     assert code == 143, err
+    return recipe, run
+
+
+def test_a_stage_stopped_under_other_processes_is_not_resumed_under_these(tmp_path, capsys, monkeypatch):
+    recipe, run = stopped_in_pretrain(tmp_path, capsys, monkeypatch)
     manifest = run / "pretrain.partial" / "alignkit_stage.json"
     running = json.loads(manifest.read_text())
     assert running["processes"] == 1
@@ -276,20 +283,7 @@ def test_keys_that_change_no_weights_neither_retrain_nor_lose_an_interrupted_sta
     # logging and checkpoint cadence are in the fingerprint as written (old outputs keep theirs), but an output
     # trained, or begun, with other values of them is the same training: before, each change retrained the stage and
     # everything after it, and dropped an interrupted stage's checkpoints
-    from alignkit import guard
-
-    recipe, run = micro(tmp_path, max_steps=6), tmp_path / "run"
-    original = guard._Progress.on_log
-
-    def on_log(self, args, state, control, **kwargs):
-        if state.global_step == 2 and self.stage == "pretrain":
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(guard._Progress, "on_log", on_log)
-    code, out, err = alignkit(capsys, "run", recipe)
-    monkeypatch.undo()
-    assert code == 143, err
+    recipe, run = stopped_in_pretrain(tmp_path, capsys, monkeypatch)
     code, out, err = alignkit(capsys, "run", recipe, "stages.pretrain.trainer.logging_steps=2")
     assert code == 0, err
     assert f"pretrain: resuming from {run / 'pretrain.partial' / 'checkpoints' / 'checkpoint-'}" in err
