@@ -50,7 +50,7 @@ In a run with rounds, a stage comes from the last round unless --round picks ano
 round holds its own reward and ppo and the stages they build on (pretrain, sft)."""
 
 CHAT_EXAMPLES = """examples:
-  alignkit chat runs/chat                      # the run's last policy stage (dpo, else ppo, sft, pretrain)
+  alignkit chat runs/chat                      # its last policy stage up to date (dpo, ppo, sft, ...)
   alignkit chat runs/chat --stage sft --greedy
   alignkit chat runs/chat --round 2            # round 2's policy, in a run with rounds (default: the last round)
   alignkit chat openai-community/gpt2 --system "You are terse." --temperature 0.7 --top-p 0.9
@@ -226,7 +226,9 @@ def _parser() -> argparse.ArgumentParser:
         CHAT_EXAMPLES,
     )
     chat.add_argument("model", help="a run's output_dir, a stage folder, a model folder or a Hub id")
-    chat.add_argument("--stage", choices=POLICIES, help="which stage of a run (default: the last policy stage)")
+    chat.add_argument(
+        "--stage", choices=POLICIES, help="which stage of a run (default: the last policy stage up to date)"
+    )
     chat.add_argument(
         "--round",
         type=int,
